@@ -1,0 +1,47 @@
+# Two commands on a fresh machine (see README.md):
+#   make demo   install tflaunch + TensorFlow in .venv, make the MNIST-format data, train through tflaunch
+#   make test   install the test needs in .venv and run the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --disable-pip-version-check -q
+
+.PHONY: demo test dist bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.demo-installed: setup.cfg pyproject.toml examples/mnist/requirements.txt | $(PY)
+	$(PIP) -e . -r examples/mnist/requirements.txt
+	touch $@
+
+$(VENV)/.test-installed: setup.cfg pyproject.toml examples/mnist/requirements.txt | $(PY)
+	$(PIP) -e '.[dev,tf-cpu]' -r examples/mnist/requirements.txt
+	touch $@
+
+demo: $(VENV)/.demo-installed
+	$(PY) examples/mnist/make_data.py --out data/mnist
+	$(PY) -m tflaunch run --experiment tf-mnist --source-dir examples/mnist train.py -- \
+	    --data-folder "$(CURDIR)/data/mnist" --epochs 10
+	$(PY) -m tflaunch runs list --experiment tf-mnist --limit 5
+
+test: $(VENV)/.test-installed
+	$(PY) -m pytest tests
+
+# Single-file build: dist/tflaunch.pyz runs with a bare python3 (>= 3.9), nothing installed.
+dist:
+	rm -rf build/pyz dist/tflaunch.pyz
+	mkdir -p build/pyz dist
+	cp -r tflaunch build/pyz/
+	find build/pyz -name __pycache__ -prune -exec rm -rf {} +
+	printf 'import sys\nfrom tflaunch.cli import main\nsys.exit(main())\n' > build/pyz/__main__.py
+	$(PYTHON) -m zipapp build/pyz -p '/usr/bin/env python3' -o dist/tflaunch.pyz
+	@echo "built dist/tflaunch.pyz"
+
+bench: $(VENV)/.test-installed
+	$(PY) bench/launch_overhead.py
+	$(PY) bench/snapshot.py
+	$(PY) bench/list_runs.py
+
+clean:
+	rm -rf build dist .pytest_cache

@@ -1,0 +1,48 @@
+"""Small helpers shared by the benchmark scripts (timing, medians, a scratch directory)."""
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def scratch(name: str, base: str | None = None) -> Path:
+    """A fresh directory under ``base`` (default bench/work, the checkout's filesystem)."""
+    path = (Path(base) / "tflaunch-bench" if base else REPO / "bench" / "work") / name
+    subprocess.run(["rm", "-rf", str(path)], check=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def run_cmd(argv: Sequence[str], env: dict | None = None) -> float:
+    start = time.perf_counter()
+    subprocess.run(list(argv), env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def median_of(fn: Callable[[], float], repeat: int) -> float:
+    return statistics.median(fn() for _ in range(repeat))
+
+
+def env_with(**extra: str) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO)
+    env.update(extra)
+    return env
+
+
+def sync() -> None:
+    subprocess.run(["sync"], check=False)

@@ -1,0 +1,120 @@
+"""Shared fixtures: a private TFLAUNCH_HOME, a project directory, and the real CLI in a subprocess."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Callable[..., Path]:
+    """``project(name=source, ...)`` writes files (dedented) into tmp_path/proj and returns the dir."""
+    root = tmp_path / "proj"
+    root.mkdir()
+
+    def write(**files: str) -> Path:
+        for name, content in files.items():
+            path = root / name.replace("__", "/")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(textwrap.dedent(content))
+        return root
+    return write
+
+
+def cli_env(home: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["TFLAUNCH_HOME"] = str(home)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def cli(home: Path, tmp_path: Path):
+    """Run ``python -m tflaunch ARGS`` to completion; returns CompletedProcess with text output."""
+    def run(*args: str, timeout: float = 120, cwd: Path | None = None, env: dict | None = None,
+            check: bool = False) -> subprocess.CompletedProcess:
+        result = subprocess.run([sys.executable, "-m", "tflaunch", *args], cwd=cwd or tmp_path,
+                                env=env or cli_env(home), capture_output=True, text=True,
+                                errors="replace", timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"tflaunch {' '.join(args)} -> {result.returncode}\n{result.stdout}\n{result.stderr}")
+        return result
+    return run
+
+
+@pytest.fixture
+def cli_popen(home: Path, tmp_path: Path):
+    """Start ``python -m tflaunch ARGS`` in the background (own process group); killed at teardown."""
+    started: list[subprocess.Popen] = []
+
+    def start(*args: str, cwd: Path | None = None, **kwargs) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-m", "tflaunch", *args], cwd=cwd or tmp_path,
+                                env=cli_env(home), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True, **kwargs)
+        started.append(proc)
+        return proc
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def show(cli, run_id: str) -> dict:
+    result = cli("runs", "show", run_id, "--json", check=True)
+    return json.loads(result.stdout)
+
+
+def wait_status(cli, run_id: str, statuses: set[str], timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        run = show(cli, run_id)
+        if run["status"] in statuses:
+            return run
+        if time.monotonic() > deadline:
+            raise AssertionError(f"run {run_id} still {run['status']} after {timeout} s")
+        time.sleep(0.1)
+
+
+def pids_with_token(token: str) -> list[int]:
+    """Processes whose environment carries TFLAUNCH_RUN_ID=token (how tflaunch finds a run's processes)."""
+    sys.path.insert(0, str(REPO))
+    from tflaunch.agent import run_pids
+    return sorted(run_pids(token))
+
+
+def wait_no_processes(token: str, timeout: float = 5.0) -> float:
+    start = time.monotonic()
+    while pids_with_token(token):
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"processes of run {token} still alive after {timeout} s: {pids_with_token(token)}")
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def wait_for_file(path: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} did not appear within {timeout} s")
+        time.sleep(0.05)
+
+
+def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    os.killpg(proc.pid, sig)

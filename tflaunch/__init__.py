@@ -1,0 +1,42 @@
+"""tflaunch: run TensorFlow/Keras training on machines you already have, with a file-based run history.
+
+Public API (mirrors the Azure ML SDK v1)::
+
+    from tflaunch import Experiment, TensorFlow
+    run = Experiment("tf-mnist").submit(TensorFlow(source_directory=".", entry_script="train.py"))
+    run.wait_for_completion(show_output=True)
+
+Names are imported lazily so ``python -m tflaunch`` and the launcher's helpers start fast.
+"""
+from __future__ import annotations
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
+    from typing import Any
+
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Estimator": "spec", "TensorFlow": "spec", "MpiConfiguration": "spec", "TensorflowConfiguration": "spec",
+    "Experiment": "api", "Run": "api", "Workspace": "api", "RunStatus": "api",
+    "TflaunchError": "errors", "SpecError": "errors", "SnapshotError": "errors", "StoreError": "errors",
+    "RunNotFoundError": "errors", "PathSafetyError": "errors", "RunFailedError": "errors",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tflaunch' has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(f"tflaunch.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

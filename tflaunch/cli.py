@@ -1,0 +1,390 @@
+"""Command line: ``python -m tflaunch run ...`` and ``python -m tflaunch runs list|show|logs|files|download|cancel``.
+
+Exit status: 0 success; for ``run`` attached, the run's outcome (0 Completed, the script's exit code,
+128+N when killed by signal N, 124 timeout, 130 Canceled, 1 other failures); 2 bad input; 1 other
+errors. Every error is one line on stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+from . import __version__
+from .errors import SpecError, TflaunchError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
+    from typing import Any, NoReturn, Sequence
+
+log = logging.getLogger("tflaunch")
+
+_RUN_EPILOG = """\
+Everything after ENTRY goes to the script unchanged (a "--" right after ENTRY is dropped).
+Examples:
+  python -m tflaunch run --source-dir ./proj train.py -- --batch-size 50 --learning-rate 0.01
+  python -m tflaunch run --detach --timeout 3600 train.py --epochs 10
+  python -m tflaunch run --dry-run --json train.py
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--home", default=argparse.SUPPRESS, metavar="DIR",
+                        help="run store (default: $TFLAUNCH_HOME, else ~/.tflaunch)")
+    common.add_argument("--log-level", default=argparse.SUPPRESS, metavar="LEVEL",
+                        choices=["debug", "info", "warning", "error"], help="tflaunch's own messages (default: info)")
+    return common
+
+
+def _key_value(kind: str):
+    def parse(text: str) -> tuple[str, str]:
+        name, sep, value = text.partition("=")
+        if not sep or not name:
+            raise argparse.ArgumentTypeError(f"expected {kind}=VALUE, got {text!r}")
+        return name, value
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common()
+    parser = _Parser(prog="tflaunch", parents=[common],
+                     description="Run TensorFlow/Keras training locally with a file-based run history.")
+    parser.add_argument("--version", action="version", version=f"tflaunch {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    run = commands.add_parser("run", parents=[common], help="run a training script and record it",
+                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_RUN_EPILOG)
+    run.add_argument("entry", metavar="ENTRY", help="entry script, relative to --source-dir")
+    run.add_argument("script_args", nargs=argparse.REMAINDER, metavar="ARGS", help="arguments for the script")
+    run.add_argument("--source-dir", default=".", metavar="DIR", help="directory snapshotted for the run (default: .)")
+    run.add_argument("--experiment", "-e", default="default", metavar="NAME", help="experiment name (default: default)")
+    run.add_argument("--python", metavar="PATH", help="interpreter for the script (default: the one running tflaunch)")
+    run.add_argument("--env", action="append", type=_key_value("NAME"), default=[], metavar="NAME=VALUE",
+                     help="environment variable for the script (repeatable)")
+    run.add_argument("--framework-version", metavar="VERSION",
+                     help="require this TensorFlow version in the job's interpreter (e.g. 2.21)")
+    run.add_argument("--gpu", action="store_true",
+                     help="let the script see GPUs (default: CUDA_VISIBLE_DEVICES is set empty)")
+    run.add_argument("--nodes", type=int, default=1, metavar="N", help="node_count (only 1 in this version)")
+    run.add_argument("--procs-per-node", type=int, default=1, metavar="N",
+                     help="process_count_per_node (only 1 in this version)")
+    run.add_argument("--timeout", type=_positive_float, metavar="SECONDS",
+                     help="stop the run after this long; it ends Failed (reason: timeout)")
+    run.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
+                     help="time between SIGTERM and SIGKILL when stopping (default: 10)")
+    run.add_argument("--tag", action="append", type=_key_value("KEY"), default=[], metavar="KEY=VALUE",
+                     help="tag recorded with the run (repeatable)")
+    run.add_argument("--detach", "-d", action="store_true", help="print the run id and return; the run goes on")
+    run.add_argument("--dry-run", action="store_true", help="print what would run; start nothing, write nothing")
+    run.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
+    run.add_argument("--snapshot-max-mb", type=float, metavar="MB",
+                     help="snapshot size limit (default: 300, or $TFLAUNCH_SNAPSHOT_MAX_MB)")
+    run.add_argument("--snapshot-max-files", type=int, metavar="N",
+                     help="snapshot file-count limit (default: 2000, or $TFLAUNCH_SNAPSHOT_MAX_FILES)")
+    run.add_argument("--scratch", metavar="DIR",
+                     help="build the working directory under DIR (e.g. node-local disk) instead of in the record")
+    run.set_defaults(func=cmd_run)
+
+    runs = commands.add_parser("runs", parents=[common], help="inspect and manage recorded runs")
+    sub = runs.add_subparsers(dest="runs_command", metavar="SUBCOMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("list", parents=[common], help="list runs, newest first")
+    p.add_argument("--experiment", "-e", metavar="NAME", help="only this experiment")
+    p.add_argument("--status", action="append", metavar="STATUS", help="only runs in this status (repeatable)")
+    p.add_argument("--limit", type=int, default=0, metavar="N", help="at most N runs (default: all)")
+    p.add_argument("--json", action="store_true", help="print a JSON array of run objects")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("show", parents=[common], help="show one run")
+    p.add_argument("run", metavar="RUN", help="run id (or a unique prefix or suffix of one)")
+    p.add_argument("--json", action="store_true", help="print the run object as JSON")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("logs", parents=[common], help="print a run's output (stdout and stderr)")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing until the run ends")
+    p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("files", parents=[common], help="list a run's files (outputs/, logs/, tflaunch_logs/)")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("--json", action="store_true", help="print a JSON array of {name, size}")
+    p.set_defaults(func=cmd_files)
+
+    p = sub.add_parser("download", parents=[common], help="copy a run's file or directory")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("name", metavar="NAME", help="file name as `runs files` prints it, e.g. outputs/model.keras")
+    p.add_argument("dest", nargs="?", metavar="DEST", help="destination file or directory (default: ./BASENAME)")
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("cancel", parents=[common], help="cancel a run (SIGTERM, then SIGKILL after its grace)")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("--wait", action="store_true", help="wait until the run has ended")
+    p.set_defaults(func=cmd_cancel)
+    return parser
+
+
+# --------------------------------------------------------------------------------------------------
+def _store(args: argparse.Namespace):
+    from .store import Store
+    return Store(getattr(args, "home", None))
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .snapshot import SnapshotLimits
+    from .spec import Estimator, TensorFlow
+    from .store import exit_code_for
+    from .submit import SubmitOptions, create_run, dry_run, prepare
+    from .supervise import Supervisor, spawn_detached
+
+    script_args = list(args.script_args)  # argparse already dropped the "--" right after ENTRY
+    if args.json and not args.dry_run:
+        raise SpecError("--json goes with --dry-run (use `runs show --json` for a run's record)")
+    if args.detach and args.dry_run:
+        raise SpecError("--detach and --dry-run exclude each other")
+    kwargs: dict[str, Any] = dict(
+        entry_script=args.entry, arguments=script_args, node_count=args.nodes,
+        process_count_per_node=args.procs_per_node, use_gpu=args.gpu, environment_variables=dict(args.env),
+        max_run_duration_seconds=args.timeout, python=args.python)
+    if args.framework_version is not None:
+        estimator: Estimator = TensorFlow(args.source_dir, framework_version=args.framework_version, **kwargs)
+    else:
+        estimator = Estimator(args.source_dir, **kwargs)
+    limits = None
+    if args.snapshot_max_mb is not None or args.snapshot_max_files is not None:
+        limits = SnapshotLimits.from_env(args.snapshot_max_mb, args.snapshot_max_files)
+    options = SubmitOptions(experiment=args.experiment, home=getattr(args, "home", None), tags=dict(args.tag),
+                            limits=limits, grace=args.grace, scratch=args.scratch)
+    prepared = prepare(estimator, options)
+    if args.dry_run:
+        plan = dry_run(prepared)
+        if args.json:
+            _print_json(plan)
+        else:
+            _print_plan(plan)
+        return 0
+    record = create_run(prepared)
+    if args.detach:
+        try:
+            spawn_detached(record)
+        except (OSError, RuntimeError) as exc:
+            from .store import FAILED, now_iso
+            record.write_status(FAILED, ended=now_iso(), error={"reason": "launch_failed", "message": str(exc)})
+            raise TflaunchError(str(exc)) from None
+        sys.stdout.write(record.id + "\n")
+        return 0
+    log.info("run %s (experiment %s), record %s", record.id, args.experiment, record.dir)
+    final = Supervisor(record, stream=True).run()
+    _report_end(final)
+    return exit_code_for(final)
+
+
+def _report_end(run: dict[str, Any]) -> None:
+    from .store import with_duration
+    duration = with_duration(run).get("duration_seconds")
+    took = f" after {duration:.1f} s" if isinstance(duration, (int, float)) else ""
+    error = run.get("error") or {}
+    detail = f": {error.get('message')}" if error else (f": {run['cancel_reason']}" if run.get("cancel_reason") else "")
+    log.info("run %s %s%s%s", run.get("id"), run.get("status"), took, detail)
+
+
+def _print_plan(plan: dict[str, Any]) -> None:
+    import shlex
+    snap = plan["snapshot"]
+    lines = [f"dry run: nothing started, nothing written",
+             f"experiment: {plan['experiment']}   home: {plan['home']}",
+             f"snapshot:   {snap['source_directory']} ({snap['file_count']} files, {snap['total_bytes']} bytes)"]
+    lines += [f"  note: {n}" for n in snap["notes"]]
+    for p in plan["processes"]:
+        lines.append(f"process rank {p['rank']} on {p['host']}:")
+        lines.append(f"  argv: {shlex.join(p['argv'])}")
+        lines.append(f"  cwd:  {p['cwd']}")
+        lines.append("  env added:")
+        lines += [f"    {k}={shlex.quote(v)}" for k, v in p["env"].items()]
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
+def _fmt_time(value: str | None) -> str:
+    return value[:19].replace("T", " ") if value else "-"
+
+
+def _fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from .store import with_duration
+    runs = _store(args).list_runs(experiment=args.experiment, statuses=args.status)
+    if args.limit and args.limit > 0:
+        runs = runs[:args.limit]
+    runs = [with_duration(r) for r in runs]
+    if args.json:
+        sys.stdout.write(json.dumps(runs) + "\n")
+        return 0
+    rows = [("ID", "EXPERIMENT", "STATUS", "CREATED (UTC)", "DURATION", "EXIT")]
+    for r in runs:
+        code = r.get("exit_code")
+        rows.append((r["id"], r.get("experiment", ""), r.get("status", ""), _fmt_time(r.get("created")),
+                     _fmt_duration(r.get("duration_seconds")),
+                     str(code) if code is not None else (r.get("signal") or "-")))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        sys.stdout.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() + "\n")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    import shlex
+    from .store import describe
+    run = describe(_store(args).run(args.run))
+    if args.json:
+        _print_json(run)
+        return 0
+    error = run.get("error") or {}
+    lines = [
+        f"id:          {run['id']}",
+        f"experiment:  {run.get('experiment')}",
+        f"status:      {run.get('status')}" + (f" ({error.get('reason')})" if error else ""),
+        f"created:     {_fmt_time(run.get('created'))}",
+        f"started:     {_fmt_time(run.get('started'))}",
+        f"ended:       {_fmt_time(run.get('ended'))}",
+        f"duration:    {_fmt_duration(run.get('duration_seconds'))}",
+        f"exit code:   {run.get('exit_code') if run.get('exit_code') is not None else (run.get('signal') or '-')}",
+        f"command:     {shlex.join([run.get('entry_script') or '?', *run.get('arguments', [])])}",
+        f"source:      {run.get('source_directory')}",
+        f"record:      {run.get('run_dir')}",
+    ]
+    if run.get("cancel_reason"):
+        lines.append(f"canceled:    {run['cancel_reason']}")
+    if error:
+        lines.append(f"error:       {error.get('message')}")
+        if error.get("stderr_tail"):
+            lines.append("stderr tail:")
+            lines += [f"  {line}" for line in error["stderr_tail"].splitlines()]
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from .store import TERMINAL
+    from .tail import follow_files
+    record = _store(args).run(args.run)
+
+    def files():
+        return [(path, sys.stdout if kind == "stdout" else sys.stderr) for path, kind in record.process_log_files()]
+
+    if args.follow:
+        follow_files(files, lambda: (record.read_status() or {}).get("status") in TERMINAL)
+    else:
+        follow_files(files, lambda: True)
+    return 0
+
+
+def cmd_files(args: argparse.Namespace) -> int:
+    files = _store(args).run(args.run).file_names()
+    if args.json:
+        _print_json([{"name": name, "size": size} for name, size in files])
+    else:
+        for name, size in files:
+            sys.stdout.write(f"{size:>12}  {name}\n")
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from .store import download
+    target = download(_store(args).run(args.run), args.name, args.dest)
+    sys.stdout.write(target + "\n")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from .store import TERMINAL
+    record = _store(args).run(args.run)
+    status = record.read_status() or {}
+    if status.get("status") in TERMINAL:
+        sys.stdout.write(f"run {record.id} is already {status['status']}; nothing to cancel\n")
+        return 0
+    record.request_cancel("canceled with `tflaunch runs cancel`")
+    if not args.wait:
+        sys.stdout.write(f"cancel requested for run {record.id} (status: {status.get('status')})\n")
+        return 0
+    while True:
+        status = record.read_status() or {}
+        if status.get("status") in TERMINAL:
+            sys.stdout.write(f"run {record.id} {status['status']}\n")
+            return 0
+        time.sleep(0.2)
+
+
+# --------------------------------------------------------------------------------------------------
+def _setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("tflaunch: %(message)s" if level != "debug"
+                                           else "tflaunch: %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper()))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the process exit status."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="replace")  # type: ignore[attr-defined]
+        except (AttributeError, ValueError):
+            pass
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(getattr(args, "log_level", "info"))
+    try:
+        return int(args.func(args) or 0)
+    except TflaunchError as exc:
+        sys.stderr.write(f"tflaunch: error: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("tflaunch: interrupted\n")
+        return 130
+    except BrokenPipeError:
+        try:
+            sys.stdout = open(os.devnull, "w")  # silence the flush at exit when the reader went away
+        except OSError:
+            pass
+        return 0
+    except OSError as exc:
+        sys.stderr.write(f"tflaunch: error: {exc}\n")
+        return 1
+    except Exception as exc:  # a bug: one line, the traceback on request
+        if os.environ.get("TFLAUNCH_DEBUG"):
+            raise
+        sys.stderr.write(f"tflaunch: internal error: {exc!r} (set TFLAUNCH_DEBUG=1 for the traceback)\n")
+        return 70

@@ -1,0 +1,48 @@
+"""Exceptions raised by tflaunch.
+
+Every error a user can cause carries a message that says what is wrong and what to do; the CLI prints
+it as one line and exits with :attr:`TflaunchError.exit_code`.
+"""
+from __future__ import annotations
+
+
+class TflaunchError(Exception):
+    """Base class of every error tflaunch raises on purpose."""
+
+    exit_code = 1
+
+
+class SpecError(TflaunchError, ValueError):
+    """A job specification (estimator field, CLI option) is invalid; the message names the field."""
+
+    exit_code = 2
+
+
+class SnapshotError(TflaunchError):
+    """The source directory cannot be snapshotted (missing, over the limits, entry script absent)."""
+
+    exit_code = 2
+
+
+class StoreError(TflaunchError):
+    """The run store (``TFLAUNCH_HOME``) cannot be read or written."""
+
+
+class RunNotFoundError(StoreError, LookupError):
+    """No run matches the given id (or the prefix is ambiguous)."""
+
+    exit_code = 2
+
+
+class PathSafetyError(TflaunchError):
+    """A requested path escapes the run record (``..``, absolute path, symlink out of the run)."""
+
+    exit_code = 2
+
+
+class RunFailedError(TflaunchError):
+    """Raised by :meth:`tflaunch.Run.wait_for_completion` when the run ended Failed."""
+
+    def __init__(self, message: str, details: dict | None = None) -> None:
+        super().__init__(message)
+        self.details = details or {}

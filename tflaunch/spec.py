@@ -1,0 +1,348 @@
+"""What to run: the estimator API (mirroring Azure ML SDK v1) and its normalized form, :class:`JobSpec`.
+
+``Estimator``/``TensorFlow`` validate their fields eagerly (types, ranges) and name the field in every
+error. Filesystem checks (does the source directory exist, is the entry script inside it) happen at
+submit time, in :mod:`tflaunch.snapshot`. :meth:`Estimator.job_spec` turns the user's object into a
+:class:`JobSpec`, a plain, JSON-serializable description that the planner and the run record use.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+from .errors import SpecError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
+    from typing import Any
+
+__all__ = [
+    "Estimator",
+    "TensorFlow",
+    "MpiConfiguration",
+    "TensorflowConfiguration",
+    "JobSpec",
+    "script_params_to_argv",
+    "RESERVED_ENV_PREFIX",
+]
+
+RESERVED_ENV_PREFIX = "TFLAUNCH_"
+
+# How each field is spelled on the command line, so one message serves the API and the CLI.
+_CLI_FLAG = {
+    "source_directory": "--source-dir",
+    "entry_script": "ENTRY",
+    "node_count": "--nodes",
+    "process_count_per_node": "--procs-per-node",
+    "environment_variables": "--env",
+    "max_run_duration_seconds": "--timeout",
+    "framework_version": "--framework-version",
+    "use_gpu": "--gpu",
+    "python": "--python",
+    "compute_target": "--compute-target",
+}
+
+_FRAMEWORK_VERSION_RE = re.compile(r"^\d+(\.\d+){0,2}$")
+_ENV_NAME_BAD = re.compile(r"[=\x00]")
+
+
+def _field(name: str) -> str:
+    flag = _CLI_FLAG.get(name)
+    return f"{name} ({flag})" if flag and flag != "ENTRY" else name
+
+
+def _fail(name: str, message: str) -> SpecError:
+    return SpecError(f"{_field(name)}: {message}")
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(name, f"must be an integer >= 1, got {value!r}")
+    if value < 1:
+        raise _fail(name, f"must be an integer >= 1, got {value}")
+    return value
+
+
+def _scalar_arg(where: str, value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bool, int, float)):
+        return str(value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise SpecError(
+        f"{where}: unsupported type {type(value).__name__}; use str, int, float, bool, a path, "
+        "a list of those, '' for a bare flag or None to leave the parameter out"
+    )
+
+
+def script_params_to_argv(params: Mapping[str, Any] | None) -> list[str]:
+    """Turn ``script_params`` into argv, keeping insertion order.
+
+    ``{'--lr': 0.01}`` gives ``--lr 0.01``; ``''`` gives the bare flag; ``None`` leaves the key out;
+    a list or tuple gives the key followed by each item (``--layers 64 32``, for ``nargs='+'``);
+    other values are ``str()``-ed (so ``True`` becomes ``True``).
+    """
+    if params is None:
+        return []
+    if not isinstance(params, Mapping):
+        raise SpecError(
+            f"script_params: must be a dict such as {{'--batch-size': 50}}, got {type(params).__name__}"
+        )
+    argv: list[str] = []
+    for key, value in params.items():
+        if not isinstance(key, str) or not key:
+            raise SpecError(f"script_params: keys must be non-empty strings, got {key!r}")
+        where = f"script_params[{key!r}]"
+        if value is None:
+            continue
+        if isinstance(value, str) and value == "":
+            argv.append(key)
+        elif isinstance(value, (list, tuple)):
+            argv.append(key)
+            argv.extend(_scalar_arg(where, item) for item in value)
+        else:
+            argv.extend((key, _scalar_arg(where, value)))
+    return argv
+
+
+def _env_vars(values: Mapping[str, Any] | None) -> dict[str, str]:
+    if values is None:
+        return {}
+    if not isinstance(values, Mapping):
+        raise _fail("environment_variables", f"must be a dict of name -> value, got {type(values).__name__}")
+    out: dict[str, str] = {}
+    for name, value in values.items():
+        if not isinstance(name, str) or not name or _ENV_NAME_BAD.search(name):
+            raise _fail("environment_variables", f"invalid variable name {name!r}")
+        if name.startswith(RESERVED_ENV_PREFIX):
+            raise _fail("environment_variables", f"{name} is set by tflaunch itself and cannot be given")
+        if isinstance(value, bool) or isinstance(value, (int, float)):
+            value = str(value)
+        if not isinstance(value, str):
+            raise _fail("environment_variables", f"{name}: value must be a string, got {type(value).__name__}")
+        if "\x00" in value:
+            raise _fail("environment_variables", f"{name}: value contains a NUL byte")
+        out[name] = value
+    return out
+
+
+class MpiConfiguration:
+    """``distributed_training=MpiConfiguration()``: Horovod-style MPI job (launch backend pending)."""
+
+    backend = "mpi"
+
+    def __init__(self, process_count_per_node: int = 1, node_count: int = 1) -> None:
+        self.process_count_per_node = _positive_int("process_count_per_node", process_count_per_node)
+        self.node_count = _positive_int("node_count", node_count)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backend": self.backend, "process_count_per_node": self.process_count_per_node,
+                "node_count": self.node_count}
+
+    def __repr__(self) -> str:
+        return (f"MpiConfiguration(process_count_per_node={self.process_count_per_node}, "
+                f"node_count={self.node_count})")
+
+
+class TensorflowConfiguration:
+    """``distributed_training=TensorflowConfiguration(...)``: native TF parameter-server job."""
+
+    backend = "ps"
+
+    def __init__(self, worker_count: int = 1, parameter_server_count: int = 1) -> None:
+        self.worker_count = _positive_int("worker_count", worker_count)
+        if isinstance(parameter_server_count, bool) or not isinstance(parameter_server_count, int) \
+                or parameter_server_count < 0:
+            raise SpecError(f"parameter_server_count: must be an integer >= 0, got {parameter_server_count!r}")
+        self.parameter_server_count = parameter_server_count
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backend": self.backend, "worker_count": self.worker_count,
+                "parameter_server_count": self.parameter_server_count}
+
+    def __repr__(self) -> str:
+        return (f"TensorflowConfiguration(worker_count={self.worker_count}, "
+                f"parameter_server_count={self.parameter_server_count})")
+
+
+def world_size(node_count: int, process_count_per_node: int, distributed: Mapping[str, Any] | None) -> int:
+    """Number of processes a job asks for."""
+    if distributed and distributed.get("backend") == "ps":
+        return int(distributed["worker_count"]) + int(distributed["parameter_server_count"])
+    return node_count * process_count_per_node
+
+
+@dataclass
+class JobSpec:
+    """Normalized, JSON-serializable description of a job (stored as ``spec`` in ``run.json``)."""
+
+    source_directory: str
+    entry_script: str
+    arguments: list[str] = field(default_factory=list)
+    python: str = ""
+    environment_variables: dict[str, str] = field(default_factory=dict)
+    node_count: int = 1
+    process_count_per_node: int = 1
+    distributed: dict[str, Any] | None = None
+    use_gpu: bool = False
+    max_run_duration_seconds: float | None = None
+    framework: dict[str, Any] | None = None
+
+    @property
+    def world_size(self) -> int:
+        return world_size(self.node_count, self.process_count_per_node, self.distributed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "JobSpec":
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+class Estimator:
+    """A training job: ``entry_script`` from ``source_directory`` with ``script_params``.
+
+    Mirrors ``azureml.train.estimator.Estimator``. ``arguments`` (a list, appended after the
+    ``script_params``) and ``python`` (the job's interpreter; default: the submitting one) are
+    tflaunch additions.
+    """
+
+    def __init__(
+        self,
+        source_directory: str | os.PathLike,
+        *,
+        entry_script: str,
+        script_params: Mapping[str, Any] | None = None,
+        arguments: Sequence[Any] | None = None,
+        compute_target: Any = None,
+        node_count: int = 1,
+        process_count_per_node: int = 1,
+        distributed_training: MpiConfiguration | TensorflowConfiguration | None = None,
+        use_gpu: bool = False,
+        environment_variables: Mapping[str, Any] | None = None,
+        max_run_duration_seconds: float | None = None,
+        python: str | os.PathLike | None = None,
+    ) -> None:
+        if not isinstance(source_directory, (str, os.PathLike)) or not os.fspath(source_directory):
+            raise _fail("source_directory", f"must be a path, got {source_directory!r}")
+        self.source_directory = os.fspath(source_directory)
+        if not isinstance(entry_script, (str, os.PathLike)) or not os.fspath(entry_script):
+            raise _fail("entry_script", f"must be a file name inside source_directory, got {entry_script!r}")
+        self.entry_script = os.fspath(entry_script)
+        self.script_params = dict(script_params) if isinstance(script_params, Mapping) else script_params
+        self._argv = script_params_to_argv(script_params)
+        if arguments is None:
+            arguments = []
+        if isinstance(arguments, (str, bytes)) or not isinstance(arguments, Sequence):
+            raise SpecError(f"arguments: must be a list, got {type(arguments).__name__}")
+        self.arguments = list(arguments)
+        self._argv += [_scalar_arg(f"arguments[{i}]", a) for i, a in enumerate(self.arguments)]
+        if compute_target is not None and not (isinstance(compute_target, str)
+                                               and compute_target.lower() == "local"):
+            raise _fail("compute_target", f"{compute_target!r} is not supported; only 'local' is available")
+        self.compute_target = "local"
+        self.node_count = _positive_int("node_count", node_count)
+        self.process_count_per_node = _positive_int("process_count_per_node", process_count_per_node)
+        if distributed_training is not None and not isinstance(
+                distributed_training, (MpiConfiguration, TensorflowConfiguration)):
+            raise SpecError("distributed_training: must be MpiConfiguration() or TensorflowConfiguration(...), "
+                            f"got {type(distributed_training).__name__}")
+        self.distributed_training = distributed_training
+        if not isinstance(use_gpu, bool):
+            raise _fail("use_gpu", f"must be True or False, got {use_gpu!r}")
+        self.use_gpu = use_gpu
+        self.environment_variables = _env_vars(environment_variables)
+        if max_run_duration_seconds is not None:
+            if isinstance(max_run_duration_seconds, bool) or not isinstance(max_run_duration_seconds, (int, float)) \
+                    or not max_run_duration_seconds > 0:
+                raise _fail("max_run_duration_seconds", f"must be a number > 0, got {max_run_duration_seconds!r}")
+        self.max_run_duration_seconds = max_run_duration_seconds
+        if python is not None and (not isinstance(python, (str, os.PathLike)) or not os.fspath(python)):
+            raise _fail("python", f"must be the path of a Python interpreter, got {python!r}")
+        self.python = os.fspath(python) if python is not None else None
+        world = world_size(self.node_count, self.process_count_per_node, self._distributed())
+        if world > 1:
+            raise SpecError(
+                f"node_count x process_count_per_node / distributed_training ask for {world} processes; "
+                "this version of tflaunch runs one process per job (multi-process launch is not available yet)"
+            )
+
+    def _distributed(self) -> dict[str, Any] | None:
+        return self.distributed_training.to_dict() if self.distributed_training is not None else None
+
+    def _framework(self) -> dict[str, Any] | None:
+        return None
+
+    def job_spec(self) -> JobSpec:
+        """The normalized spec; relative paths are resolved against the current directory."""
+        python = self.python
+        if python is None:
+            python = sys.executable
+        elif os.sep in python or (os.altsep and os.altsep in python):
+            python = os.path.abspath(python)
+        return JobSpec(
+            source_directory=os.path.abspath(self.source_directory),
+            entry_script=self.entry_script,
+            arguments=list(self._argv),
+            python=python,
+            environment_variables=dict(self.environment_variables),
+            node_count=self.node_count,
+            process_count_per_node=self.process_count_per_node,
+            distributed=self._distributed(),
+            use_gpu=self.use_gpu,
+            max_run_duration_seconds=self.max_run_duration_seconds,
+            framework=self._framework(),
+        )
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(source_directory={self.source_directory!r}, "
+                f"entry_script={self.entry_script!r})")
+
+
+class TensorFlow(Estimator):
+    """Estimator for TensorFlow jobs; checks that the job's interpreter imports TensorFlow.
+
+    ``framework_version`` (``'2.21'``, ``'2.21.0'``) must match the TensorFlow the job will import
+    (compared component by component); ``None`` accepts any installed TensorFlow.
+    ``distributed_backend='mpi'|'ps'`` with ``worker_count``/``parameter_server_count`` is the
+    reference's older spelling of ``distributed_training``.
+    """
+
+    def __init__(
+        self,
+        source_directory: str | os.PathLike,
+        *,
+        framework_version: str | None = None,
+        distributed_backend: str | None = None,
+        worker_count: int | None = None,
+        parameter_server_count: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if framework_version is not None:
+            if not isinstance(framework_version, str) or not _FRAMEWORK_VERSION_RE.match(framework_version):
+                raise _fail("framework_version", f"must look like '2.21' or '2.21.0', got {framework_version!r}")
+        self.framework_version = framework_version
+        if distributed_backend is not None:
+            if kwargs.get("distributed_training") is not None:
+                raise SpecError("distributed_backend: give either distributed_backend or distributed_training, not both")
+            if distributed_backend == "mpi":
+                kwargs["distributed_training"] = MpiConfiguration()
+            elif distributed_backend == "ps":
+                kwargs["distributed_training"] = TensorflowConfiguration(
+                    worker_count=1 if worker_count is None else worker_count,
+                    parameter_server_count=1 if parameter_server_count is None else parameter_server_count)
+            else:
+                raise SpecError(f"distributed_backend: must be 'mpi' or 'ps', got {distributed_backend!r}")
+        elif worker_count is not None or parameter_server_count is not None:
+            raise SpecError("worker_count/parameter_server_count: only meaningful with distributed_backend='ps'")
+        self.distributed_backend = distributed_backend
+        super().__init__(source_directory, **kwargs)
+
+    def _framework(self) -> dict[str, Any] | None:
+        return {"name": "tensorflow", "version": self.framework_version}

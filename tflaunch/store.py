@@ -1,0 +1,620 @@
+"""The run store: plain files under ``$TFLAUNCH_HOME`` (default ``~/.tflaunch``), safe on NFS without locks.
+
+Layout (every path inside a record is relative, so a home can be rsynced and read elsewhere)::
+
+    store.json                      {"format": 1}
+    experiments/<name>.json         created once, idempotently
+    runs/<run-id>/                  appears atomically (built as runs/.new-<id>, then renamed)
+        run.json                    definition: spec, submitter, tflaunch version (never rewritten)
+        status.json                 the run object (status, timestamps, exit code, error), replaced atomically
+        events.jsonl                append-only history of status changes and requests
+        lease.json                  the launcher's heartbeat: host, boot id, pid, time
+        cancel.json                 a cancel request (first one wins)
+        snapshot.json               what was snapshotted (tree id, entry script, counts)
+        snapshot -> ../../trees/<sha256>   the snapshot's files (a link: unchanged trees are shared)
+        work/                       the process's working directory while it runs
+        outputs/, logs/             the script's ./outputs and ./logs, moved in when it ends
+        tflaunch_logs/              rank-N.stdout, rank-N.stderr (raw bytes), launcher.log
+    objects/ab/cdef...[.x]          snapshot file contents by SHA-256, read-only
+    trees/<sha256>/, <sha256>.json  one snapshot tree (hard links into objects/) and its listing
+    cache/                          rebuildable caches: runs-index.json (finished runs), stat/
+
+Run ids (``20261123-101530-123-5f3a9c1e``) sort by creation time and carry 32 random bits, so
+concurrent submitters never need a global lock. A run whose launcher is gone (same machine: its pid
+is dead; elsewhere: no heartbeat within the lease timeout) is reported, and recorded, as Failed with
+reason ``launcher_lost``.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import secrets
+import shutil
+import signal
+import time
+from datetime import datetime, timezone
+
+from . import fsio
+from .errors import PathSafetyError, RunNotFoundError, SpecError, StoreError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
+    from typing import Any, Iterable
+
+__all__ = [
+    "PREPARING", "QUEUED", "RUNNING", "FINALIZING", "COMPLETED", "FAILED", "CANCELED", "TERMINAL",
+    "Store", "RunRecord", "resolve_home", "now_iso", "exit_code_for", "local_identity",
+]
+
+log = logging.getLogger(__name__)
+
+PREPARING, QUEUED, RUNNING, FINALIZING = "Preparing", "Queued", "Running", "Finalizing"
+COMPLETED, FAILED, CANCELED = "Completed", "Failed", "Canceled"
+TERMINAL = frozenset({COMPLETED, FAILED, CANCELED})
+STORE_FORMAT = 1
+RUN_ID_RE = re.compile(r"^\d{8}-\d{6}-\d{3}-[0-9a-f]{8}$")
+EXPERIMENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$")
+LOG_DIR = "tflaunch_logs"
+RESERVE_BYTES = 256 * 1024
+USER_FILE_DIRS = ("outputs", "logs", LOG_DIR)
+
+
+def resolve_home(home: str | os.PathLike | None = None) -> str:
+    """The store directory: ``home`` if given, else ``$TFLAUNCH_HOME``, else ``~/.tflaunch``."""
+    if home is None or os.fspath(home) == "":
+        home = os.environ.get("TFLAUNCH_HOME") or os.path.join(os.path.expanduser("~"), ".tflaunch")
+    return os.path.abspath(os.path.expanduser(os.fspath(home)))
+
+
+def now_iso(t: float | None = None) -> str:
+    """UTC timestamp as ISO 8601 with milliseconds, e.g. ``2026-11-23T10:15:30.123Z``."""
+    dt = datetime.fromtimestamp(time.time() if t is None else t, timezone.utc)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+def parse_iso(value: str | None) -> float | None:
+    if not value:
+        return None
+    return datetime.strptime(value, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
+
+
+def _user() -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return os.environ.get("USER") or str(os.getuid())
+
+
+def hostname() -> str:
+    """This machine's name (as ``socket.gethostname()``, without importing socket)."""
+    return os.uname().nodename
+
+
+def _read_first_line(path: str) -> str:
+    try:
+        with open(path) as fh:
+            return fh.readline().strip()
+    except OSError:
+        return ""
+
+
+def local_identity() -> dict[str, str]:
+    """What makes two processes "on the same machine": host name, boot id, pid namespace."""
+    try:
+        pidns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        pidns = ""
+    return {"host": hostname(), "boot_id": _read_first_line("/proc/sys/kernel/random/boot_id"),
+            "pidns": pidns}
+
+
+def process_start_time(pid: int) -> str | None:
+    """Kernel start time of ``pid`` (to tell a live process from a recycled pid), or None if gone
+    (zombies count as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            data = fh.read()
+        fields = data[data.rindex(b")") + 2:].split()
+        return None if fields[0] in (b"Z", b"X") else fields[19].decode()
+    except (OSError, ValueError, IndexError):
+        if not os.path.isdir("/proc"):  # no procfs (macOS): fall back to a signal-0 probe
+            try:
+                os.kill(pid, 0)
+                return ""
+            except ProcessLookupError:
+                return None
+            except PermissionError:
+                return ""
+        return None
+
+
+def exit_code_for(run: dict[str, Any]) -> int:
+    """Exit status for ``tflaunch run``: 0 Completed, the script's own code, 128+N for signal N,
+    124 timeout, 130 Canceled, 1 for any other failure."""
+    status = run.get("status")
+    if status == COMPLETED:
+        return 0
+    if status == CANCELED:
+        return 130
+    error = run.get("error") or {}
+    if error.get("reason") == "timeout":
+        return 124
+    code = run.get("exit_code")
+    if isinstance(code, int) and 0 < code < 256:
+        return code
+    sig = run.get("signal")
+    if sig:
+        try:
+            return 128 + int(signal.Signals[sig])
+        except KeyError:
+            pass
+    return 1
+
+
+def validate_experiment_name(name: Any) -> str:
+    if not isinstance(name, str) or not EXPERIMENT_RE.match(name):
+        raise SpecError(f"experiment name {name!r} is invalid: use 1-255 letters, digits, '_', '-' or '.', "
+                        "starting with a letter or digit")
+    return name
+
+
+class Store:
+    """A tflaunch home directory."""
+
+    def __init__(self, home: str | os.PathLike | None = None) -> None:
+        self.home = resolve_home(home)
+        self.runs_dir = os.path.join(self.home, "runs")
+        self.index_path = os.path.join(self.home, "cache", "runs-index.json")
+
+    def __repr__(self) -> str:
+        return f"Store({self.home!r})"
+
+    # -- creation ------------------------------------------------------------------------------------
+    def ensure(self) -> None:
+        """Create the home if needed; raise a clear :class:`StoreError` if it is not writable."""
+        try:
+            for sub in ("runs", "experiments", "objects", "cache"):
+                os.makedirs(os.path.join(self.home, sub), exist_ok=True)
+            marker = os.path.join(self.home, "store.json")
+            if not os.path.exists(marker):
+                fsio.create_once_json(marker, {"format": STORE_FORMAT})
+            elif not os.access(self.runs_dir, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), self.runs_dir)
+        except OSError as exc:
+            raise StoreError(f"TFLAUNCH_HOME {self.home} is not writable: {exc.strerror or exc}"
+                             " (set TFLAUNCH_HOME or --home to a writable directory)") from None
+        try:
+            fmt = fsio.read_json(os.path.join(self.home, "store.json")).get("format")
+        except (OSError, ValueError, AttributeError):
+            fmt = STORE_FORMAT
+        if fmt != STORE_FORMAT:
+            raise StoreError(f"{self.home} holds store format {fmt}; this tflaunch reads format {STORE_FORMAT}")
+
+    def ensure_experiment(self, name: str) -> None:
+        validate_experiment_name(name)
+        path = os.path.join(self.home, "experiments", name + ".json")
+        if not os.path.exists(path):
+            fsio.create_once_json(path, {"name": name, "created": now_iso()})
+
+    def experiments(self) -> list[str]:
+        try:
+            names = os.listdir(os.path.join(self.home, "experiments"))
+        except FileNotFoundError:
+            return []
+        return sorted(n[:-5] for n in names if n.endswith(".json") and not n.startswith("."))
+
+    @staticmethod
+    def new_run_id(t: float | None = None) -> str:
+        t = time.time() if t is None else t
+        ms = int(t * 1000) % 1000
+        return time.strftime("%Y%m%d-%H%M%S", time.gmtime(t)) + f"-{ms:03d}-{secrets.token_hex(4)}"
+
+    def create_run(self, experiment: str, definition: dict[str, Any], *, run_id: str | None = None,
+                   tags: dict[str, str] | None = None) -> "RunRecord":
+        """Create a run record in status Preparing, leased by the calling process."""
+        self.ensure()
+        self.ensure_experiment(experiment)
+        run_id = run_id or self.new_run_id()
+        created = now_iso()
+        staging = os.path.join(self.runs_dir, f".new-{run_id}")
+        final = os.path.join(self.runs_dir, run_id)
+        status = {
+            "id": run_id, "experiment": experiment, "status": PREPARING, "created": created,
+            "started": None, "ended": None, "exit_code": None, "signal": None, "error": None,
+            "host": hostname(), "user": _user(),
+            "entry_script": definition.get("spec", {}).get("entry_script"), "tags": dict(tags or {}),
+        }
+        try:
+            os.mkdir(staging)
+            os.mkdir(os.path.join(staging, LOG_DIR))
+            fsio.atomic_write_json(os.path.join(staging, "run.json"),
+                                   {"id": run_id, "experiment": experiment, "created": created, **definition})
+            fsio.atomic_write_json(os.path.join(staging, "status.json"), status)
+            fsio.append_jsonl(os.path.join(staging, "events.jsonl"),
+                              {"time": created, "event": "status", "status": PREPARING})
+            record = RunRecord(self, run_id, staging)
+            record.write_lease()
+            with open(os.path.join(staging, ".reserve"), "wb") as fh:
+                fh.write(b"\0" * RESERVE_BYTES)
+            os.rename(staging, final)
+        except OSError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise StoreError(f"cannot create a run in {self.home}: {exc.strerror or exc}") from None
+        record = RunRecord(self, run_id, final)
+        record._status = status
+        return record
+
+    # -- lookup --------------------------------------------------------------------------------------
+    def run_ids(self) -> list[str]:
+        try:
+            with os.scandir(self.runs_dir) as it:
+                return [e.name for e in it if RUN_ID_RE.match(e.name)]
+        except FileNotFoundError:
+            return []
+
+    def run(self, ref: str) -> "RunRecord":
+        """The run with id ``ref``, or the only run whose id starts or ends with ``ref``."""
+        if not isinstance(ref, str) or not ref or "/" in ref or ref in (".", ".."):
+            raise RunNotFoundError(f"invalid run id {ref!r}")
+        if RUN_ID_RE.match(ref) and os.path.isdir(os.path.join(self.runs_dir, ref)):
+            return RunRecord(self, ref)
+        ids = self.run_ids()
+        matches = [i for i in ids if i.startswith(ref)] or [i for i in ids if i.endswith(ref)]
+        if not matches:
+            raise RunNotFoundError(f"no run {ref!r} in {self.home} (see `tflaunch runs list`)")
+        if len(matches) > 1:
+            shown = ", ".join(sorted(matches)[:5])
+            raise RunNotFoundError(f"run id {ref!r} is ambiguous: {len(matches)} runs match ({shown}...)")
+        return RunRecord(self, matches[0])
+
+    def list_runs(self, experiment: str | None = None, statuses: Iterable[str] | None = None) -> list[dict]:
+        """Run objects, newest first. Finished runs come from a cache that rebuilds itself."""
+        ids = self.run_ids()
+        try:
+            index = fsio.read_json(self.index_path)
+            cached = index["runs"] if index.get("format") == STORE_FORMAT else {}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            cached = {}
+        changed = False
+        runs = []
+        fresh: dict[str, dict] = {}
+        for run_id in ids:
+            run = cached.get(run_id)
+            if run is None:
+                run = RunRecord(self, run_id).read_status()
+                if run is None:
+                    continue
+                if run.get("status") in TERMINAL:
+                    changed = True
+            if run.get("status") in TERMINAL:
+                fresh[run_id] = run
+            runs.append(run)
+        if changed or len(fresh) != len(cached):
+            try:
+                os.makedirs(os.path.dirname(self.index_path), exist_ok=True)
+                fsio.atomic_write_json(self.index_path, {"format": STORE_FORMAT, "runs": fresh}, fsync=False,
+                                       compact=True)
+            except OSError as exc:
+                log.debug("could not update the run index: %s", exc)
+        if experiment is not None:
+            runs = [r for r in runs if r.get("experiment") == experiment]
+        if statuses:
+            wanted = {s.lower() for s in statuses}
+            runs = [r for r in runs if str(r.get("status")).lower() in wanted]
+        runs.sort(key=lambda r: r.get("id", ""), reverse=True)
+        return runs
+
+
+class RunRecord:
+    """One run's directory. The launcher writes it; anyone may read it."""
+
+    def __init__(self, store: Store, run_id: str, directory: str | None = None) -> None:
+        self.store = store
+        self.id = run_id
+        self.dir = directory or os.path.join(store.runs_dir, run_id)
+        self._status: dict[str, Any] | None = None
+
+    def __repr__(self) -> str:
+        return f"RunRecord({self.id!r})"
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.dir, *parts)
+
+    @property
+    def work_dir(self) -> str:
+        return self.path("work")
+
+    def definition(self) -> dict[str, Any]:
+        try:
+            return fsio.read_json(self.path("run.json"))
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"run {self.id}: cannot read run.json: {exc}") from None
+
+    # -- status --------------------------------------------------------------------------------------
+    def _read_status_file(self) -> dict[str, Any] | None:
+        try:
+            data = fsio.read_json(self.path("status.json"))
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def read_status(self, *, check_lease: bool = True) -> dict[str, Any] | None:
+        """The run object; an unfinished run whose launcher is gone is recorded Failed first."""
+        status = self._read_status_file()
+        if status is None or not check_lease or status.get("status") in TERMINAL:
+            return status
+        if self.launcher_state() == "dead":
+            return self._mark_launcher_lost(status)
+        return status
+
+    def write_status(self, status: str | None = None, **fields: Any) -> dict[str, Any]:
+        """Update ``status.json`` (launcher side); logs a status event when the status changes."""
+        current = dict(self._status or self._read_status_file() or {})
+        previous = current.get("status")
+        if status is not None:
+            current["status"] = status
+        current.update(fields)
+        self._retry_when_full(fsio.atomic_write_json, self.path("status.json"), current)
+        self._status = current
+        if status is not None and status != previous:
+            self.event("status", status=status, **({"error": fields["error"]} if fields.get("error") else {}))
+        return current
+
+    def event(self, kind: str, **data: Any) -> None:
+        self._retry_when_full(fsio.append_jsonl, self.path("events.jsonl"),
+                              {"time": now_iso(), "event": kind, **data})
+
+    def events(self) -> list[dict[str, Any]]:
+        return list(fsio.iter_jsonl(self.path("events.jsonl")))
+
+    def _retry_when_full(self, fn: Any, *args: Any) -> None:
+        try:
+            fn(*args)
+        except OSError as exc:
+            if not fsio.is_disk_full(exc) or not self.release_reserve():
+                raise
+            fn(*args)
+
+    def release_reserve(self) -> bool:
+        """Free the space set aside at creation so the final records fit on a full disk."""
+        try:
+            os.unlink(self.path(".reserve"))
+            return True
+        except OSError:
+            return False
+
+    # -- lease ---------------------------------------------------------------------------------------
+    def write_lease(self, interval: float | None = None, timeout: float | None = None) -> None:
+        interval = interval or float(os.environ.get("TFLAUNCH_LEASE_INTERVAL", "2"))
+        timeout = timeout or float(os.environ.get("TFLAUNCH_LEASE_TIMEOUT", "30"))
+        pid = os.getpid()
+        lease = {**local_identity(), "pid": pid, "pid_start": process_start_time(pid),
+                 "heartbeat": time.time(), "interval": interval, "timeout": timeout}
+        data = (fsio.json_dumps(lease) + "\n").encode("ascii")
+        self._retry_when_full(lambda: fsio.atomic_write_bytes(self.path("lease.json"), data, fsync=False))
+
+    def lease(self) -> dict[str, Any] | None:
+        try:
+            data = fsio.read_json(self.path("lease.json"))
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def launcher_state(self) -> str:
+        """``alive``, ``dead`` or ``unknown`` for the process holding this run's lease."""
+        lease = self.lease()
+        if lease is None:
+            try:
+                age = time.time() - os.stat(self.path("status.json")).st_mtime
+            except OSError:
+                return "unknown"
+            return "dead" if age > 60 else "unknown"
+        me = local_identity()
+        if all(lease.get(k) == me[k] for k in ("host", "boot_id", "pidns")) and me["boot_id"]:
+            started = process_start_time(int(lease.get("pid", -1)))
+            if started is None or (lease.get("pid_start") and started and started != lease["pid_start"]):
+                return "dead"
+            return "alive"
+        if lease.get("host") == me["host"] and lease.get("boot_id") and me["boot_id"] \
+                and lease.get("boot_id") != me["boot_id"] and lease.get("pidns") == me["pidns"]:
+            return "dead"  # this machine rebooted since
+        age = time.time() - float(lease.get("heartbeat", 0))
+        return "dead" if age > float(lease.get("timeout", 30)) else "alive"
+
+    def _mark_launcher_lost(self, status: dict[str, Any]) -> dict[str, Any]:
+        lease = self.lease() or {}
+        where = f"pid {lease.get('pid')} on {lease.get('host')}" if lease else "unknown"
+        last = lease.get("heartbeat")
+        status = dict(status)
+        status.update(status=FAILED, ended=now_iso(last if last else None), error={
+            "reason": "launcher_lost",
+            "message": f"the launcher ({where}) stopped without finishing the run; its processes were "
+                       "stopped by the tflaunch agent",
+        })
+        try:
+            if lease and all(lease.get(k) == v for k, v in local_identity().items()):
+                self._collect_after_loss()
+            fsio.atomic_write_json(self.path("status.json"), status)
+            self.event("status", status=FAILED, error=status["error"])
+        except OSError as exc:  # a read-only viewer still reports the truth
+            log.debug("could not record launcher loss of %s: %s", self.id, exc)
+        return status
+
+    def _collect_after_loss(self, wait: float = 5.0) -> None:
+        """Same machine: once the agent has stopped the run's processes, move their outputs in."""
+        from .agent import run_pids
+
+        deadline = time.monotonic() + wait
+        while run_pids(self.id) and time.monotonic() < deadline:  # they may be checkpointing on SIGTERM
+            time.sleep(0.1)
+        if os.path.isdir(self.work_dir):
+            self.collect_outputs(self.work_dir, move_only=True)
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    # -- cancel --------------------------------------------------------------------------------------
+    def request_cancel(self, reason: str) -> bool:
+        """Ask the launcher to cancel; returns False if a request was already there."""
+        created = fsio.create_once_json(self.path("cancel.json"), {"time": now_iso(), "reason": reason,
+                                                                   "by": f"{_user()}@{hostname()}"})
+        if created:
+            self.event("cancel_requested", reason=reason)
+        lease = self.lease()
+        if lease and all(lease.get(k) == v for k, v in local_identity().items()):
+            pid = int(lease.get("pid", -1))
+            if pid > 0 and pid != os.getpid() and process_start_time(pid) == lease.get("pid_start"):
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except OSError:
+                    pass
+        return created
+
+    def cancel_requested(self) -> dict[str, Any] | None:
+        try:
+            return fsio.read_json(self.path("cancel.json"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {"reason": "cancel requested"}
+
+    # -- files ---------------------------------------------------------------------------------------
+    def collect_outputs(self, work_dir: str, *, move_only: bool = False) -> list[str]:
+        """Move ``work_dir/outputs`` and ``work_dir/logs`` into the record; return what was moved.
+
+        Same filesystem: a rename. Otherwise a copy, removed again if it fails (disk full), in which
+        case the OSError propagates and the files stay in ``work_dir``.
+        """
+        moved = []
+        for name in ("outputs", "logs"):
+            src, dst = os.path.join(work_dir, name), self.path(name)
+            if not os.path.lexists(src):
+                continue
+            if os.path.lexists(dst):
+                dst = self.path(f"{name}.{secrets.token_hex(3)}")
+            try:
+                os.rename(src, dst)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV or move_only:
+                    raise
+                try:
+                    _copy_tree(src, dst)
+                except BaseException:
+                    shutil.rmtree(dst, ignore_errors=True)
+                    if os.path.lexists(dst) and not os.path.isdir(dst):
+                        os.unlink(dst)
+                    raise
+            moved.append(name)
+        return moved
+
+    def safe_path(self, name: str) -> str:
+        """Absolute path of ``name`` inside the record, refusing ``..``, absolute paths and symlink escapes."""
+        if not isinstance(name, str) or not name or os.path.isabs(name) or "\x00" in name:
+            raise PathSafetyError(f"{name!r}: give a path relative to the run, such as outputs/model.keras")
+        parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+        if ".." in parts:
+            raise PathSafetyError(f"{name!r}: '..' is not allowed in run file names")
+        root = os.path.realpath(self.dir)
+        if parts[:1] == ["snapshot"]:  # the run's snapshot is a link into the shared trees/
+            root = os.path.realpath(self.path("snapshot"))
+            parts = parts[1:]
+        target = os.path.realpath(os.path.join(root, *parts))
+        if target != root and not target.startswith(root + os.sep):
+            raise PathSafetyError(f"{name!r} leads outside run {self.id} (through a symbolic link)")
+        return target
+
+    def process_log_files(self) -> list[tuple[str, str]]:
+        """The processes' output files as (path, "stdout" | "stderr"), in rank order."""
+        try:
+            names = os.listdir(self.path(LOG_DIR))
+        except OSError:
+            return []
+        found = []
+        for name in names:
+            stem, _, kind = name.rpartition(".")
+            if kind in ("stdout", "stderr") and stem.startswith("rank-") and stem[5:].isdigit():
+                found.append((int(stem[5:]), kind == "stderr", self.path(LOG_DIR, name), kind))
+        return [(path, kind) for _, _, path, kind in sorted(found)]
+
+    def file_names(self) -> list[tuple[str, int]]:
+        """User-facing files (outputs/, logs/, tflaunch_logs/) as (relative name, size)."""
+        found = []
+        for top in USER_FILE_DIRS:
+            base = self.path(top)
+            for dirpath, dirnames, filenames in os.walk(base):
+                dirnames.sort()
+                rel_dir = os.path.relpath(dirpath, self.dir).replace(os.sep, "/")
+                for fn in sorted(filenames):
+                    try:
+                        size = os.lstat(os.path.join(dirpath, fn)).st_size
+                    except OSError:
+                        continue
+                    found.append((f"{rel_dir}/{fn}", size))
+        return found
+
+
+def _copy_tree(src: str, dst: str) -> None:
+    """Copy a file or tree (links as links), stopping at the first error with its real errno."""
+    if os.path.islink(src) or not os.path.isdir(src):
+        shutil.copy2(src, dst, follow_symlinks=False)
+        return
+    os.mkdir(dst)
+    for entry in os.scandir(src):
+        _copy_tree(entry.path, os.path.join(dst, entry.name))
+    shutil.copystat(src, dst)
+
+
+def with_duration(run: dict[str, Any]) -> dict[str, Any]:
+    """The run object plus ``duration_seconds`` (from started, else created, to ended or now)."""
+    out = dict(run)
+    start = parse_iso(run.get("started")) or parse_iso(run.get("created"))
+    end = parse_iso(run.get("ended")) or (None if run.get("status") in TERMINAL else time.time())
+    out["duration_seconds"] = round(end - start, 3) if start and end else None
+    return out
+
+
+def describe(record: RunRecord) -> dict[str, Any]:
+    """Everything ``runs show --json`` prints: the run object plus what was run and where."""
+    status = record.read_status()
+    if status is None:
+        raise StoreError(f"run {record.id}: status.json is missing or unreadable")
+    definition = record.definition()
+    spec = definition.get("spec", {})
+    out = with_duration(status)
+    out.update({
+        "arguments": spec.get("arguments", []),
+        "source_directory": spec.get("source_directory"),
+        "python": spec.get("python"),
+        "environment_variables": sorted(spec.get("environment_variables", {})),
+        "use_gpu": spec.get("use_gpu"),
+        "timeout": spec.get("max_run_duration_seconds"),
+        "framework": definition.get("environment"),
+        "run_dir": record.dir,
+    })
+    return out
+
+
+def download(record: RunRecord, name: str, dest: str | None = None) -> str:
+    """Copy run file (or directory) ``name`` to ``dest`` (default: its base name here); return the path."""
+    source = record.safe_path(name)
+    if not os.path.lexists(source):
+        raise PathSafetyError(f"run {record.id} has no file {name!r} (see `tflaunch runs files {record.id}`)")
+    base = os.path.basename(source.rstrip(os.sep)) or record.id
+    target = os.path.abspath(dest) if dest else os.path.abspath(base)
+    if os.path.isdir(target) and not os.path.isdir(source):
+        target = os.path.join(target, base)
+    try:
+        if os.path.isdir(source):
+            if os.path.exists(target):
+                target = os.path.join(target, base)
+            shutil.copytree(source, target, symlinks=True)
+        else:
+            parent = os.path.dirname(target)
+            if parent:
+                os.makedirs(parent, exist_ok=True)
+            shutil.copyfile(source, target)
+    except OSError as exc:
+        raise StoreError(f"cannot write {target}: {exc.strerror or exc}") from None
+    return target
