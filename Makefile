@@ -35,12 +35,19 @@ dist:
 	cp -r tflaunch build/pyz/
 	find build/pyz -name __pycache__ -prune -exec rm -rf {} +
 	printf 'import sys\nfrom tflaunch.cli import main\nsys.exit(main())\n' > build/pyz/__main__.py
+	$(PYTHON) -m compileall -q -b build/pyz  # zipimport can use these (same Python), else compiles
 	$(PYTHON) -m zipapp build/pyz -p '/usr/bin/env python3' -o dist/tflaunch.pyz
 	@echo "built dist/tflaunch.pyz"
 
-bench: $(VENV)/.test-installed
+# Benchmarks (results: BENCHMARKS.md). MLflow lives in its own virtualenv, used by bench/list_runs.py only.
+bench/.venv-mlflow/bin/python:
+	$(PYTHON) -m venv bench/.venv-mlflow
+	bench/.venv-mlflow/bin/python -m pip install --disable-pip-version-check -q mlflow
+
+bench: $(VENV)/.test-installed bench/.venv-mlflow/bin/python
 	$(PY) bench/launch_overhead.py
 	$(PY) bench/snapshot.py
+	$(PY) bench/snapshot.py --dir bench/work
 	$(PY) bench/list_runs.py
 
 clean:

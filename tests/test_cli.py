@@ -110,6 +110,8 @@ def test_download_and_home_option_anywhere(cli, project, tmp_path, home):
     assert out.returncode == 0 and (dest / "model.bin").read_bytes() == b"weights"
     out = cli("runs", "download", "--home", str(other), run_id[-8:], "outputs", str(tmp_path / "all"), env=env)
     assert (tmp_path / "all" / "sub" / "x.txt").read_text() == "x"
+    out = cli("runs", "download", "--home", str(other), run_id, "snapshot/train.py", str(tmp_path / "t.py"), env=env)
+    assert out.returncode == 0 and "TFLAUNCH_RUN_ID" in (tmp_path / "t.py").read_text()
     human = cli("runs", "list", "--home", str(other), env=env).stdout
     assert run_id in human and "Completed" in human
 

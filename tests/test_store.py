@@ -86,8 +86,12 @@ def test_listing_cache_rebuilds_from_run_directories(tmp_path):
         r.write_lease()
     first = store.list_runs()
     assert [r["id"] for r in first] == sorted((r.id for r in recs), reverse=True)
-    index = json.loads(open(store.index_path).read())
-    assert set(index["runs"]) == {r.id for r in recs[:3]}      # only finished runs are cached
+    index = open(store.index_path).read().splitlines()
+    assert index[0] == "tflaunch-runs-index 1"
+    assert {line.split("\t")[0] for line in index[1:]} == {r.id for r in recs[:3]}  # only finished runs
+    as_json = json.loads(store.list_runs_json())
+    assert [(r["id"], r["status"]) for r in as_json] == [(r["id"], r["status"]) for r in first]
+    assert [r for r in as_json if r["status"] == COMPLETED] == [r for r in first if r["status"] == COMPLETED]
     import shutil
     shutil.rmtree(recs[0].dir)
     open(store.index_path, "w").write("{ torn")

@@ -243,14 +243,12 @@ def _fmt_duration(seconds: float | None) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from .store import with_duration
-    runs = _store(args).list_runs(experiment=args.experiment, statuses=args.status)
-    if args.limit and args.limit > 0:
-        runs = runs[:args.limit]
-    runs = [with_duration(r) for r in runs]
+    store = _store(args)
+    limit = args.limit if args.limit and args.limit > 0 else None
     if args.json:
-        sys.stdout.write(json.dumps(runs) + "\n")
+        sys.stdout.write(store.list_runs_json(args.experiment, args.status, limit) + "\n")
         return 0
+    runs = store.list_runs(args.experiment, args.status, limit)
     rows = [("ID", "EXPERIMENT", "STATUS", "CREATED (UTC)", "DURATION", "EXIT")]
     for r in runs:
         code = r.get("exit_code")

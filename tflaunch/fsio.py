@@ -16,7 +16,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import secrets
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
@@ -41,7 +40,7 @@ def json_dumps(obj: Any, *, indent: int | None = None) -> str:
 
 def _tmp_name(path: str) -> str:
     directory, name = os.path.split(path)
-    return os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    return os.path.join(directory, f".{name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
 
 
 def _write_all(fd: int, data: bytes) -> None:
