@@ -15,7 +15,7 @@ if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
     from typing import Any
 
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 _EXPORTS = {
     "Estimator": "spec", "TensorFlow": "spec", "MpiConfiguration": "spec", "TensorflowConfiguration": "spec",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import logging
 import os
 import shutil
@@ -298,9 +299,10 @@ class _ObjectWriter:
         os.makedirs(tmp_dir, exist_ok=True)
         self.prefix = f"{tmp_dir}/{os.getpid()}-{time.monotonic_ns()}-"
         self.made: set[str] = set()
+        self._numbers = itertools.count()  # next() on a count is atomic: unique names across threads
 
     def add(self, f: _File) -> str:
-        tmp = self.prefix + f.rel.replace("/", "%") + ".tmp"
+        tmp = f"{self.prefix}{next(self._numbers)}.tmp"
         digest = hashlib.sha256()
         buf = bytearray(min(max(f.size, 4096), _CHUNK))
         view = memoryview(buf)
