@@ -186,3 +186,13 @@ def test_shim_and_version(tmp_path):
     out = subprocess.run([sys.executable, str(REPO / "tflaunch.py"), "--version"], capture_output=True, text=True,
                          cwd=tmp_path)
     assert out.returncode == 0 and out.stdout.startswith("tflaunch ")
+
+
+def test_logs_follow_until_the_run_ends(cli, project, home):
+    src = project(**{"train.py": "import sys, time\nfor i in range(3):\n    print('tick', i, flush=True)\n"
+                                 "    time.sleep(0.3)\nprint('oops', file=sys.stderr)\n"})
+    run_id = cli("run", "-d", "--source-dir", str(src), "train.py", check=True).stdout.strip()
+    followed = cli("runs", "logs", "--follow", run_id, timeout=60)
+    assert followed.returncode == 0
+    assert followed.stdout == "tick 0\ntick 1\ntick 2\n" and followed.stderr == "oops\n"
+    assert show(cli, run_id)["status"] == "Completed"

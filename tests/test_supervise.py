@@ -294,3 +294,17 @@ def test_script_fills_the_disk_and_the_run_is_still_recorded(project, cli, tmpfs
     assert [e["status"] for e in events if e["event"] == "status"] == ["Preparing", "Running", "Finalizing",
                                                                      "Completed"]
     assert "cannot record" not in result.stderr
+
+
+def test_background_supervisor_that_cannot_start_fails_the_run(project, home):
+    from tflaunch import Estimator, TflaunchError
+    from tflaunch.submit import SubmitOptions, create_run, prepare
+    from tflaunch.supervise import spawn_detached
+
+    src = project(**{"train.py": "print(1)"})
+    record = create_run(prepare(Estimator(str(src), entry_script="train.py"), SubmitOptions(home=str(home))))
+    Path(record.path("run.json")).write_text("{ broken")
+    with pytest.raises(TflaunchError, match="did not start"):
+        spawn_detached(record)
+    status = record.read_status()
+    assert status["status"] == "Failed" and status["error"]["reason"] == "launch_failed"

@@ -10,7 +10,7 @@ import sys
 import time
 
 from . import store as store_mod
-from .errors import RunFailedError, SpecError, TflaunchError
+from .errors import RunFailedError, SpecError
 from .spec import Estimator
 from .store import TERMINAL, RunRecord, Store
 from .tail import follow_files, write_text
@@ -77,12 +77,7 @@ class Experiment:
         options = SubmitOptions(experiment=self.name, home=self.workspace.home, tags=dict(tags or {}),
                                 grace=DEFAULT_GRACE if grace is None else grace, scratch=scratch)
         record = create_run(prepare(config, options))
-        try:
-            spawn_detached(record)
-        except (OSError, RuntimeError) as exc:
-            record.write_status(store_mod.FAILED, ended=store_mod.now_iso(),
-                                error={"reason": "launch_failed", "message": str(exc)})
-            raise TflaunchError(str(exc)) from None
+        spawn_detached(record)
         return Run(self, record.id)
 
     def get_runs(self) -> Iterator["Run"]:

@@ -158,6 +158,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .snapshot import SnapshotLimits
     from .spec import Estimator, TensorFlow
     from .store import exit_code_for
+    from .launch.local import discard_agent, spawn_agent
     from .submit import SubmitOptions, create_run, dry_run, prepare
     from .supervise import Supervisor, spawn_detached
 
@@ -179,26 +180,27 @@ def cmd_run(args: argparse.Namespace) -> int:
         limits = SnapshotLimits.from_env(args.snapshot_max_mb, args.snapshot_max_files)
     options = SubmitOptions(experiment=args.experiment, home=getattr(args, "home", None), tags=dict(args.tag),
                             limits=limits, grace=args.grace, scratch=args.scratch)
-    prepared = prepare(estimator, options)
-    if args.dry_run:
-        plan = dry_run(prepared)
-        if args.json:
-            _print_json(plan)
-        else:
-            _print_plan(plan)
-        return 0
-    record = create_run(prepared)
-    if args.detach:
-        try:
+    agent = None if args.dry_run or args.detach else spawn_agent()  # its start-up overlaps the snapshot
+    try:
+        prepared = prepare(estimator, options)
+        if args.dry_run:
+            plan = dry_run(prepared)
+            if args.json:
+                _print_json(plan)
+            else:
+                _print_plan(plan)
+            return 0
+        record = create_run(prepared)
+        if args.detach:
             spawn_detached(record)
-        except (OSError, RuntimeError) as exc:
-            from .store import FAILED, now_iso
-            record.write_status(FAILED, ended=now_iso(), error={"reason": "launch_failed", "message": str(exc)})
-            raise TflaunchError(str(exc)) from None
-        sys.stdout.write(record.id + "\n")
-        return 0
-    log.info("run %s (experiment %s), record %s", record.id, args.experiment, record.dir)
-    final = Supervisor(record, stream=True).run()
+            sys.stdout.write(record.id + "\n")
+            return 0
+        log.info("run %s (experiment %s), record %s", record.id, args.experiment, record.dir)
+        supervisor, agent = Supervisor(record, stream=True, agent_process=agent), None
+    finally:
+        if agent is not None:
+            discard_agent(agent)
+    final = supervisor.run()
     _report_end(final)
     return exit_code_for(final)
 

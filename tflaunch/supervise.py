@@ -21,9 +21,10 @@ import time
 from . import agent as agent_mod
 from . import fsio, tail
 from .launch import AgentConnection
-from .launch.local import start_local
+from .launch.local import discard_agent, start_local
 from .plan import RunContext, plan
 from .snapshot import MANIFEST, materialize
+from .errors import TflaunchError
 from .spec import JobSpec
 from .store import (CANCELED, COMPLETED, FAILED, FINALIZING, LOG_DIR, RUNNING, TERMINAL, RunRecord, Store,
                     now_iso)
@@ -53,7 +54,8 @@ class Supervisor:
     """Runs one prepared run record to completion in this process."""
 
     def __init__(self, record: RunRecord, *, stream: bool = False, stdout: TextIO | None = None,
-                 stderr: TextIO | None = None, on_lease: Any = None) -> None:
+                 stderr: TextIO | None = None, on_lease: Any = None,
+                 agent_process: subprocess.Popen | None = None) -> None:
         self.record = record
         self.definition = record.definition()
         self.spec = JobSpec.from_dict(self.definition["spec"])
@@ -63,6 +65,7 @@ class Supervisor:
         self.stderr = stderr or sys.stderr
         self.on_lease = on_lease
         self.agent: AgentConnection | None = None
+        self._agent_process = agent_process  # started early by the caller (see spawn_agent)
         self.pgids: set[int] = set()
         self.returncodes: dict[int, int] = {}
         self.stop_reason: str | None = None  # canceled | timeout | launch_failed | agent_lost
@@ -149,6 +152,8 @@ class Supervisor:
                     raise
             return self._finalize()
         finally:
+            if self._agent_process is not None:  # never used: canceled before launch
+                discard_agent(self._agent_process)
             for f in self._followers:
                 f.close()
             self._restore_signals(saved)
@@ -173,7 +178,8 @@ class Supervisor:
                 self._followers.append(tail.Follower(record.path(p.stderr), self.stderr))
         with open(record.path(LOG_DIR, "launcher.log"), "ab") as agent_log:
             self.agent = start_local(processes, token=record.id, run_dir=record.dir, grace=self.grace,
-                                     orphan_grace=ORPHAN_GRACE, log=agent_log)
+                                     orphan_grace=ORPHAN_GRACE, log=agent_log, agent=self._agent_process)
+        self._agent_process = None
 
     def _check_cancel(self) -> None:
         request = self.record.cancel_requested()
@@ -355,35 +361,49 @@ def _package_root() -> str:
 
 
 def spawn_detached(record: RunRecord, timeout: float = 60.0) -> int:
-    """Start a background supervisor for ``record``; return its pid once it holds the lease."""
-    ready_r, ready_w = os.pipe()
+    """Start a background supervisor for ``record``; return its pid once it holds the lease.
+
+    If it does not get that far, the run is recorded Failed (``launch_failed``) and TflaunchError raised.
+    """
     log_path = record.path(LOG_DIR, "launcher.log")
-    with open(log_path, "ab") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", _DETACHED_BOOT, _package_root(), "--home", record.store.home,
-             "--ready-fd", str(ready_w), record.id],
-            stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, start_new_session=True,
-            pass_fds=(ready_w,), close_fds=True)
-    os.close(ready_w)
-    deadline = time.monotonic() + timeout
+    ready_r, ready_w = os.pipe()
+    proc = None
     got = b""
     try:
-        import select
-        while b"\n" not in got and time.monotonic() < deadline:
-            ready, _, _ = select.select([ready_r], [], [], max(0.0, deadline - time.monotonic()))
-            if not ready:
-                break
-            chunk = os.read(ready_r, 64)
+        with open(log_path, "ab") as log_file:
+            proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _DETACHED_BOOT, _package_root(), "--home", record.store.home,
+                 "--ready-fd", str(ready_w), record.id],
+                stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, start_new_session=True,
+                pass_fds=(ready_w,), close_fds=True)
+        os.close(ready_w)
+        ready_w = -1
+        deadline = time.monotonic() + timeout
+        while b"\n" not in got:  # "ready\n" once it holds the lease; EOF if it died first
+            left = deadline - time.monotonic()
+            chunk = _read_with_timeout(ready_r, left) if left > 0 else b""
             if not chunk:
                 break
             got += chunk
+        error = "" if got.startswith(b"ready") else f"exit status {proc.poll()}"
+    except OSError as exc:
+        error = str(exc)
     finally:
-        os.close(ready_r)
-    if not got.startswith(b"ready"):
-        code = proc.poll()
-        raise RuntimeError(f"the background supervisor for run {record.id} did not start "
-                           f"(exit status {code}); see {log_path}")
+        for fd in (ready_r, ready_w):
+            if fd >= 0:
+                os.close(fd)
+    if error:
+        message = f"the background supervisor for run {record.id} did not start ({error}); see {log_path}"
+        record.write_status(FAILED, ended=now_iso(), error={"reason": "launch_failed", "message": message})
+        raise TflaunchError(message)
     return proc.pid
+
+
+def _read_with_timeout(fd: int, timeout: float) -> bytes:
+    import select
+
+    ready, _, _ = select.select([fd], [], [], timeout)
+    return os.read(fd, 64) if ready else b""
 
 
 def detached_main(argv: list[str]) -> int:

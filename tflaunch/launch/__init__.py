@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import pkgutil
 import subprocess
 
 TYPE_CHECKING = False
@@ -20,7 +19,7 @@ __all__ = ["AgentConnection", "agent_payload", "BOOTSTRAP"]
 # Run by `python -I -S -c BOOTSTRAP`: reads the agent's source (length-prefixed) from stdin and runs it.
 BOOTSTRAP = (
     "# tflaunch agent\n"
-    "import os\n"
+    "import os, json, select, signal\n"  # the agent's imports, loaded while it waits for its source
     "def _r(n):\n"
     "    b = b''\n"
     "    while len(b) < n:\n"
@@ -39,10 +38,12 @@ def _framed(data: bytes) -> bytes:
 
 def agent_payload(spec: dict[str, Any]) -> bytes:
     """What to write to a freshly started BOOTSTRAP interpreter: the agent's source, then the spec."""
-    source = pkgutil.get_data("tflaunch", "agent.py")
+    from .. import agent  # its loader reads the file from a directory or from the zipapp alike
+
+    source = agent.__loader__.get_source(agent.__name__)  # type: ignore[union-attr]
     if source is None:
-        raise RuntimeError("cannot read tflaunch/agent.py")
-    return _framed(source) + _framed(json.dumps(spec).encode("ascii"))
+        raise RuntimeError("the source of tflaunch/agent.py is not available")
+    return _framed(source.encode("utf-8")) + _framed(json.dumps(spec).encode("ascii"))
 
 
 class AgentConnection:

@@ -12,12 +12,30 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
     from typing import IO, Sequence
 
-__all__ = ["start_local"]
+__all__ = ["spawn_agent", "start_local"]
+
+
+def spawn_agent(log: IO[bytes] | int | None = None) -> subprocess.Popen:
+    """Start an agent interpreter that waits for its source and spec on stdin.
+
+    Starting it early (``tflaunch run`` does so before taking the snapshot) hides its start-up time;
+    closing its stdin unused makes it exit.
+    """
+    return subprocess.Popen([sys.executable, "-I", "-S", "-c", BOOTSTRAP], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=log, start_new_session=True, close_fds=True)
+
+
+def discard_agent(popen: subprocess.Popen) -> None:
+    """Dispose of an agent from :func:`spawn_agent` that was never given a spec."""
+    for stream in (popen.stdin, popen.stdout):
+        stream.close()
+    popen.wait()
 
 
 def start_local(processes: Sequence[ProcessPlan], *, token: str, run_dir: str, grace: float,
-                orphan_grace: float, log: IO[bytes] | int | None = None) -> AgentConnection:
-    """Start an agent that starts ``processes``; their output goes to files in ``run_dir``."""
+                orphan_grace: float, log: IO[bytes] | int | None = None,
+                agent: subprocess.Popen | None = None) -> AgentConnection:
+    """Have an agent (``agent``, or a new one) start ``processes``; their output goes to files in ``run_dir``."""
     spec = {
         "token": token,
         "grace": grace,
@@ -26,8 +44,7 @@ def start_local(processes: Sequence[ProcessPlan], *, token: str, run_dir: str, g
                        "stdout": os.path.join(run_dir, p.stdout), "stderr": os.path.join(run_dir, p.stderr)}
                       for p in processes],
     }
-    popen = subprocess.Popen([sys.executable, "-I", "-S", "-c", BOOTSTRAP], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, stderr=log, start_new_session=True, close_fds=True)
+    popen = agent or spawn_agent(log)
     connection = AgentConnection(popen)
     popen.stdin.write(agent_payload(spec))
     popen.stdin.flush()
