@@ -244,14 +244,17 @@ def _cache_path(home: str, root: str) -> str:
     return os.path.join(home, "cache", "stat", hashlib.sha256(root.encode("utf-8", "surrogateescape")).hexdigest()[:24] + ".json")
 
 
-def _load_cache(path: str, root: str) -> dict[str, list]:
+def _load_cache(path: str, root: str) -> dict[str, Any]:
+    """The stat cache of one source directory: per-file stat data and digest, and the last tree."""
     try:
         data = fsio.read_json(path)
     except (OSError, ValueError):
-        return {}
+        data = None
     if not isinstance(data, dict) or data.get("root") != root or not isinstance(data.get("entries"), dict):
-        return {}
-    return data["entries"]
+        return {"root": root, "entries": {}, "tree": {}}
+    if not isinstance(data.get("tree"), dict):
+        data["tree"] = {}
+    return data
 
 
 def _parallel(items: list, fn: Any, threads: int) -> list:
@@ -410,11 +413,12 @@ def store(result: Scan, home: str, run_dir: str, threads: int | None = None) -> 
     threads = threads or min(4, os.cpu_count() or 1)
     cache_file = _cache_path(home, result.root)
     cache = _load_cache(cache_file, result.root)
+    entries, last = cache["entries"], cache["tree"]
     racy_after = result.started_ns - RACY_WINDOW_NS
     digests: list[str | None] = []
     misses = []
     for f in result.files:
-        cached = cache.get(f.rel)
+        cached = entries.get(f.rel)
         if cached and tuple(cached[:4]) == f.key and cached[5] == f.executable:
             digests.append(cached[4])  # a cache hit reads nothing
         else:
@@ -423,11 +427,18 @@ def store(result: Scan, home: str, run_dir: str, threads: int | None = None) -> 
     if misses:
         stored = iter(_parallel(misses, _ObjectWriter(home).add, threads))
         digests = [d if d is not None else next(stored) for d in digests]
-    tree = {"dirs": result.dirs,
-            "files": [[f.rel, d, f.size, f.executable] for f, d in zip(result.files, digests)],
-            "symlinks": [list(s) for s in result.symlinks]}
-    key = _tree_key(tree)
-    tree_dir = _build_tree(home, key, tree, result, threads)
+    symlinks = [list(s) for s in result.symlinks]
+    unchanged = (not misses and len(entries) == len(result.files) and last.get("dirs") == result.dirs
+                 and last.get("symlinks") == symlinks and os.path.isdir(os.path.join(home, "trees", last["key"])))
+    if unchanged:  # every file, directory and link as last time: the same tree, no listing to hash
+        key = last["key"]
+        tree_dir = os.path.join(home, "trees", key)
+    else:
+        tree = {"dirs": result.dirs,
+                "files": [[f.rel, d, f.size, f.executable] for f, d in zip(result.files, digests)],
+                "symlinks": symlinks}
+        key = _tree_key(tree)
+        tree_dir = _build_tree(home, key, tree, result, threads)
     os.symlink(os.path.relpath(tree_dir, run_dir), os.path.join(run_dir, "snapshot"))
     manifest = {
         "format": 2,
@@ -439,13 +450,14 @@ def store(result: Scan, home: str, run_dir: str, threads: int | None = None) -> 
         "notes": result.notes,
     }
     fsio.atomic_write_json(os.path.join(run_dir, MANIFEST), manifest)
-    new_cache = {f.rel: [*f.key, d, f.executable] for f, d in zip(result.files, digests)
-                 if f.key[1] < racy_after and f.key[2] < racy_after}
-    if new_cache != cache:
+    if not unchanged:
+        new_entries = {f.rel: [*f.key, d, f.executable] for f, d in zip(result.files, digests)
+                       if f.key[1] < racy_after and f.key[2] < racy_after}
+        remember = {"key": key, "dirs": result.dirs, "symlinks": symlinks}
         try:
             os.makedirs(os.path.dirname(cache_file), exist_ok=True)
-            fsio.atomic_write_json(cache_file, {"root": result.root, "entries": new_cache}, fsync=False,
-                                   compact=True)
+            fsio.atomic_write_json(cache_file, {"root": result.root, "entries": new_entries, "tree": remember},
+                                   fsync=False, compact=True)
         except OSError as exc:  # only a cache: a failure costs time next run, nothing else
             log.debug("could not write snapshot stat cache %s: %s", cache_file, exc)
     for note in result.notes:
