@@ -68,7 +68,7 @@ class Supervisor:
         self._agent_process = agent_process  # started early by the caller (see spawn_agent)
         self.pgids: set[int] = set()
         self.returncodes: dict[int, int] = {}
-        self.stop_reason: str | None = None  # canceled | timeout | launch_failed | agent_lost
+        self.stop_reason: str | None = None  # canceled|timeout|launch_failed|agent_lost|internal|external
         self.stop_detail = ""
         self.killed = False
         self.done = False
@@ -106,10 +106,8 @@ class Supervisor:
                 if self._interrupts > 1:
                     self._kill_now()
                     continue
-                if self.stream:
-                    self.stderr.write("\ntflaunch: canceling (Ctrl-C again to kill now)\n")
-                    self.stderr.flush()
                 self.cancel("interrupted (Ctrl-C)")
+                log.info("press Ctrl-C again to kill the run's processes now")
             else:
                 request = self.record.cancel_requested()  # `runs cancel` writes a request, then signals
                 self.cancel(str(request.get("reason")) if request else
@@ -244,9 +242,9 @@ class Supervisor:
         kind = event.get("event")
         if kind == "started":
             self.pgids.add(int(event["pid"]))
+            self.record.event("process_started", index=event.get("index"), pid=event.get("pid"))
             if len(self.pgids) == 1:
                 self.record.write_status(RUNNING, started=now_iso())
-                self.record.event("process_started", index=event.get("index"), pid=event.get("pid"))
                 if self.stop_reason and self.agent is not None:  # canceled while starting
                     self.agent.terminate(0 if self.killed else self.grace)
                 return True
