@@ -155,10 +155,10 @@ def _print_json(obj: Any) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .launch.local import discard_agent, spawn_agent
     from .snapshot import SnapshotLimits
     from .spec import Estimator, TensorFlow
     from .store import exit_code_for
-    from .launch.local import discard_agent, spawn_agent
     from .submit import SubmitOptions, create_run, dry_run, prepare
     from .supervise import Supervisor, spawn_detached
 

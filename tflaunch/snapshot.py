@@ -428,8 +428,9 @@ def store(result: Scan, home: str, run_dir: str, threads: int | None = None) -> 
         stored = iter(_parallel(misses, _ObjectWriter(home).add, threads))
         digests = [d if d is not None else next(stored) for d in digests]
     symlinks = [list(s) for s in result.symlinks]
-    unchanged = (not misses and len(entries) == len(result.files) and last.get("dirs") == result.dirs
-                 and last.get("symlinks") == symlinks and os.path.isdir(os.path.join(home, "trees", last["key"])))
+    unchanged = (not misses and len(entries) == len(result.files) and isinstance(last.get("key"), str)
+                 and last.get("dirs") == result.dirs and last.get("symlinks") == symlinks
+                 and os.path.isdir(os.path.join(home, "trees", last["key"])))
     if unchanged:  # every file, directory and link as last time: the same tree, no listing to hash
         key = last["key"]
         tree_dir = os.path.join(home, "trees", key)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import calendar
 import errno
+import json
 import logging
 import os
 import re
@@ -338,8 +339,6 @@ class Store:
     def list_runs(self, experiment: str | None = None, statuses: Iterable[str] | None = None,
                   limit: int | None = None) -> list[dict[str, Any]]:
         """Run objects (with ``duration_seconds``), newest first, optionally filtered."""
-        import json
-
         return [json.loads(text) for text in self._listing(experiment, statuses, limit)]
 
     def list_runs_json(self, experiment: str | None = None, statuses: Iterable[str] | None = None,

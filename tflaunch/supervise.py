@@ -20,11 +20,11 @@ import time
 
 from . import agent as agent_mod
 from . import fsio, tail
+from .errors import TflaunchError
 from .launch import AgentConnection
 from .launch.local import discard_agent, start_local
 from .plan import RunContext, plan
 from .snapshot import MANIFEST, materialize
-from .errors import TflaunchError
 from .spec import JobSpec
 from .store import (CANCELED, COMPLETED, FAILED, FINALIZING, LOG_DIR, RUNNING, TERMINAL, RunRecord, Store,
                     now_iso)
@@ -365,7 +365,6 @@ def spawn_detached(record: RunRecord, timeout: float = 60.0) -> int:
     """
     log_path = record.path(LOG_DIR, "launcher.log")
     ready_r, ready_w = os.pipe()
-    proc = None
     got = b""
     try:
         with open(log_path, "ab") as log_file:
