@@ -118,3 +118,68 @@ def wait_for_file(path: Path, timeout: float = 30) -> None:
 
 def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     os.killpg(proc.pid, sig)
+
+
+# --- Real SSH test hosts (tests/infra/hosts.py; tests/infra/setup.sh installs sshd/ip in CI) --------------
+# Workdirs live under /var/tmp/tflaunch-infra-<pid>, outside pytest's base temp dir (which netns host h3
+# hides behind a private tmpfs) and removed at the end of the session.
+
+import shutil  # noqa: E402
+
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+from tests.infra import hosts as infra_hosts  # noqa: E402
+
+INFRA_ROOT = Path(f"/var/tmp/tflaunch-infra-{os.getpid()}")
+
+
+def _infra_workdir(name: str) -> Path:
+    """A fresh INFRA_ROOT/name; also removes the infra dirs of sessions whose process is gone."""
+    for old in Path("/var/tmp").glob("tflaunch-infra-*"):
+        pid = old.name.rsplit("-", 1)[1]
+        if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(old, ignore_errors=True)
+    workdir = INFRA_ROOT / name
+    shutil.rmtree(workdir, ignore_errors=True)
+    return workdir
+
+
+def _remove_infra_workdir(workdir: Path) -> None:
+    shutil.rmtree(workdir, ignore_errors=True)
+    try:
+        INFRA_ROOT.rmdir()
+    except OSError:
+        pass
+
+
+@pytest.fixture(scope="session")
+def ssh_loopback():
+    """sshd on 127.0.0.1: ``ssh -F ssh_loopback.config loop1 CMD`` (aliases loop1, loop2)."""
+    reason = infra_hosts.missing_requirements()
+    if reason:
+        pytest.skip(reason)
+    workdir = _infra_workdir("loop")
+    hosts = infra_hosts.start_loopback(str(workdir))
+    try:
+        yield hosts
+    finally:
+        hosts.stop()
+        _remove_infra_workdir(workdir)
+
+
+@pytest.fixture(scope="session")
+def netns_hosts(tmp_path_factory):
+    """Hosts h1, h2, h3 in their own network namespaces (own address and hostname, sshd on port 22).
+    h1 and h2 share the filesystem with the launcher; h3 has an empty tmpfs over pytest's base temp
+    dir, so it cannot see any test's tmp_path (a host without a shared filesystem)."""
+    reason = infra_hosts.missing_requirements(netns=True)
+    if reason:
+        pytest.skip(reason)
+    workdir = _infra_workdir("netns")
+    hosts = infra_hosts.start_netns(str(workdir), names=("h1", "h2", "h3"),
+                                    private_dirs={"h3": [str(tmp_path_factory.getbasetemp())]})
+    try:
+        yield hosts
+    finally:
+        hosts.stop()
+        _remove_infra_workdir(workdir)

@@ -37,7 +37,7 @@ def test_protocol_and_environment(tmp_path):
     events = _events(agent, "done")
     agent.close()
     kinds = [e["event"] for e in events]
-    assert kinds == ["started", "exited", "done"] and events[1]["returncode"] == 4
+    assert kinds == ["hello", "started", "exited", "done"] and events[2]["returncode"] == 4
     assert (tmp_path / "out-0").read_text() == "1 'x\\ny' tok-proto\n"
 
 
@@ -80,4 +80,4 @@ def test_spawn_failure_is_reported(tmp_path):
     agent = start_local([proc], token="tok-fail", run_dir=str(tmp_path), grace=5, orphan_grace=1)
     events = _events(agent, "done")
     agent.close()
-    assert events[0]["event"] == "spawn_failed" and "no-such-interpreter" in events[0]["error"]
+    assert events[1]["event"] == "spawn_failed" and "no-such-interpreter" in events[1]["error"]

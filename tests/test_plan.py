@@ -1,4 +1,5 @@
 """Planning is pure: spec + run context -> processes with argv, cwd and the environment added."""
+from tflaunch.hosts import Host
 from tflaunch.plan import RunContext, plan
 from tflaunch.spec import Estimator
 
@@ -29,8 +30,9 @@ def test_gpu_visibility():
 
 def test_ranks_are_host_major():
     spec = Estimator("/s", entry_script="t.py").job_spec()
-    spec.node_count, spec.process_count_per_node = 3, 4  # the planner already handles many processes
-    procs = plan(spec, CTX)
+    spec.node_count, spec.process_count_per_node = 3, 4
+    procs = plan(spec, CTX, [Host("a", 4), Host("b", 4), Host("c", 4)])
+    assert [p.host for p in procs] == ["a"] * 4 + ["b"] * 4 + ["c"] * 4
     assert [(p.rank, p.local_rank) for p in procs][:6] == [(0, 0), (1, 1), (2, 2), (3, 3), (4, 0), (5, 1)]
     assert {p.world_size for p in procs} == {12}
 

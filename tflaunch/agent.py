@@ -1,19 +1,31 @@
 """tflaunch agent: the one process tflaunch runs on a host next to the job's processes.
 
-It reads a JSON spec from its stdin, starts each process in a session of its own with stdout and
-stderr going to files, reports ``started``/``exited``/``done`` events as JSON lines on its stdout,
-obeys ``terminate``/``kill`` commands, and, when its stdin reaches end-of-file because the launcher
-went away for any reason (even ``kill -9``), stops everything the run started: SIGTERM, a short grace,
-then SIGKILL. "Everything" is every member of the processes' process groups plus every process whose
-environment carries the run's token (``TFLAUNCH_RUN_ID=<id>``), which catches descendants that
-started sessions of their own, and never touches another run's processes.
+The launcher starts it locally or over ssh and talks to it through its stdin/stdout. It answers a
+setup with ``hello`` (host name, whether the launcher's working directory is visible here, ports it
+reserved), receives the job's files when they are not, starts each process in a session of its own,
+writes their output to files or relays it over the connection, reports ``started``/``exited``/``done``,
+obeys ``terminate``/``kill``, sends ``./outputs`` and ``./logs`` back on request, and, when its stdin
+reaches end-of-file because the launcher went away for any reason (even ``kill -9``, or a dropped ssh
+connection), stops everything the run started: SIGTERM, a short grace, then SIGKILL. "Everything" is
+every member of the processes' process groups plus every process whose environment carries the run's
+token (``TFLAUNCH_RUN_ID=<id>``), which catches descendants that started sessions of their own, and
+never touches another run's processes.
 
 The file is self-contained and uses the standard library only, because it is shipped to the host as
 source text over the launcher's connection (nothing is installed on the host beforehand).
 
-Protocol: stdin carries a spec (10 ASCII digits giving its length, then JSON), then command lines;
-stdout carries event lines. Spec: ``{"token": str, "grace": s, "orphan_grace": s, "processes": [{"index", "argv", "cwd",
-"env" (added to the agent's own environment), "stdout", "stderr" (file paths, appended to)}]}``.
+Protocol. stdin: the setup (10 ASCII digits giving its length, then JSON), then commands, one JSON
+object per line; a command with ``"n": N`` is followed by N raw bytes. stdout: events, same framing.
+
+- setup: ``{"token", "agent_id", "grace", "orphan_grace", "probe": {"path", "content"} | null, "ports": N,
+  "scratch_root": dir | null, "processes": [...] (optional: start at once)}``
+- process: ``{"index", "argv", "cwd", "env" (added to the agent's environment), "stdout", "stderr"}``
+  where the streams are file paths (appended to) or null (relayed as ``output`` events)
+- commands: ``start {processes}``, ``terminate {grace}``, ``kill``, ``data`` + bytes (a tar upload),
+  ``unpack {dest}``, ``collect {dir, names}``, ``cleanup``
+- events: ``hello {hostname, pid, shared, scratch, ports, python}``, ``started {index, pid}``,
+  ``spawn_failed {index, error}``, ``output {index, fd}`` + bytes, ``exited {index, pid, returncode}``,
+  ``done``, ``unpacked``, ``data`` + bytes then ``collected {bytes}``, ``cleaned``, ``error {cmd, error}``
 """
 import json
 import os
@@ -23,6 +35,7 @@ import sys
 import time
 
 TOKEN_VAR = "TFLAUNCH_RUN_ID"
+AGENT_VAR = "TFLAUNCH_AGENT_ID"  # "<run id>:<node>": one agent's processes when several share a machine
 
 
 def _proc_pids():
@@ -37,9 +50,9 @@ def _stat_fields(pid):
     return data[data.rindex(b")") + 2:].split()
 
 
-def run_pids(token, pgids=(), exclude=()):
-    """Live pids that belong to the run: in one of ``pgids`` or carrying ``token`` in their environment."""
-    needle = ("%s=%s" % (TOKEN_VAR, token)).encode() if token else None
+def run_pids(token, pgids=(), exclude=(), var=TOKEN_VAR):
+    """Live pids that belong to the run: in one of ``pgids`` or carrying ``var=token`` in their environment."""
+    needle = ("%s=%s" % (var, token)).encode() if token else None
     uid = os.getuid()
     found = set()
     if not os.path.isdir("/proc"):
@@ -64,7 +77,7 @@ def run_pids(token, pgids=(), exclude=()):
     return found
 
 
-def signal_run(sig, token, pgids, exclude=()):
+def signal_run(sig, token, pgids, exclude=(), var=TOKEN_VAR):
     """Send ``sig`` to every process of the run; return how many were signalled."""
     count = 0
     for pgid in pgids:
@@ -72,7 +85,7 @@ def signal_run(sig, token, pgids, exclude=()):
             os.killpg(pgid, sig)
         except OSError:
             pass
-    for pid in run_pids(token, pgids, exclude):
+    for pid in run_pids(token, pgids, exclude, var):
         try:
             os.kill(pid, sig)
             count += 1
@@ -81,16 +94,16 @@ def signal_run(sig, token, pgids, exclude=()):
     return count
 
 
-def stop_run(token, pgids, grace, exclude=()):
+def stop_run(token, pgids, grace, exclude=(), var=TOKEN_VAR):
     """SIGTERM every process of the run, wait up to ``grace`` seconds, SIGKILL what is left."""
-    if not signal_run(signal.SIGTERM, token, pgids, exclude):
+    if not signal_run(signal.SIGTERM, token, pgids, exclude, var):
         return 0
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
-        if not run_pids(token, pgids, exclude):
+        if not run_pids(token, pgids, exclude, var):
             return 0
         time.sleep(0.05)
-    return signal_run(signal.SIGKILL, token, pgids, exclude)
+    return signal_run(signal.SIGKILL, token, pgids, exclude, var)
 
 
 def exit_code(status):
@@ -113,16 +126,25 @@ def _find_executable(name, env):
     raise FileNotFoundError(2, "No such file or directory: %r" % name)
 
 
-def spawn(argv, cwd, env, stdout_path, stderr_path):
-    """fork + exec ``argv`` in a session of its own, stdin from /dev/null, output appended to files.
+def _output_fd(path):
+    """(fd for the child, fd the agent reads or None): a file appended to, or a pipe relayed."""
+    if path:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644), None
+    r, w = os.pipe()
+    return w, r
 
-    Hand-written instead of ``subprocess`` (which costs the agent ~10 ms of imports at every launch);
-    an exec failure comes back through a close-on-exec pipe as an OSError, as with ``subprocess``.
+
+def spawn(argv, cwd, env, stdout_path, stderr_path):
+    """fork + exec ``argv`` in a session of its own, stdin from /dev/null; return (pid, relayed fds).
+
+    Output is appended to the given files, or, for a path of None, goes to a pipe the agent relays:
+    the fds come back as ``[(fd, 1 | 2)]``. Hand-written instead of ``subprocess`` (which costs the
+    agent ~10 ms of imports at every launch); an exec failure comes back through a close-on-exec pipe
+    as an OSError, as with ``subprocess``.
     """
     executable = _find_executable(argv[0], env)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
-    out = os.open(stdout_path, flags, 0o644)
-    err = os.open(stderr_path, flags, 0o644)
+    out, out_r = _output_fd(stdout_path)
+    err, err_r = _output_fd(stderr_path)
     null = os.open(os.devnull, os.O_RDONLY)
     report_r, report_w = os.pipe()
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)  # no agent handler may run in the child
@@ -159,51 +181,108 @@ def spawn(argv, cwd, env, stdout_path, stderr_path):
             break
         report += chunk
     os.close(report_r)
+    relayed = [(fd, stream) for fd, stream in ((out_r, 1), (err_r, 2)) if fd is not None]
     if report:
+        for fd, _ in relayed:
+            os.close(fd)
         os.waitpid(pid, 0)
         code, _, message = report.decode("utf-8", "replace").partition(":")
         raise OSError(int(code or 0), "cannot start %s: %s" % (argv[0], message))
-    return pid
+    for fd, _ in relayed:
+        os.set_blocking(fd, False)
+    return pid, relayed
 
 
 class Agent:
+    """One host's share of a run: setup reply, uploads, processes, output relay, collection."""
+
     def __init__(self, spec):
         self.token = spec["token"]
+        self.agent_id = "%s:%s" % (self.token, spec.get("agent_id", 0))
         self.grace = float(spec.get("grace", 10))
         self.orphan_grace = float(spec.get("orphan_grace", 2))
-        self.specs = spec["processes"]
         self.procs = {}
         self.returncodes = {}
         self.pgids = set()
+        self.pipes = {}  # read fd -> (index, 1 | 2) for relayed output
         self.kill_at = None
         self.orphaned = False
+        self.started = False
+        self.finished = False  # "done" sent
         self.exclude = {os.getpid(), os.getppid()}
+        self.sockets = []
+        self.scratch = scratch_dir(spec.get("scratch_root"), "%s-%s" % (self.token, spec.get("agent_id", 0)))
+        self.made_scratch = False
+        self.upload = None  # open file receiving "data" frames
+        self.pending = None  # a command waiting for its n bytes of data
+        self.spec = spec
 
-    def send(self, obj):
+    # -- output ---------------------------------------------------------------------------------------
+    def send(self, obj, data=None):
         if self.orphaned:
             return
+        if data is not None:
+            obj["n"] = len(data)
+        payload = (json.dumps(obj) + "\n").encode()
+        if data:
+            payload += data
         try:
-            os.write(1, (json.dumps(obj) + "\n").encode())
+            view = memoryview(payload)
+            while view:
+                view = view[os.write(1, view):]
         except OSError:
             self.orphan()
 
-    def start(self):
-        for p in self.specs:
+    def hello(self):
+        spec = self.spec
+        shared = None
+        probe = spec.get("probe")
+        if probe:
+            try:
+                with open(probe["path"], "r") as fh:
+                    shared = fh.read() == probe["content"]
+            except (OSError, ValueError):
+                shared = False
+        ports = []
+        if spec.get("ports"):
+            import socket
+            for _ in range(int(spec["ports"])):  # bound and held until the processes start: no one else gets them
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                s.bind(("", 0))
+                self.sockets.append(s)
+                ports.append(s.getsockname()[1])
+        self.send({"event": "hello", "hostname": os.uname().nodename, "pid": os.getpid(), "shared": shared,
+                   "scratch": self.scratch, "ports": ports, "python": sys.version.split()[0]})
+
+    # -- processes ------------------------------------------------------------------------------------
+    def start(self, specs):
+        for s in self.sockets:
+            s.close()
+        self.sockets = []
+        self.started = True
+        for p in specs:
             env = dict(os.environ)
             env.update(p.get("env", {}))
             env[TOKEN_VAR] = self.token
+            env[AGENT_VAR] = self.agent_id
             try:
-                pid = spawn(p["argv"], p["cwd"], env, p["stdout"], p["stderr"])
+                pid, fds = spawn(p["argv"], p["cwd"], env, p.get("stdout"), p.get("stderr"))
             except (OSError, ValueError, TypeError) as exc:
                 self.send({"event": "spawn_failed", "index": p["index"], "error": str(exc)})
                 self.terminate(0)
                 return
             self.procs[p["index"]] = pid
             self.pgids.add(pid)
+            for fd, stream in fds:
+                self.pipes[fd] = (p["index"], stream)
             self.send({"event": "started", "index": p["index"], "pid": pid})
 
+    def mine(self, sig):
+        """Signal this agent's processes (and their descendants, found by AGENT_VAR)."""
+        return signal_run(sig, self.agent_id, self.pgids, self.exclude, AGENT_VAR)
+
     def terminate(self, grace):
-        signal_run(signal.SIGTERM, self.token, self.pgids, self.exclude)
+        self.mine(signal.SIGTERM)
         at = time.monotonic() + grace
         self.kill_at = at if self.kill_at is None else min(self.kill_at, at)
 
@@ -211,16 +290,6 @@ class Agent:
         if not self.orphaned:
             self.orphaned = True
             self.terminate(self.orphan_grace)
-
-    def command(self, line):
-        try:
-            cmd = json.loads(line)
-        except ValueError:
-            return
-        if cmd.get("cmd") == "terminate":
-            self.terminate(float(cmd.get("grace", self.grace)))
-        elif cmd.get("cmd") == "kill":
-            self.kill_at = time.monotonic()
 
     def reap(self):
         """Collect exited processes; return how many are still running."""
@@ -236,6 +305,133 @@ class Agent:
                 self.send({"event": "exited", "index": index, "pid": pid, "returncode": code})
         return len(self.procs) - len(self.returncodes)
 
+    def relay(self, fd):
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        index, stream = self.pipes[fd]
+        if data:
+            self.send({"event": "output", "index": index, "fd": stream}, data)
+        else:
+            os.close(fd)
+            del self.pipes[fd]
+
+    def finish(self):
+        """All processes exited: stop leftovers, drain relayed output, report "done"."""
+        leftovers = stop_run(self.agent_id, self.pgids, min(self.grace, 1.0), self.exclude, AGENT_VAR)
+        deadline = time.monotonic() + 2.0
+        while self.pipes and time.monotonic() < deadline:
+            ready, _, _ = select.select(list(self.pipes), [], [], max(0.0, deadline - time.monotonic()))
+            for fd in ready:
+                self.relay(fd)
+        for fd in list(self.pipes):
+            os.close(fd)
+        self.pipes.clear()
+        self.finished = True
+        self.send({"event": "done", "killed_leftovers": leftovers})
+
+    # -- commands -------------------------------------------------------------------------------------
+    def command(self, cmd, data):
+        name = cmd.get("cmd")
+        try:
+            if name == "start":
+                self.start(cmd["processes"])
+            elif name == "terminate":
+                self.terminate(float(cmd.get("grace", self.grace)))
+            elif name == "kill":
+                self.kill_at = time.monotonic()
+            elif name == "data":
+                if self.upload is None:
+                    self.make_scratch()
+                    self.upload = open(os.path.join(self.scratch, ".upload.tar"), "wb")
+                self.upload.write(data)
+            elif name == "unpack":
+                self.unpack(cmd["dest"])
+            elif name == "collect":
+                self.collect(cmd["dir"], cmd["names"])
+            elif name == "cleanup":
+                self.cleanup()
+                self.send({"event": "cleaned"})
+        except Exception as exc:  # report, never die: the launcher decides what a failure means
+            self.send({"event": "error", "cmd": name, "error": "%s: %s" % (type(exc).__name__, exc)})
+
+    def make_scratch(self):
+        if not self.made_scratch:
+            os.makedirs(os.path.dirname(self.scratch), mode=0o700, exist_ok=True)
+            os.makedirs(self.scratch, mode=0o700, exist_ok=True)
+            self.made_scratch = True
+
+    def unpack(self, dest):
+        import tarfile
+        path = os.path.join(self.scratch, ".upload.tar")
+        if self.upload is not None:
+            self.upload.close()
+            self.upload = None
+        os.makedirs(dest, exist_ok=True)
+        with tarfile.open(path) as tar:
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(dest, filter="data")
+            else:
+                tar.extractall(dest)
+        os.unlink(path)
+        self.send({"event": "unpacked", "dest": dest})
+
+    def collect(self, directory, names):
+        import tarfile
+        self.make_scratch()
+        path = os.path.join(self.scratch, ".collect.tar")
+        with tarfile.open(path, "w") as tar:
+            for name in names:
+                if os.path.lexists(os.path.join(directory, name)):
+                    tar.add(os.path.join(directory, name), arcname=name)
+        total = 0
+        with open(path, "rb") as fh:
+            while True:
+                chunk = fh.read(1 << 20)
+                if not chunk:
+                    break
+                total += len(chunk)
+                self.send({"event": "data"}, chunk)
+        os.unlink(path)
+        self.send({"event": "collected", "bytes": total})
+
+    def cleanup(self):
+        if self.made_scratch:
+            import shutil
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            try:
+                os.rmdir(os.path.dirname(self.scratch))  # the per-user folder, when it is empty
+            except OSError:
+                pass
+
+    def feed(self, buf):
+        """Run the complete commands in ``buf``; return what is left (a partial command)."""
+        while True:
+            if self.pending is not None:
+                cmd = self.pending
+                if len(buf) < cmd["n"]:
+                    return buf
+                data, buf = buf[:cmd["n"]], buf[cmd["n"]:]
+                self.pending = None
+                self.command(cmd, data)
+                continue
+            line, sep, rest = buf.partition(b"\n")
+            if not sep:
+                return buf
+            buf = rest
+            try:
+                cmd = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(cmd, dict) and cmd.get("n"):
+                self.pending = cmd
+            elif isinstance(cmd, dict):
+                self.command(cmd, b"")
+
+    # -- main loop ------------------------------------------------------------------------------------
     def loop(self):
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
@@ -245,36 +441,53 @@ class Agent:
         signal.signal(signal.SIGTERM, lambda *_: self.terminate(self.grace))
         for sig in (signal.SIGINT, signal.SIGHUP):  # a handler, not SIG_IGN: exec resets handlers only
             signal.signal(sig, lambda *_: None)
-        self.start()
+        self.hello()
+        if self.spec.get("processes") is not None:
+            self.start(self.spec["processes"])
         buf = b""
-        while self.reap():
+        while True:
+            running = self.reap()
+            if self.started and not running and not self.finished:
+                self.finish()
+            if self.orphaned and not running:
+                break
             timeout = 0.5
             if self.kill_at is not None:
                 timeout = max(0.0, min(timeout, self.kill_at - time.monotonic()))
-            fds = [wake_r] if self.orphaned else [0, wake_r]
+            fds = [wake_r] + list(self.pipes) + ([] if self.orphaned else [0])
             try:
                 ready, _, _ = select.select(fds, [], [], timeout)
             except InterruptedError:
                 ready = []
-            if wake_r in ready:
-                try:
-                    os.read(wake_r, 4096)
-                except BlockingIOError:
-                    pass
-            if 0 in ready:
-                data = os.read(0, 65536)
-                if not data:
-                    self.orphan()
+            for fd in ready:
+                if fd == wake_r:
+                    try:
+                        os.read(wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+                elif fd == 0:
+                    data = os.read(0, 1 << 20)
+                    if not data:
+                        self.orphan()
+                    else:
+                        buf = self.feed(buf + data)
                 else:
-                    buf += data
-                    while b"\n" in buf:
-                        line, buf = buf.split(b"\n", 1)
-                        self.command(line)
+                    self.relay(fd)
             if self.kill_at is not None and time.monotonic() >= self.kill_at:
-                signal_run(signal.SIGKILL, self.token, self.pgids, self.exclude)
+                self.mine(signal.SIGKILL)
                 self.kill_at = None
-        leftovers = stop_run(self.token, self.pgids, min(self.grace, 1.0), self.exclude)
-        self.send({"event": "done", "killed_leftovers": leftovers})
+        if self.started:
+            stop_run(self.agent_id, self.pgids, min(self.grace, 1.0), self.exclude, AGENT_VAR)
+            if self.made_scratch and self.procs:
+                sys.stderr.write("tflaunch agent: launcher gone; kept %s\n" % self.scratch)
+        else:
+            self.cleanup()  # nothing ran: a half-finished upload is of no use to anyone
+
+
+def scratch_dir(root, name):
+    """This agent's private directory on this host: ROOT/tflaunch-UID/NAME (ROOT: $TMPDIR or /tmp)."""
+    root = root or os.environ.get("TMPDIR") or "/tmp"
+    return os.path.join(root, "tflaunch-%d" % os.getuid(), name)
 
 
 def read_exact(fd, n):

@@ -139,8 +139,9 @@ class Run:
             raise RunFailedError(f"run {self.id} failed: {error.get('message', 'unknown error')}", details)
         return details
 
-    def _log_files(self, out: TextIO, err: TextIO) -> list[tuple[str, TextIO]]:
-        return [(path, out if kind == "stdout" else err) for path, kind in self._record.process_log_files()]
+    def _log_files(self, out: TextIO, err: TextIO) -> list[tuple[str, TextIO, str]]:
+        return [(path, out if kind == "stdout" else err, prefix)
+                for path, kind, prefix in self._record.process_log_streams()]
 
     def cancel(self) -> None:
         """Ask the run's launcher to stop it (SIGTERM, then SIGKILL after the grace period)."""

@@ -28,6 +28,9 @@ Examples:
   python -m tflaunch run --source-dir ./proj train.py -- --batch-size 50 --learning-rate 0.01
   python -m tflaunch run --detach --timeout 3600 train.py --epochs 10
   python -m tflaunch run --dry-run --json train.py
+  python -m tflaunch run --nodes 1 --procs-per-node 8 train.py
+  python -m tflaunch run --hosts node1:4,node2:4 train.py
+  python -m tflaunch run --hostfile hosts.txt --nodes 2 --procs-per-node 2 train.py
 """
 
 
@@ -85,9 +88,26 @@ def build_parser() -> argparse.ArgumentParser:
                      help="require this TensorFlow version in the job's interpreter (e.g. 2.21)")
     run.add_argument("--gpu", action="store_true",
                      help="let the script see GPUs (default: CUDA_VISIBLE_DEVICES is set empty)")
-    run.add_argument("--nodes", type=int, default=1, metavar="N", help="node_count (only 1 in this version)")
-    run.add_argument("--procs-per-node", type=int, default=1, metavar="N",
-                     help="process_count_per_node (only 1 in this version)")
+    run.add_argument("--nodes", type=int, metavar="N",
+                     help="node_count: hosts to use (default: all given hosts, else 1)")
+    run.add_argument("--procs-per-node", type=int, metavar="N",
+                     help="process_count_per_node (default: the hosts' slots when hosts are given, else 1)")
+    hosts = run.add_mutually_exclusive_group()
+    hosts.add_argument("--hosts", metavar="H[:SLOTS],...",
+                       help="hosts reached over ssh, e.g. node1:4,node2:4 (default: this machine, or the "
+                            "Slurm/PBS allocation tflaunch runs in)")
+    hosts.add_argument("--hostfile", metavar="FILE", help="hosts from a file of 'HOST slots=N' lines")
+    run.add_argument("--oversubscribe", action="store_true", help="allow more processes per host than slots")
+    run.add_argument("--ssh-port", type=int, metavar="PORT", help="ssh port for every host")
+    run.add_argument("--ssh-option", action="append", default=[], metavar="KEY=VALUE",
+                     help="option for ssh -o (repeatable); ~/.ssh/config applies as usual")
+    run.add_argument("--ssh-config", metavar="FILE", help="ssh client configuration file (ssh -F)")
+    run.add_argument("--connect-timeout", type=_positive_float, default=10.0, metavar="SECONDS",
+                     help="ssh connect timeout per host (default: 10)")
+    run.add_argument("--keep-remote", action="store_true",
+                     help="keep the copy of the job on hosts without a shared filesystem")
+    run.add_argument("--remote-scratch", metavar="DIR",
+                     help="where hosts without a shared filesystem get their copy (default: $TMPDIR or /tmp)")
     run.add_argument("--timeout", type=_positive_float, metavar="SECONDS",
                      help="stop the run after this long; it ends Failed (reason: timeout)")
     run.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
@@ -155,21 +175,22 @@ def _print_json(obj: Any) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .launch.local import discard_agent, spawn_agent
+    from .launch.local import discard_agent
     from .snapshot import SnapshotLimits
     from .spec import Estimator, TensorFlow
     from .store import exit_code_for
     from .submit import SubmitOptions, create_run, dry_run, prepare
-    from .supervise import Supervisor, spawn_detached
+    from .supervise import Supervisor, prestart_agents, spawn_detached
 
     script_args = list(args.script_args)  # argparse already dropped the "--" right after ENTRY
     if args.json and not args.dry_run:
         raise SpecError("--json goes with --dry-run (use `runs show --json` for a run's record)")
     if args.detach and args.dry_run:
         raise SpecError("--detach and --dry-run exclude each other")
+    target, nodes, ppn = _compute_target(args)
     kwargs: dict[str, Any] = dict(
-        entry_script=args.entry, arguments=script_args, node_count=args.nodes,
-        process_count_per_node=args.procs_per_node, use_gpu=args.gpu, environment_variables=dict(args.env),
+        entry_script=args.entry, arguments=script_args, node_count=nodes, compute_target=target,
+        process_count_per_node=ppn, use_gpu=args.gpu, environment_variables=dict(args.env),
         max_run_duration_seconds=args.timeout, python=args.python)
     if args.framework_version is not None:
         estimator: Estimator = TensorFlow(args.source_dir, framework_version=args.framework_version, **kwargs)
@@ -180,7 +201,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         limits = SnapshotLimits.from_env(args.snapshot_max_mb, args.snapshot_max_files)
     options = SubmitOptions(experiment=args.experiment, home=getattr(args, "home", None), tags=dict(args.tag),
                             limits=limits, grace=args.grace, scratch=args.scratch)
-    agent = None if args.dry_run or args.detach else spawn_agent()  # its start-up overlaps the snapshot
+    agents = {}
+    if not (args.dry_run or args.detach):  # their start-up (an ssh login) overlaps the snapshot
+        agents = prestart_agents(estimator.resolved_target(), args.python or sys.executable)
     try:
         prepared = prepare(estimator, options)
         if args.dry_run:
@@ -196,13 +219,39 @@ def cmd_run(args: argparse.Namespace) -> int:
             sys.stdout.write(record.id + "\n")
             return 0
         log.info("run %s (experiment %s), record %s", record.id, args.experiment, record.dir)
-        supervisor, agent = Supervisor(record, stream=True, agent_process=agent), None
+        supervisor, agents = Supervisor(record, stream=True, agents=agents), {}
     finally:
-        if agent is not None:
-            discard_agent(agent)
+        for conn in agents.values():
+            discard_agent(conn.popen)
     final = supervisor.run()
     _report_end(final)
     return exit_code_for(final)
+
+
+def _compute_target(args: argparse.Namespace) -> tuple[Any, int, int]:
+    """The compute target the host options describe, and node_count / process_count_per_node with
+    their defaults: every given host (or allocation node) and its slots; else one local process."""
+    from .hosts import discover
+    from .target import SSHTarget
+
+    ssh = dict(ssh_port=args.ssh_port, ssh_options=args.ssh_option, ssh_config=args.ssh_config,
+               connect_timeout=args.connect_timeout, oversubscribe=args.oversubscribe,
+               keep_remote=args.keep_remote, remote_scratch=args.remote_scratch)
+    if args.hostfile:
+        target: Any = SSHTarget.from_hostfile(args.hostfile, **ssh)
+        hosts = target.hosts
+    elif args.hosts:
+        target = SSHTarget(args.hosts, source="--hosts", **ssh)
+        hosts = target.hosts
+    else:
+        found, source = discover()
+        target = SSHTarget(found, source=source, **ssh) if found else "local"
+        hosts = found or []
+    nodes = args.nodes if args.nodes is not None else max(1, len(hosts))
+    ppn = args.procs_per_node
+    if ppn is None:
+        ppn = min((h.slots for h in hosts[:nodes]), default=1)
+    return target, nodes, ppn
 
 
 def _report_end(run: dict[str, Any]) -> None:
@@ -221,6 +270,8 @@ def _print_plan(plan: dict[str, Any]) -> None:
              f"experiment: {plan['experiment']}   home: {plan['home']}",
              f"snapshot:   {snap['source_directory']} ({snap['file_count']} files, {snap['total_bytes']} bytes)"]
     lines += [f"  note: {n}" for n in snap["notes"]]
+    lines.append("hosts:      " + ", ".join(f"{h['name']} ({h['slots']} slots{', this machine' if h['local'] else ''})"
+                                          for h in plan["hosts"]))
     for p in plan["processes"]:
         lines.append(f"process rank {p['rank']} on {p['host']}:")
         lines.append(f"  argv: {shlex.join(p['argv'])}")
@@ -301,7 +352,8 @@ def cmd_logs(args: argparse.Namespace) -> int:
     record = _store(args).run(args.run)
 
     def files():
-        return [(path, sys.stdout if kind == "stdout" else sys.stderr) for path, kind in record.process_log_files()]
+        return [(path, sys.stdout if kind == "stdout" else sys.stderr, prefix)
+                for path, kind, prefix in record.process_log_streams()]
 
     if args.follow:
         follow_files(files, lambda: (record.read_status() or {}).get("status") in TERMINAL)

@@ -191,6 +191,7 @@ class JobSpec:
     use_gpu: bool = False
     max_run_duration_seconds: float | None = None
     framework: dict[str, Any] | None = None
+    compute_target: dict[str, Any] | None = None  # hosts used and how to reach them (tflaunch.target)
 
     @property
     def world_size(self) -> int:
@@ -243,10 +244,12 @@ class Estimator:
             raise SpecError(f"arguments: must be a list, got {type(arguments).__name__}")
         self.arguments = list(arguments)
         self._argv += [_scalar_arg(f"arguments[{i}]", a) for i, a in enumerate(self.arguments)]
-        if compute_target is not None and not (isinstance(compute_target, str)
-                                               and compute_target.lower() == "local"):
-            raise _fail("compute_target", f"{compute_target!r} is not supported; only 'local' is available")
-        self.compute_target = "local"
+        from .target import SSHTarget
+
+        if compute_target is not None and not isinstance(compute_target, SSHTarget) and not (
+                isinstance(compute_target, str) and compute_target.lower() == "local"):
+            raise _fail("compute_target", f"{compute_target!r} is not supported; give 'local' or SSHTarget(hosts=[...])")
+        self.compute_target = compute_target if isinstance(compute_target, SSHTarget) else "local"
         self.node_count = _positive_int("node_count", node_count)
         self.process_count_per_node = _positive_int("process_count_per_node", process_count_per_node)
         if distributed_training is not None and not isinstance(
@@ -267,11 +270,11 @@ class Estimator:
             raise _fail("python", f"must be the path of a Python interpreter, got {python!r}")
         self.python = os.fspath(python) if python is not None else None
         world = world_size(self.node_count, self.process_count_per_node, self._distributed())
-        if world > 1:
+        if distributed_training is not None and world > 1:
             raise SpecError(
-                f"node_count x process_count_per_node / distributed_training ask for {world} processes; "
-                "this version of tflaunch runs one process per job (multi-process launch is not available yet)"
-            )
+                f"distributed_training: {type(distributed_training).__name__} with {world} processes is not "
+                "available in this version; leave it out and use node_count/process_count_per_node: every "
+                "process gets TFLAUNCH_RANK, TFLAUNCH_LOCAL_RANK and TFLAUNCH_WORLD_SIZE")
 
     def _distributed(self) -> dict[str, Any] | None:
         return self.distributed_training.to_dict() if self.distributed_training is not None else None
@@ -279,8 +282,18 @@ class Estimator:
     def _framework(self) -> dict[str, Any] | None:
         return None
 
+    def resolved_target(self) -> dict[str, Any]:
+        """The hosts this job uses and how to reach them (see :func:`tflaunch.target.resolve_target`)."""
+        from .target import resolve_target
+
+        return resolve_target(self.compute_target, self.node_count, self.process_count_per_node)
+
     def job_spec(self) -> JobSpec:
-        """The normalized spec; relative paths are resolved against the current directory."""
+        """The normalized spec; relative paths are resolved against the current directory.
+
+        The hosts are chosen here: the compute target's first ``node_count`` hosts, or the Slurm/PBS
+        allocation tflaunch runs in, or this machine (see :func:`tflaunch.target.resolve_target`).
+        """
         python = self.python
         if python is None:
             python = sys.executable
@@ -298,6 +311,7 @@ class Estimator:
             use_gpu=self.use_gpu,
             max_run_duration_seconds=self.max_run_duration_seconds,
             framework=self._framework(),
+            compute_target=self.resolved_target(),
         )
 
     def __repr__(self) -> str:

@@ -59,7 +59,7 @@ RUN_ID_RE = re.compile(r"^\d{8}-\d{6}-\d{3}-[0-9a-f]{8}$")
 EXPERIMENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$")
 LOG_DIR = "tflaunch_logs"
 RESERVE_BYTES = 256 * 1024
-USER_FILE_DIRS = ("outputs", "logs", LOG_DIR)
+USER_FILE_DIRS = ("outputs", "logs", LOG_DIR, "hosts")  # hosts/: see tflaunch.collect
 _INDEX_HEADER = "tflaunch-runs-index 1"
 
 
@@ -565,6 +565,11 @@ class RunRecord:
 
     def process_log_files(self) -> list[tuple[str, str]]:
         """The processes' output files as (path, "stdout" | "stderr"), in rank order."""
+        return [(path, kind) for path, kind, _ in self.process_log_streams()]
+
+    def process_log_streams(self) -> list[tuple[str, str, str]]:
+        """(path, "stdout" | "stderr", line prefix) per output file, in rank order; the prefix is
+        ``"[rank N] "`` when the run has several processes, else empty."""
         try:
             names = os.listdir(self.path(LOG_DIR))
         except OSError:
@@ -574,7 +579,12 @@ class RunRecord:
             stem, _, kind = name.rpartition(".")
             if kind in ("stdout", "stderr") and stem.startswith("rank-") and stem[5:].isdigit():
                 found.append((int(stem[5:]), kind == "stderr", self.path(LOG_DIR, name), kind))
-        return [(path, kind) for _, _, path, kind in sorted(found)]
+        try:
+            world = int(self.definition()["spec"].get("node_count", 1)) * \
+                int(self.definition()["spec"].get("process_count_per_node", 1))
+        except (OSError, ValueError, KeyError, TypeError, StoreError):
+            world = 1
+        return [(path, kind, f"[rank {rank}] " if world > 1 else "") for rank, _, path, kind in sorted(found)]
 
     def file_names(self) -> list[tuple[str, int]]:
         """User-facing files (outputs/, logs/, tflaunch_logs/) as (relative name, size)."""

@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 
 from . import __version__, snapshot
 from .errors import SnapshotError, SpecError
-from .plan import RunContext, plan
+from .hosts import is_local
+from .plan import RunContext, plan, ports_needed
 from .probe import check_framework, resolve_python
 from .spec import Estimator, JobSpec
 from .store import CANCELED, FAILED, RunRecord, Store, now_iso, validate_experiment_name
 from .supervise import DEFAULT_GRACE
+from .target import target_hosts
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
@@ -112,6 +114,7 @@ def dry_run(prepared: Prepared) -> dict[str, Any]:
     work_dir = os.path.join(scratch, run_id) if scratch else os.path.join(run_dir, "work")
     ctx = RunContext(run_id=run_id, experiment=prepared.options.experiment, run_dir=run_dir,
                      work_dir=work_dir, home=store.home)
+    hosts = target_hosts(spec.compute_target)[:spec.node_count]
     return {
         "dry_run": True,
         "run_id": run_id,
@@ -122,5 +125,8 @@ def dry_run(prepared: Prepared) -> dict[str, Any]:
                      "notes": prepared.scan.notes},
         "timeout": spec.max_run_duration_seconds,
         "grace": prepared.options.grace,
-        "processes": [p.to_dict() for p in plan(spec, ctx)],
+        "compute_target": spec.compute_target,
+        "hosts": [{"name": h.name, "slots": h.slots, "local": is_local(h.name)} for h in hosts],
+        "ports": ports_needed(spec, hosts),
+        "processes": [p.to_dict() for p in plan(spec, ctx, hosts)],
     }

@@ -1,11 +1,15 @@
 """Supervision: the launcher's side of a run, from Preparing to its final status.
 
-:class:`Supervisor` holds the run's lease (heartbeat), builds the working copy, starts the processes
-through an agent (:mod:`tflaunch.launch`), streams their output when attached, enforces the timeout,
-turns Ctrl-C / SIGTERM / SIGHUP / ``runs cancel`` into a graceful stop (SIGTERM, then SIGKILL after the
-grace period; a second Ctrl-C kills at once), moves ``./outputs`` and ``./logs`` into the record and
-writes the final status. :func:`spawn_detached` runs the same supervisor in a background process
-(``run --detach``, :meth:`tflaunch.Experiment.submit`).
+:class:`Supervisor` holds the run's lease (heartbeat), builds the working copy, starts an agent on
+every host (:mod:`tflaunch.launch`: locally or over ssh), copies the job's files to hosts that do not
+share the launcher's filesystem, starts the planned processes, streams their output when attached
+(prefixed ``[rank N]`` when there are several), enforces the timeout, and stops everything, on every
+host, as soon as one process fails (fail fast: SIGTERM, SIGKILL after the grace period) or the run is
+cancelled (Ctrl-C / SIGTERM / SIGHUP / ``runs cancel``; a second Ctrl-C kills at once). At the end it
+brings each host's ``./outputs`` and ``./logs`` into the record and writes the final status, whose
+error names the host, rank and exit code or signal of the first process that failed.
+:func:`spawn_detached` runs the same supervisor in a background process (``run --detach``,
+:meth:`tflaunch.Experiment.submit`).
 """
 from __future__ import annotations
 
@@ -20,20 +24,24 @@ import time
 
 from . import agent as agent_mod
 from . import fsio, tail
+from .collect import COLLECTED, merge_outputs
 from .errors import TflaunchError
+from .hosts import is_local
 from .launch import AgentConnection
-from .launch.local import discard_agent, start_local
-from .plan import RunContext, plan
+from .launch.local import discard_agent, process_spec, spawn_agent
+from .launch.ssh import SshOptions, spawn_ssh_agent
+from .plan import ProcessPlan, RunContext, plan, ports_needed
 from .snapshot import MANIFEST, materialize
 from .spec import JobSpec
 from .store import (CANCELED, COMPLETED, FAILED, FINALIZING, LOG_DIR, RUNNING, TERMINAL, RunRecord, Store,
                     now_iso)
+from .target import target_hosts
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
-    from typing import Any, TextIO
+    from typing import Any, Callable, TextIO
 
-__all__ = ["Supervisor", "spawn_detached", "detached_main", "DEFAULT_GRACE"]
+__all__ = ["Supervisor", "spawn_detached", "detached_main", "DEFAULT_GRACE", "prestart_agents"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +49,8 @@ DEFAULT_GRACE = 10.0
 ORPHAN_GRACE = 2.0
 CANCEL_POLL = 0.5
 STREAM_POLL = 0.1
+HELLO_MARGIN = 20.0  # beyond ssh's connect timeout: login, the remote interpreter's start-up
+PROBE_FILE = ".tflaunch-probe"
 
 
 def _signal_name(returncode: int) -> str:
@@ -50,31 +60,79 @@ def _signal_name(returncode: int) -> str:
         return f"signal {-returncode}"
 
 
+class LaunchFailure(Exception):
+    """A host could not be brought up; the run ends Failed (launch_failed)."""
+
+
+class HostRun:
+    """One host of the run: its agent connection and what it reported."""
+
+    def __init__(self, name: str, node: int, conn: AgentConnection) -> None:
+        self.name = name
+        self.node = node
+        self.conn = conn
+        self.hello: dict[str, Any] | None = None
+        self.shared = conn.local
+        self.work_dir = ""
+        self.unpacked = False
+        self.collected = False
+        self.cleaned = False
+        self.error: str | None = None
+        self.processes: list[ProcessPlan] = []
+        self.collect_file: Any = None
+
+    @property
+    def finished(self) -> bool:
+        return self.conn.done or self.conn.eof
+
+
+def prestart_agents(compute_target: dict[str, Any] | None, python: str | None = None,
+                    ) -> dict[str, AgentConnection]:
+    """Start the agents of a run's hosts now (an ssh login takes ~0.2 s) so that it overlaps the snapshot."""
+    ssh = SshOptions.from_dict((compute_target or {}).get("ssh"))
+    agents = {}
+    for host in target_hosts(compute_target):
+        if host.name in agents:
+            continue
+        if is_local(host.name):
+            agents[host.name] = AgentConnection(spawn_agent(), host.name)
+        elif python:
+            agents[host.name] = spawn_ssh_agent(host.name, python, ssh)
+    return agents
+
+
 class Supervisor:
     """Runs one prepared run record to completion in this process."""
 
     def __init__(self, record: RunRecord, *, stream: bool = False, stdout: TextIO | None = None,
                  stderr: TextIO | None = None, on_lease: Any = None,
-                 agent_process: subprocess.Popen | None = None) -> None:
+                 agents: dict[str, AgentConnection] | None = None) -> None:
         self.record = record
         self.definition = record.definition()
         self.spec = JobSpec.from_dict(self.definition["spec"])
+        self.target = self.spec.compute_target or {}
+        self.hosts = target_hosts(self.spec.compute_target)[:self.spec.node_count]
+        self.ssh = SshOptions.from_dict(self.target.get("ssh"))
         self.grace = float(self.definition.get("grace", DEFAULT_GRACE))
         self.stream = stream
         self.stdout = stdout or sys.stdout
         self.stderr = stderr or sys.stderr
         self.on_lease = on_lease
-        self.agent: AgentConnection | None = None
-        self._agent_process = agent_process  # started early by the caller (see spawn_agent)
-        self.pgids: set[int] = set()
+        self._prestarted = dict(agents or {})  # started early by the caller (see prestart_agents)
+        self.runs: list[HostRun] = []
+        self.processes: dict[int, ProcessPlan] = {}
+        self.pgids: set[int] = set()  # of local processes, for stopping them without an agent
         self.returncodes: dict[int, int] = {}
-        self.stop_reason: str | None = None  # canceled|timeout|launch_failed|agent_lost|internal|external
+        self.failure: dict[str, Any] | None = None  # the first process that failed
+        self.stop_reason: str | None = None  # canceled|timeout|launch_failed|agent_lost|internal|external|exit_code|signal
         self.stop_detail = ""
         self.killed = False
-        self.done = False
+        self.started = False
+        self.warnings: list[str] = []
         self._signals: list[int] = []
         self._interrupts = 0
         self._followers: list[tail.Follower] = []
+        self._relay_files: dict[tuple[int, int], Any] = {}
         scratch = self.definition.get("scratch")
         self.work_dir = os.path.join(scratch, record.id) if scratch else record.work_dir
 
@@ -118,8 +176,9 @@ class Supervisor:
         if self.stop_reason is None:
             self.stop_reason, self.stop_detail = reason, detail
             log.info("stopping run %s: %s", self.record.id, detail)
-            if self.agent is not None:
-                self.agent.terminate(self.grace)
+            for run in self.runs:
+                if not run.finished:
+                    run.conn.terminate(self.grace)
 
     def cancel(self, detail: str) -> None:
         self._stop("canceled", detail)
@@ -127,8 +186,9 @@ class Supervisor:
     def _kill_now(self) -> None:
         self._stop("canceled", "killed (Ctrl-C twice)")
         self.killed = True
-        if self.agent is not None:
-            self.agent.kill()
+        for run in self.runs:
+            if not run.finished:
+                run.conn.kill()
 
     # -- main ----------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -140,44 +200,195 @@ class Supervisor:
                 self.on_lease()
             try:
                 self._prepare_and_launch()
-                if self.agent is not None:
+                if self.started:
                     self._loop()
+                self._collect_remote()
+            except LaunchFailure as exc:
+                self._stop("launch_failed", str(exc))
             except BaseException as exc:  # never leave a run Running or processes behind
                 log.exception("run %s: launcher error", self.record.id)
                 self._stop("internal", f"tflaunch internal error: {exc!r}")
-                self._abandon_agent()
+                self._abandon_agents()
                 if not isinstance(exc, Exception):
                     raise
+            finally:
+                self._close_agents()
             return self._finalize()
         finally:
-            if self._agent_process is not None:  # never used: canceled before launch
-                discard_agent(self._agent_process)
+            for conn in self._prestarted.values():  # never used: canceled before launch
+                if conn.popen.stdin is not None and not conn.popen.stdin.closed:
+                    discard_agent(conn.popen)
             for f in self._followers:
                 f.close()
+            for fh in self._relay_files.values():
+                fh.close()
             self._restore_signals(saved)
+
+    def _context(self) -> RunContext:
+        return RunContext(run_id=self.record.id, experiment=self.definition["experiment"], run_dir=self.record.dir,
+                          work_dir=self.work_dir, home=self.record.store.home)
+
+    def _open_agents(self, log_file: Any) -> None:
+        for node, host in enumerate(self.hosts):
+            conn = self._prestarted.pop(host.name, None)
+            if conn is None:
+                if is_local(host.name):
+                    conn = AgentConnection(spawn_agent(log_file), host.name)
+                else:
+                    conn = spawn_ssh_agent(host.name, self.spec.python, self.ssh)
+            self.runs.append(HostRun(host.name, node, conn))
 
     def _prepare_and_launch(self) -> None:
         record = self.record
         self._check_cancel()
         manifest = fsio.read_json(record.path(MANIFEST))
         materialize(manifest, record.store.home, self.work_dir)
-        for name in ("outputs", "logs"):
+        for name in COLLECTED:
             os.makedirs(os.path.join(self.work_dir, name), exist_ok=True)
         self._handle_signals()
         self._check_cancel()
         if self.stop_reason:
             return
-        ctx = RunContext(run_id=record.id, experiment=self.definition["experiment"], run_dir=record.dir,
-                         work_dir=self.work_dir, home=record.store.home)
-        processes = plan(self.spec, ctx)
+        ctx = self._context()
         if self.stream:
-            for p in processes:
-                self._followers.append(tail.Follower(record.path(p.stdout), self.stdout))
-                self._followers.append(tail.Follower(record.path(p.stderr), self.stderr))
+            prefix = self.spec.world_size > 1
+            for p in plan(self.spec, ctx, self.hosts):
+                label = f"[rank {p.rank}] " if prefix else ""
+                self._followers.append(tail.Follower(record.path(p.stdout), self.stdout, prefix=label))
+                self._followers.append(tail.Follower(record.path(p.stderr), self.stderr, prefix=label))
         with open(record.path(LOG_DIR, "launcher.log"), "ab") as agent_log:
-            self.agent = start_local(processes, token=record.id, run_dir=record.dir, grace=self.grace,
-                                     orphan_grace=ORPHAN_GRACE, log=agent_log, agent=self._agent_process)
-        self._agent_process = None
+            self._open_agents(agent_log)
+        needed = ports_needed(self.spec, self.hosts)
+        if len(self.runs) == 1 and self.runs[0].conn.local and not needed:  # the common case: one round trip
+            processes = plan(self.spec, ctx, self.hosts)
+            self._start_host(self.runs[0], processes, setup=True)
+            return
+        remote = [run for run in self.runs if not run.conn.local]
+        probe = None
+        if remote:
+            content = f"{record.id} {os.urandom(8).hex()}"
+            fsio.atomic_write_bytes(os.path.join(self.work_dir, PROBE_FILE), content.encode())
+            probe = {"path": os.path.join(self.work_dir, PROBE_FILE), "content": content}
+        for run in self.runs:
+            setup = {"token": record.id, "agent_id": run.node, "grace": self.grace, "orphan_grace": ORPHAN_GRACE,
+                     "ports": needed.get(run.name, 0), "scratch_root": self.target.get("remote_scratch"),
+                     "probe": None if run.conn.local else probe}
+            try:
+                run.conn.start(setup)
+            except OSError:
+                pass  # the agent is gone; its end of file says why
+        deadline = time.monotonic() + self.ssh.connect_timeout + HELLO_MARGIN
+        if not self._wait(lambda: all(run.hello for run in self.runs), deadline, "to answer"):
+            return
+        if probe:
+            os.unlink(probe["path"])
+        for run in remote:
+            run.shared = bool(run.hello.get("shared"))
+        self._upload([run for run in remote if not run.shared])
+        if self.stop_reason:
+            return
+        work_dirs = {run.name: run.work_dir for run in self.runs if run.work_dir}
+        ports = {run.name: run.hello.get("ports") or [] for run in self.runs}
+        addresses = {}
+        if remote:  # others cannot reach "localhost": use this machine's name
+            addresses = {run.name: run.hello.get("hostname") or run.name for run in self.runs if run.conn.local}
+        processes = plan(self.spec, ctx, self.hosts, work_dirs=work_dirs, ports=ports, addresses=addresses)
+        self._record_hosts(ports)
+        by_host: dict[str, list[ProcessPlan]] = {}
+        for p in processes:
+            by_host.setdefault(p.host, []).append(p)
+        for run in self.runs:
+            self._start_host(run, by_host.get(run.name, []))
+
+    def _start_host(self, run: HostRun, processes: list[ProcessPlan], setup: bool = False) -> None:
+        run.processes = processes
+        for p in processes:
+            self.processes[p.index] = p
+        specs = [process_spec(p, self.record.dir if run.conn.local else None) for p in processes]
+        if setup:
+            run.conn.start({"token": self.record.id, "agent_id": run.node, "grace": self.grace,
+                            "orphan_grace": ORPHAN_GRACE, "processes": specs})
+        else:
+            run.conn.send({"cmd": "start", "processes": specs})
+        self.started = True
+
+    def _record_hosts(self, ports: dict[str, list[int]]) -> None:
+        hosts = [{"name": run.name, "node": run.node, "hostname": run.hello.get("hostname"),
+                  "agent_pid": run.hello.get("pid"), "local": run.conn.local, "shared_filesystem": run.shared,
+                  "work_dir": run.work_dir or self.work_dir, "ports": ports.get(run.name, [])}
+                 for run in self.runs]
+        fsio.atomic_write_json(self.record.path("hosts.json"), hosts)
+        self.record.event("hosts", hosts=hosts)
+
+    def _upload(self, runs: list[HostRun]) -> None:
+        """Copy the working directory to hosts that cannot see it (a tar stream over each connection)."""
+        if not runs:
+            return
+        import tarfile
+        import threading
+
+        path = self.record.path(".upload.tar")
+        with tarfile.open(path, "w") as tar:
+            for entry in sorted(os.listdir(self.work_dir)):
+                tar.add(os.path.join(self.work_dir, entry), arcname=entry)
+
+        def send(run: HostRun) -> None:
+            with open(path, "rb") as fh:
+                while True:
+                    chunk = fh.read(1 << 20)
+                    if not chunk or not run.conn.send({"cmd": "data"}, chunk):
+                        break
+            run.work_dir = os.path.join(run.hello["scratch"], "work")
+            run.conn.send({"cmd": "unpack", "dest": run.work_dir})
+
+        threads = [threading.Thread(target=send, args=(run,), daemon=True) for run in runs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        os.unlink(path)
+        log.info("copied the job's files to %s (no shared filesystem)", ", ".join(run.name for run in runs))
+        self._wait(lambda: all(run.unpacked for run in runs), None, "to unpack the job's files")
+
+    def _wait(self, condition: Callable[[], bool], deadline: float | None, what: str) -> bool:
+        """Serve events until ``condition()``; False if the run was stopped meanwhile.
+
+        Raises LaunchFailure when a host's agent ends or reports an error, or at ``deadline``.
+        """
+        while not condition():
+            self._poll(0.1)
+            if self.stop_reason:
+                return False
+            for run in self.runs:
+                if run.error:
+                    raise LaunchFailure(f"host {run.name}: {run.error}")
+                if run.conn.eof and not condition():
+                    detail = run.conn.stderr_tail() or f"exit status {run.conn.popen.wait()}"
+                    raise LaunchFailure(f"cannot start the tflaunch agent on host {run.name}: {detail}")
+            if deadline is not None and time.monotonic() > deadline:
+                slow = [run.name for run in self.runs if not run.hello]
+                raise LaunchFailure(f"host {', '.join(slow) or '?'} did not answer within "
+                                    f"{self.ssh.connect_timeout + HELLO_MARGIN:g} s")
+        return True
+
+    def _poll(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for events or signals and handle them."""
+        fds = [self._wake_r] + [run.conn.fileno() for run in self.runs if not run.conn.eof]
+        try:
+            ready = selectors.select.select(fds, [], [], max(0.0, timeout))[0]
+        except InterruptedError:
+            ready = []
+        if self._wake_r in ready:
+            try:
+                os.read(self._wake_r, 4096)
+            except BlockingIOError:
+                pass
+        self._handle_signals()
+        for run in self.runs:
+            if run.conn.eof:
+                continue
+            for event in run.conn.read_events():
+                self._on_event(run, event)
 
     def _check_cancel(self) -> None:
         request = self.record.cancel_requested()
@@ -185,77 +396,129 @@ class Supervisor:
             self.cancel(str(request.get("reason") or "cancel requested"))
 
     def _loop(self) -> None:
-        assert self.agent is not None
-        selector = selectors.DefaultSelector()
-        selector.register(self.agent.fileno(), selectors.EVENT_READ)
-        selector.register(self._wake_r, selectors.EVENT_READ)
         lease = self.record.lease() or {}
         interval = float(lease.get("interval", 2.0))
         next_beat = time.monotonic() + interval
         next_cancel_poll = time.monotonic() + CANCEL_POLL
-        deadline = None
-        try:
-            while not self.done:
-                now = time.monotonic()
-                wait = min(next_beat, next_cancel_poll) - now
-                if deadline is not None:
-                    wait = min(wait, deadline - now)
-                if self.stream:
-                    wait = min(wait, STREAM_POLL)
-                for key, _ in selector.select(max(0.0, wait)):
-                    if key.fd == self._wake_r:
-                        try:
-                            os.read(self._wake_r, 4096)
-                        except BlockingIOError:
-                            pass
-                self._handle_signals()
-                for event in self.agent.read_events():
-                    started = self._on_event(event)
-                    if started and self.spec.max_run_duration_seconds:
-                        deadline = time.monotonic() + float(self.spec.max_run_duration_seconds)
-                if self.agent.eof and not self.done:
-                    self._stop("agent_lost", "the tflaunch agent ended unexpectedly")
-                    self._abandon_agent()
+        self.deadline: float | None = None
+        while not all(run.finished for run in self.runs):
+            now = time.monotonic()
+            wait = min(next_beat, next_cancel_poll) - now
+            if self.deadline is not None:
+                wait = min(wait, self.deadline - now)
+            if self.stream:
+                wait = min(wait, STREAM_POLL)
+            self._poll(wait)
+            for run in self.runs:
+                if run.conn.eof and not run.conn.done and not run.error:
+                    run.error = "lost"
+                    detail = run.conn.stderr_tail()
+                    self._stop("agent_lost", f"lost the tflaunch agent on host {run.name}" +
+                               (f": {detail}" if detail else ""))
+                    if run.conn.local:
+                        self._abandon_agents()
+            now = time.monotonic()
+            if self.deadline is not None and now >= self.deadline:
+                self._stop("timeout", f"run exceeded max_run_duration_seconds="
+                                      f"{self.spec.max_run_duration_seconds:g} and was stopped")
+                self.deadline = None
+            if now >= next_cancel_poll:
+                self._check_cancel()
+                next_cancel_poll = now + CANCEL_POLL
+            if now >= next_beat:
+                self._heartbeat()
+                next_beat = now + interval
+                if self.stop_reason == "external":
                     break
-                now = time.monotonic()
-                if deadline is not None and now >= deadline:
-                    self._stop("timeout", f"run exceeded max_run_duration_seconds="
-                                          f"{self.spec.max_run_duration_seconds:g} and was stopped")
-                    deadline = None
-                if now >= next_cancel_poll:
-                    self._check_cancel()
-                    next_cancel_poll = now + CANCEL_POLL
-                if now >= next_beat:
-                    self._heartbeat()
-                    next_beat = now + interval
-                if self.stream:
-                    for f in self._followers:
-                        f.poll()
-        finally:
-            selector.close()
-            if self.agent is not None:
-                self.agent.close()
+            if self.stream:
+                for f in self._followers:
+                    f.poll()
         for f in self._followers:
             f.poll(final=True)
 
-    def _on_event(self, event: dict[str, Any]) -> bool:
+    def _on_event(self, run: HostRun, event: dict[str, Any]) -> None:
         kind = event.get("event")
-        if kind == "started":
-            self.pgids.add(int(event["pid"]))
-            self.record.event("process_started", index=event.get("index"), pid=event.get("pid"))
-            if len(self.pgids) == 1:
+        if kind == "output":
+            key = (int(event["index"]), int(event["fd"]))
+            fh = self._relay_files.get(key)
+            if fh is None:
+                p = self.processes[key[0]]
+                fh = self._relay_files[key] = open(self.record.path(p.stdout if key[1] == 1 else p.stderr),
+                                                   "ab", buffering=0)
+            fh.write(event["data"])
+        elif kind == "started":
+            if run.conn.local:
+                self.pgids.add(int(event["pid"]))
+            self.record.event("process_started", index=event.get("index"), pid=event.get("pid"), host=run.name)
+            if not getattr(self, "_running", False):
+                self._running = True
                 self.record.write_status(RUNNING, started=now_iso())
-                if self.stop_reason and self.agent is not None:  # canceled while starting
-                    self.agent.terminate(0 if self.killed else self.grace)
-                return True
+                if self.spec.max_run_duration_seconds:
+                    self.deadline = time.monotonic() + float(self.spec.max_run_duration_seconds)
+            if self.stop_reason:  # stopped while starting
+                run.conn.terminate(0 if self.killed else self.grace)
         elif kind == "exited":
-            self.returncodes[int(event["index"])] = int(event["returncode"])
-            self.record.event("process_exited", index=event.get("index"), returncode=event.get("returncode"))
+            index, rc = int(event["index"]), int(event["returncode"])
+            self.returncodes[index] = rc
+            self.record.event("process_exited", index=index, returncode=rc, host=run.name)
+            if rc != 0 and self.stop_reason is None:
+                self._fail(run, index, rc)
         elif kind == "spawn_failed":
-            self._stop("launch_failed", f"could not start {self.spec.entry_script}: {event.get('error')}")
-        elif kind == "done":
-            self.done = True
-        return False
+            self._stop("launch_failed", f"could not start {self.spec.entry_script} on host {run.name}: "
+                                        f"{event.get('error')}")
+        elif kind == "hello":
+            run.hello = event
+        elif kind == "unpacked":
+            run.unpacked = True
+        elif kind == "data" and run.collect_file is not None:
+            run.collect_file.write(event["data"])
+        elif kind == "collected":
+            run.collected = True
+        elif kind == "cleaned":
+            run.cleaned = True
+        elif kind == "error":
+            run.error = f"{event.get('cmd')}: {event.get('error')}"
+
+    def _fail(self, run: HostRun, index: int, rc: int) -> None:
+        """Fail fast: the first process to fail ends the run; it is the root cause."""
+        p = self.processes.get(index)
+        rank = p.rank if p else index
+        how = f"was killed by {_signal_name(rc)}" if rc < 0 else f"exited with code {rc}"
+        who = f"{self.spec.entry_script} (rank {rank} on host {run.name})" if self.spec.world_size > 1 \
+            else self.spec.entry_script
+        self.failure = {"index": index, "rank": rank, "host": run.name, "returncode": rc}
+        self._stop("signal" if rc < 0 else "exit_code", f"{who} {how}")
+
+    def _collect_remote(self) -> None:
+        """Fetch ./outputs and ./logs from hosts without a shared filesystem, then clean up there."""
+        runs = [run for run in self.runs if not run.shared and run.work_dir and run.conn.done and not run.conn.eof]
+        if not runs:
+            return
+        base = self.record.path(".collect")
+        os.makedirs(base, exist_ok=True)
+        for run in runs:
+            run.collect_file = open(os.path.join(base, f"{run.node}.tar"), "wb")
+            run.conn.send({"cmd": "collect", "dir": run.work_dir, "names": list(COLLECTED)})
+        try:
+            self._wait(lambda: all(run.collected or run.conn.eof for run in runs), None, "to send outputs")
+        except LaunchFailure as exc:
+            self.warnings.append(f"collecting outputs: {exc}")
+        for run in runs:
+            run.collect_file.close()
+        if not self.target.get("keep_remote"):
+            for run in runs:
+                run.conn.send({"cmd": "cleanup"})
+            try:
+                self._wait(lambda: all(run.cleaned or run.conn.eof for run in runs), time.monotonic() + 30, "")
+            except LaunchFailure as exc:
+                self.warnings.append(f"removing the remote copies: {exc}")
+        else:
+            for run in runs:
+                log.info("kept the job's directory on host %s: %s", run.name, os.path.dirname(run.work_dir))
+
+    def _close_agents(self) -> None:
+        for run in self.runs:
+            run.conn.close()
 
     def _heartbeat(self) -> None:
         try:
@@ -267,47 +530,80 @@ class Supervisor:
             log.error("run %s was finalized by another process (%s); stopping", self.record.id,
                       (current.get("error") or {}).get("reason"))
             self._stop("external", "finalized elsewhere")
-            self._abandon_agent()
-            self.done = True
+            self._abandon_agents()
 
-    def _abandon_agent(self) -> None:
-        """Stop every process of the run without the agent's help."""
-        if self.agent is not None:
-            self.agent.kill()
+    def _abandon_agents(self) -> None:
+        """Stop every process of the run without waiting for the agents (remote ones stop when closed)."""
+        for run in self.runs:
+            run.conn.kill()
         agent_mod.stop_run(self.record.id, self.pgids, 1.0, {os.getpid()})
 
     # -- finalize ------------------------------------------------------------------------------------
-    def _stderr_tail(self) -> str:
-        data = tail.tail_bytes(self.record.path(LOG_DIR, "rank-0.stderr"))
+    def _stderr_tail(self, index: int) -> str:
+        p = self.processes.get(index)
+        data = tail.tail_bytes(self.record.path(p.stderr if p else f"{LOG_DIR}/rank-{index}.stderr"))
         lines = data.decode("utf-8", "replace").replace("\r", "\n").splitlines()
         return "\n".join(lines[-10:])
 
     def _outcome(self) -> dict[str, Any]:
-        rc = self.returncodes.get(0)
         fields: dict[str, Any] = {"exit_code": None, "signal": None, "error": None}
-        if rc is not None:
-            if rc < 0:
-                fields["signal"] = _signal_name(rc)
-            else:
-                fields["exit_code"] = rc
+        failure = self.failure
+        if failure is None and self.returncodes and self.stop_reason is None:
+            failure = None
+        if failure is not None:
+            rc = failure["returncode"]
+            fields["signal" if rc < 0 else "exit_code"] = _signal_name(rc) if rc < 0 else rc
+        elif self.returncodes.get(0) is not None and self.stop_reason in ("canceled", "timeout"):
+            rc = self.returncodes[0]
+            fields["signal" if rc < 0 else "exit_code"] = _signal_name(rc) if rc < 0 else rc
         reason = self.stop_reason
         if reason == "canceled":
             return {"status": CANCELED, **fields, "cancel_reason": self.stop_detail}
         if reason is not None:
             fields["error"] = {"reason": reason, "message": self.stop_detail}
-        elif rc == 0:
-            return {"status": COMPLETED, **fields}
-        elif rc is None:
-            fields["error"] = {"reason": "internal", "message": "the process's exit status was not reported"}
-        elif rc < 0:
-            fields["error"] = {"reason": "signal", "message": f"{self.spec.entry_script} was killed by "
-                                                               f"{fields['signal']}"}
+            if failure is not None:
+                fields["error"].update(rank=failure["rank"], host=failure["host"])
         else:
-            fields["error"] = {"reason": "exit_code", "message": f"{self.spec.entry_script} exited with code {rc}"}
-        stderr_tail = self._stderr_tail()
+            missing = [i for i in self.processes if i not in self.returncodes] or not self.processes
+            if not missing:
+                fields["exit_code"] = 0
+                return {"status": COMPLETED, **fields}
+            fields["error"] = {"reason": "internal", "message": "the processes' exit statuses were not reported"}
+        stderr_tail = self._stderr_tail(failure["index"] if failure else 0)
         if stderr_tail:
             fields["error"]["stderr_tail"] = stderr_tail
         return {"status": FAILED, **fields}
+
+    def _merge_remote_outputs(self) -> None:
+        base = self.record.path(".collect")
+        if not os.path.isdir(base):
+            return
+        import tarfile
+
+        incoming = []
+        ppn = self.spec.process_count_per_node
+        for run in self.runs:
+            tar_path = os.path.join(base, f"{run.node}.tar")
+            if not os.path.exists(tar_path):
+                continue
+            dest = os.path.join(base, str(run.node))
+            try:
+                with tarfile.open(tar_path) as tar:
+                    if hasattr(tarfile, "data_filter"):
+                        tar.extractall(dest, filter="data")
+                    else:
+                        tar.extractall(dest)
+            except (OSError, tarfile.TarError) as exc:
+                self.warnings.append(f"the outputs from host {run.name} could not be unpacked: {exc} "
+                                     f"(kept in {tar_path})")
+                continue
+            os.unlink(tar_path)
+            incoming.append((run.name, run.node * ppn, dest))
+        shared = [run for run in self.runs if run.shared]
+        work_rank = shared[0].node * ppn if shared else 1 << 30
+        work_host = shared[0].name if shared else "launcher"
+        self.warnings += merge_outputs(self.work_dir, work_rank, work_host, incoming, self.record.dir)
+        shutil.rmtree(base, ignore_errors=True)
 
     def _finalize(self) -> dict[str, Any]:
         record = self.record
@@ -319,6 +615,7 @@ class Supervisor:
         except OSError as exc:
             log.warning("run %s: cannot record Finalizing: %s", record.id, exc)
         try:
+            self._merge_remote_outputs()
             record.collect_outputs(self.work_dir)
         except OSError as exc:
             reason = "disk_full" if fsio.is_disk_full(exc) else "collect_failed"
@@ -333,6 +630,11 @@ class Supervisor:
                 outcome.pop("cancel_reason", None)
         else:
             shutil.rmtree(self.work_dir, ignore_errors=True)
+        for warning in self.warnings:
+            log.warning("run %s: %s", record.id, warning)
+            record.event("warning", message=warning)
+        if self.warnings:
+            outcome["warnings"] = self.warnings
         outcome["ended"] = now_iso()
         record.release_reserve()
         current = record.read_status(check_lease=False) or {}

@@ -28,14 +28,45 @@ def write_text(stream: TextIO, text: str) -> None:
         stream.write(text.encode(encoding, "replace").decode(encoding))
 
 
-class Follower:
-    """Follows one file from its start, writing new content to ``stream`` on each :meth:`poll`."""
+PARTIAL_LINE_DELAY = 0.5  # a prefixed line without its newline yet is shown after this long
 
-    def __init__(self, path: str, stream: TextIO) -> None:
+
+class Follower:
+    """Follows one file from its start, writing new content to ``stream`` on each :meth:`poll`.
+
+    With a ``prefix`` (``"[rank 3] "``), every line gets it; a partial line is held until its newline
+    comes, for at most :data:`PARTIAL_LINE_DELAY` (then it is shown as a line of its own, so a
+    progress bar or prompt without a newline still appears), and flushed at the end.
+    """
+
+    def __init__(self, path: str, stream: TextIO, prefix: str = "") -> None:
         self.path = path
         self.stream = stream
+        self.prefix = prefix
         self._fh = None
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._partial = ""
+        self._partial_since = 0.0
+
+    def _write(self, text: str, final: bool = False) -> None:
+        if not self.prefix:
+            if text:
+                write_text(self.stream, text)
+            return
+        if text:
+            if not self._partial:
+                self._partial_since = time.monotonic()
+            text = self._partial + text
+            cut = text.rfind("\n") + 1
+            if cut:
+                prefix = self.prefix
+                write_text(self.stream, prefix + text[:cut - 1].replace("\n", "\n" + prefix) + "\n")
+                if cut < len(text):
+                    self._partial_since = time.monotonic()
+            self._partial = text[cut:]
+        if self._partial and (final or time.monotonic() - self._partial_since >= PARTIAL_LINE_DELAY):
+            write_text(self.stream, self.prefix + self._partial + "\n")
+            self._partial = ""
 
     def poll(self, final: bool = False, budget: int = 8 * _CHUNK) -> int:
         """Copy what was appended since the last call (at most ``budget`` bytes unless ``final``)."""
@@ -50,9 +81,11 @@ class Follower:
             if not chunk:
                 break
             done += len(chunk)
-            write_text(self.stream, self._decoder.decode(chunk))
+            self._write(self._decoder.decode(chunk))
         if final:
-            write_text(self.stream, self._decoder.decode(b"", final=True))
+            self._write(self._decoder.decode(b"", final=True), final=True)
+        elif self._partial:
+            self._write("")
         if done or final:
             self.stream.flush()
         return done
@@ -63,16 +96,17 @@ class Follower:
             self._fh = None
 
 
-def follow_files(pairs: Callable[[], list[tuple[str, TextIO]]], finished: Callable[[], bool],
+def follow_files(pairs: Callable[[], list[tuple[str, TextIO, str]]], finished: Callable[[], bool],
                  interval: float = 0.2) -> None:
-    """Follow the files ``pairs()`` names (re-asked each round) until ``finished()``, then drain them."""
+    """Follow the files ``pairs()`` names as (path, stream, line prefix), re-asked each round, until
+    ``finished()``, then drain them."""
     followers: dict[str, Follower] = {}
     try:
         while True:
             done = finished()
-            for path, stream in pairs():
+            for path, stream, prefix in pairs():
                 if path not in followers:
-                    followers[path] = Follower(path, stream)
+                    followers[path] = Follower(path, stream, prefix)
             moved = sum(f.poll(final=done) for f in followers.values())
             if done:
                 return

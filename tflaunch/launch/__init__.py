@@ -1,8 +1,9 @@
-"""Launch backends: start a host's processes through a tflaunch agent (:mod:`tflaunch.agent`).
+"""Launch backends: start a tflaunch agent (:mod:`tflaunch.agent`) on each host and talk to it.
 
 Every backend produces an :class:`AgentConnection`: commands go to the agent's stdin, events come
 back on its stdout, and closing the connection (or losing it) makes the agent stop the run's
-processes. Only the local backend exists so far (:mod:`tflaunch.launch.local`).
+processes. Backends: :mod:`tflaunch.launch.local` (a child process) and :mod:`tflaunch.launch.ssh`
+(the OpenSSH client); :mod:`tflaunch.launch.group` drives the agents of a run together.
 """
 from __future__ import annotations
 
@@ -12,23 +13,16 @@ import subprocess
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
-    from typing import Any
+    from typing import IO, Any
 
 __all__ = ["AgentConnection", "agent_payload", "BOOTSTRAP"]
 
 # Run by `python -I -S -c BOOTSTRAP`: reads the agent's source (length-prefixed) from stdin and runs it.
+# One line, no single quotes: it travels inside '...' through whatever login shell a remote host has.
 BOOTSTRAP = (
-    "# tflaunch agent\n"
-    "import os, json, select, signal\n"  # the agent's imports, loaded while it waits for its source
-    "def _r(n):\n"
-    "    b = b''\n"
-    "    while len(b) < n:\n"
-    "        c = os.read(0, n - len(b))\n"
-    "        if not c:\n"
-    "            raise SystemExit(3)\n"
-    "        b += c\n"
-    "    return b\n"
-    "exec(compile(_r(int(_r(10))), 'tflaunch-agent', 'exec'))\n"
+    'import os,json,select,signal;'  # the agent's imports, loaded while it waits for its source
+    'R=lambda n,b=b"":b if len(b)>=n else R(n,b+(os.read(0,n-len(b)) or os._exit(3)));'
+    'exec(compile(R(int(R(10))),"tflaunch-agent","exec"))'
 )
 
 
@@ -36,32 +30,49 @@ def _framed(data: bytes) -> bytes:
     return b"%010d" % len(data) + data
 
 
-def agent_payload(spec: dict[str, Any]) -> bytes:
-    """What to write to a freshly started BOOTSTRAP interpreter: the agent's source, then the spec."""
+def agent_payload(setup: dict[str, Any]) -> bytes:
+    """What to write to a freshly started BOOTSTRAP interpreter: the agent's source, then the setup."""
     from .. import agent  # its loader reads the file from a directory or from the zipapp alike
 
     source = agent.__loader__.get_source(agent.__name__)  # type: ignore[union-attr]
     if source is None:
         raise RuntimeError("the source of tflaunch/agent.py is not available")
-    return _framed(source.encode("utf-8")) + _framed(json.dumps(spec).encode("ascii"))
+    return _framed(source.encode("utf-8")) + _framed(json.dumps(setup).encode("ascii"))
 
 
 class AgentConnection:
-    """A running agent: send commands, read events without blocking."""
+    """A running agent on ``host``: send commands, read events without blocking.
 
-    def __init__(self, popen: subprocess.Popen) -> None:
+    ``diagnostics`` is a file that receives the agent's (or ssh's) stderr, read back for error messages.
+    """
+
+    def __init__(self, popen: subprocess.Popen, host: str = "localhost", *, local: bool = True,
+                 diagnostics: IO[bytes] | None = None) -> None:
         self.popen = popen
+        self.host = host
+        self.local = local
+        self.diagnostics = diagnostics
         self.eof = False
         self.done = False
         self._buf = b""
+        self._need: dict[str, Any] | None = None  # an event waiting for its n bytes
         os.set_blocking(popen.stdout.fileno(), False)
 
     def fileno(self) -> int:
         return self.popen.stdout.fileno()
 
-    def send(self, obj: dict[str, Any]) -> bool:
+    def start(self, setup: dict[str, Any]) -> None:
+        """Send the agent its source and setup (raises OSError if it is already gone)."""
+        self.popen.stdin.write(agent_payload(setup))
+        self.popen.stdin.flush()
+
+    def send(self, obj: dict[str, Any], data: bytes | None = None) -> bool:
+        if data is not None:
+            obj = {**obj, "n": len(data)}
         try:
             self.popen.stdin.write((json.dumps(obj) + "\n").encode("ascii"))
+            if data:
+                self.popen.stdin.write(data)
             self.popen.stdin.flush()
             return True
         except (OSError, ValueError):
@@ -74,26 +85,59 @@ class AgentConnection:
         return self.send({"cmd": "kill"})
 
     def read_events(self) -> list[dict[str, Any]]:
-        """Events that arrived since the last call; sets :attr:`eof` when the agent's output ends."""
-        events = []
+        """Events that arrived since the last call; sets :attr:`eof` when the agent's output ends.
+
+        An event that carries bytes has them under ``"data"``.
+        """
         while not self.eof:
             try:
-                chunk = os.read(self.fileno(), 65536)
+                chunk = os.read(self.fileno(), 1 << 20)
             except BlockingIOError:
                 break
             if not chunk:
                 self.eof = True
                 break
             self._buf += chunk
-        while b"\n" in self._buf:
-            line, self._buf = self._buf.split(b"\n", 1)
+        events = []
+        buf = self._buf
+        while True:
+            if self._need is not None:
+                n = self._need["n"]
+                if len(buf) < n:
+                    break
+                self._need["data"], buf = buf[:n], buf[n:]
+                events.append(self._need)
+                self._need = None
+                continue
+            line, sep, rest = buf.partition(b"\n")
+            if not sep:
+                break
+            buf = rest
             try:
                 event = json.loads(line)
             except ValueError:
                 continue
+            if not isinstance(event, dict):
+                continue
+            if event.get("n"):
+                self._need = event
+                continue
             self.done = self.done or event.get("event") == "done"
             events.append(event)
+        self._buf = buf
         return events
+
+    def stderr_tail(self, limit: int = 2000) -> str:
+        """The last lines the agent (or ssh) wrote to stderr."""
+        if self.diagnostics is None:
+            return ""
+        try:
+            self.diagnostics.flush()
+            size = os.fstat(self.diagnostics.fileno()).st_size
+            data = os.pread(self.diagnostics.fileno(), limit, max(0, size - limit))
+        except (OSError, ValueError):
+            return ""
+        return data.decode("utf-8", "replace").strip()
 
     def close(self, timeout: float = 5.0) -> None:
         """Close our end (the agent stops whatever is left) and reap the agent."""
@@ -102,11 +146,10 @@ class AgentConnection:
                 stream.close()
             except OSError:
                 pass
-        if self.done:
-            self.popen.wait()  # it exits right after "done"; a blocking wait does not poll-sleep
-            return
         try:
             self.popen.wait(timeout)
         except subprocess.TimeoutExpired:
             self.popen.kill()
             self.popen.wait()
+        if self.diagnostics is not None:
+            self.diagnostics.close()

@@ -6,46 +6,44 @@ import subprocess
 import sys
 
 from ..plan import ProcessPlan
-from . import BOOTSTRAP, AgentConnection, agent_payload
+from . import BOOTSTRAP, AgentConnection
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
     from typing import IO, Sequence
 
-__all__ = ["spawn_agent", "start_local"]
+__all__ = ["spawn_agent", "discard_agent", "start_local"]
 
 
-def spawn_agent(log: IO[bytes] | int | None = None) -> subprocess.Popen:
-    """Start an agent interpreter that waits for its source and spec on stdin.
+def spawn_agent(log: IO[bytes] | int | None = None, python: str | None = None) -> subprocess.Popen:
+    """Start an agent interpreter that waits for its source and setup on stdin.
 
     Starting it early (``tflaunch run`` does so before taking the snapshot) hides its start-up time;
     closing its stdin unused makes it exit.
     """
-    return subprocess.Popen([sys.executable, "-I", "-S", "-c", BOOTSTRAP], stdin=subprocess.PIPE,
+    return subprocess.Popen([python or sys.executable, "-I", "-S", "-c", BOOTSTRAP], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=log, start_new_session=True, close_fds=True)
 
 
 def discard_agent(popen: subprocess.Popen) -> None:
-    """Dispose of an agent from :func:`spawn_agent` that was never given a spec."""
+    """Dispose of an agent that was never given a setup."""
     for stream in (popen.stdin, popen.stdout):
         stream.close()
     popen.wait()
 
 
+def process_spec(p: ProcessPlan, run_dir: str | None) -> dict:
+    """The agent's view of a process; ``run_dir`` None = relay its output over the connection."""
+    return {"index": p.index, "argv": p.argv, "cwd": p.cwd, "env": p.env,
+            "stdout": os.path.join(run_dir, p.stdout) if run_dir else None,
+            "stderr": os.path.join(run_dir, p.stderr) if run_dir else None}
+
+
 def start_local(processes: Sequence[ProcessPlan], *, token: str, run_dir: str, grace: float,
                 orphan_grace: float, log: IO[bytes] | int | None = None,
                 agent: subprocess.Popen | None = None) -> AgentConnection:
-    """Have an agent (``agent``, or a new one) start ``processes``; their output goes to files in ``run_dir``."""
-    spec = {
-        "token": token,
-        "grace": grace,
-        "orphan_grace": orphan_grace,
-        "processes": [{"index": p.index, "argv": p.argv, "cwd": p.cwd, "env": p.env,
-                       "stdout": os.path.join(run_dir, p.stdout), "stderr": os.path.join(run_dir, p.stderr)}
-                      for p in processes],
-    }
-    popen = agent or spawn_agent(log)
-    connection = AgentConnection(popen)
-    popen.stdin.write(agent_payload(spec))
-    popen.stdin.flush()
+    """Have an agent (``agent``, or a new one) start ``processes`` at once; output goes to files in ``run_dir``."""
+    connection = AgentConnection(agent or spawn_agent(log))
+    connection.start({"token": token, "grace": grace, "orphan_grace": orphan_grace,
+                      "processes": [process_spec(p, run_dir) for p in processes]})
     return connection

@@ -1,0 +1,269 @@
+"""Many processes on many hosts: placement, fail fast, no orphans anywhere, files across hosts.
+
+Remote hosts are real: sshd in network namespaces (``netns_hosts``: h1 and h2 share the filesystem
+with the launcher, h3 does not) and on loopback (``ssh_loopback``), see tests/infra/hosts.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, cli_env, pids_with_token, show, wait_for_file, wait_no_processes
+
+RANKED = """\
+import os, sys, time
+rank = int(os.environ["TFLAUNCH_RANK"])
+mode = sys.argv[1]
+marks = os.environ.get("MARK_DIR")
+if marks:
+    open(os.path.join(marks, f"up-{rank}"), "w").write(os.environ["TFLAUNCH_RUN_ID"])
+print(f"rank {rank} of {os.environ['TFLAUNCH_WORLD_SIZE']} up", flush=True)
+if mode == "fail" and rank == 2:
+    time.sleep(1)
+    print("rank 2 gives up", file=sys.stderr, flush=True)
+    sys.exit(3)
+if mode == "stubborn":
+    import signal
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if rank == 1:
+        time.sleep(1)
+        sys.exit(5)
+if mode == "ok":
+    os.makedirs("outputs", exist_ok=True)
+    with open("outputs/shared.txt", "w") as fh:
+        fh.write(f"rank {rank}")
+    with open(f"outputs/rank-{rank}.txt", "w") as fh:
+        fh.write(os.uname().nodename)
+    sys.exit(0)
+time.sleep(120)
+"""
+
+
+@pytest.fixture
+def ranked(project, tmp_path, home):
+    src = project(**{"ranked.py": RANKED})
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    return src, marks, cli_env(home, MARK_DIR=str(marks))
+
+
+def _run(env, *args, timeout=60):
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "tflaunch", "run", *args], env=env, capture_output=True,
+                            text=True, timeout=timeout)
+    return result, time.monotonic() - start
+
+
+def _ssh(hosts):
+    return ["--ssh-config", hosts.config]
+
+
+def _last_run(home: Path) -> str:
+    return sorted(p.name for p in (home / "runs").iterdir() if not p.name.startswith("."))[-1]
+
+
+# -- local ---------------------------------------------------------------------------------------------
+def test_eight_local_processes_prefix_and_log_files(ranked, cli, home):
+    src, marks, env = ranked
+    result, _ = _run(env, "--source-dir", str(src), "--nodes", "1", "--procs-per-node", "8", "ranked.py", "ok")
+    assert result.returncode == 0, result.stderr
+    for rank in range(8):
+        assert f"[rank {rank}] rank {rank} of 8 up\n" in result.stdout
+    run = show(cli, _last_run(home))
+    assert run["status"] == "Completed" and run["exit_code"] == 0
+    logs = Path(run["run_dir"]) / "tflaunch_logs"
+    assert (logs / "rank-5.stdout").read_text() == "rank 5 of 8 up\n"  # raw, no prefix, in the record
+    assert len(list((Path(run["run_dir"]) / "outputs").glob("rank-*.txt"))) == 8
+
+
+def test_fail_fast_names_the_failing_rank(ranked, cli, home):
+    src, marks, env = ranked
+    result, took = _run(env, "--source-dir", str(src), "--procs-per-node", "4", "ranked.py", "fail")
+    assert result.returncode == 3, result.stderr
+    assert took < 1 + 2 + 1.5, took  # 1 s of work, 2 s to notice and stop (+ interpreter start-up here)
+    run = show(cli, _last_run(home))
+    error = run["error"]
+    assert run["status"] == "Failed" and run["exit_code"] == 3
+    assert (error["reason"], error["rank"], error["host"]) == ("exit_code", 2, "localhost")
+    assert "rank 2" in error["message"] and "rank 2 gives up" in error["stderr_tail"]
+    assert "rank 2 on host localhost" in result.stderr
+    wait_no_processes(run["id"], timeout=1)
+
+
+def test_a_rank_that_ignores_sigterm_is_killed_after_the_grace(ranked, cli, home):
+    src, marks, env = ranked
+    result, took = _run(env, "--source-dir", str(src), "--procs-per-node", "3", "--grace", "1",
+                        "ranked.py", "stubborn")
+    assert result.returncode == 5
+    assert took < 1 + 1 + 3, took
+    run = show(cli, _last_run(home))
+    assert run["error"]["rank"] == 1  # the ranks killed by the teardown are not the cause
+    wait_no_processes(run["id"], timeout=1)
+
+
+def test_dry_run_plans_a_thousand_hosts_quickly(project, cli, tmp_path):
+    src = project(**{"train.py": ""})
+    hostfile = tmp_path / "hosts.txt"
+    hostfile.write_text("".join(f"node{i:04d} slots=8\n" for i in range(1000)))
+    start = time.monotonic()
+    result = cli("run", "--source-dir", str(src), "--hostfile", str(hostfile), "--dry-run", "--json", "train.py",
+                 check=True)
+    took = time.monotonic() - start
+    plan = json.loads(result.stdout)
+    procs = plan["processes"]
+    assert len(procs) == 8000 and took < 5  # the planner alone: see test_plan
+    p = procs[8 * 517 + 3]
+    assert (p["host"], p["rank"], p["local_rank"], p["role"], p["index"]) == ("node0517", 4139, 3, "worker", 4139)
+    assert p["env"]["TFLAUNCH_WORLD_SIZE"] == "8000" and p["env"]["TFLAUNCH_COORDINATOR"] == "node0000:PORT"
+
+
+def test_slot_check(project, cli, tmp_path):
+    src = project(**{"train.py": ""})
+    result = cli("run", "--source-dir", str(src), "--hosts", "a:2,b:2", "--procs-per-node", "4", "--dry-run", "train.py")
+    assert result.returncode == 2 and "--oversubscribe" in result.stderr
+    ok = cli("run", "--source-dir", str(src), "--hosts", "a:2,b:2", "--procs-per-node", "4", "--oversubscribe",
+             "--dry-run", "--json", "train.py", check=True)
+    assert len(json.loads(ok.stdout)["processes"]) == 8
+
+
+# -- over ssh ------------------------------------------------------------------------------------------
+def test_ssh_fail_fast_across_hosts(netns_hosts, ranked, cli, home):
+    src, marks, env = ranked
+    result, took = _run(env, "--source-dir", str(src), *_ssh(netns_hosts), "--hosts", "h1:2,h2:2",
+                        "ranked.py", "fail")
+    assert result.returncode == 3, result.stderr
+    assert took < 1 + 3 + 2, took
+    run = show(cli, _last_run(home))
+    assert (run["error"]["rank"], run["error"]["host"]) == (2, "h2")
+    assert "rank 2 gives up" in run["error"]["stderr_tail"]
+    wait_no_processes(run["id"], timeout=2)
+
+
+def test_ssh_launcher_sigkill_leaves_nothing_on_any_host(netns_hosts, ranked, cli, home):
+    src, marks, env = ranked
+    env.pop("MARK_DIR")  # h3 cannot see it
+    proc = subprocess.Popen([sys.executable, "-m", "tflaunch", "run", "--source-dir", str(src), *_ssh(netns_hosts),
+                             "--hosts", "h1:2,h3:2,localhost:2", "ranked.py", "sleep"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        run_id = _last_run_when(home)
+        deadline = time.monotonic() + 30
+        while len(pids_with_token(run_id)) < 6:  # every host shares this pid namespace: /proc sees all
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.1)
+        proc.kill()
+        proc.wait()
+        wait_no_processes(run_id, timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert show(cli, run_id)["error"]["reason"] == "launcher_lost"
+
+
+def _last_run_when(home: Path, timeout: float = 30) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (home / "runs").is_dir():
+            runs = [p.name for p in (home / "runs").iterdir() if not p.name.startswith(".")]
+            if runs:
+                return sorted(runs)[-1]
+        time.sleep(0.05)
+    raise AssertionError("no run appeared")
+
+
+def test_ssh_two_runs_cancel_one(netns_hosts, ranked, cli, home, tmp_path):
+    src, marks, env = ranked
+    ids = []
+    for _ in range(2):
+        result = cli("run", "-d", "--source-dir", str(src), *_ssh(netns_hosts), "--hosts", "h1:1,h2:1",
+                     "ranked.py", "sleep", env=env, check=True)
+        ids.append(result.stdout.strip())
+    deadline = time.monotonic() + 30
+    while not all(len(pids_with_token(i)) >= 2 for i in ids):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    ports = [json.loads((Path(show(cli, i)["run_dir"]) / "hosts.json").read_text())[0]["ports"] for i in ids]
+    assert ports[0] and ports[0] != ports[1]  # each run reserved its own
+    cli("runs", "cancel", ids[0], "--wait", check=True)
+    wait_no_processes(ids[0], timeout=5)
+    assert show(cli, ids[0])["status"] == "Canceled"
+    survivors = pids_with_token(ids[1])
+    assert len(survivors) >= 2 and show(cli, ids[1])["status"] == "Running"
+    cli("runs", "cancel", ids[1], "--wait", check=True)
+    wait_no_processes(ids[1], timeout=5)
+
+
+def test_ssh_unreachable_host(netns_hosts, project, cli, home):
+    src = project(**{"train.py": "print('never')\n"})
+    unreachable = netns_hosts.addresses["h1"].rsplit(".", 1)[0] + ".99"
+    start = time.monotonic()
+    result = cli("run", "--source-dir", str(src), *_ssh(netns_hosts), "--connect-timeout", "2",
+                 "--hosts", f"h1,{unreachable}", "train.py")
+    took = time.monotonic() - start
+    assert result.returncode == 1 and took < 2 + 3, (took, result.stderr)
+    assert unreachable in result.stderr.splitlines()[-1]
+    run = show(cli, _last_run(home))
+    assert run["status"] == "Failed" and run["error"]["reason"] == "launch_failed"
+    assert unreachable in run["error"]["message"]
+    stray = subprocess.run(["pgrep", "-f", f"ssh .*{unreachable}"], capture_output=True, text=True).stdout
+    assert not stray.strip()
+    wait_no_processes(run["id"], timeout=2)
+
+
+ECHO = """\
+import json, os, sys
+env = {k: v for k, v in os.environ.items() if k in ("A.B", "MULTI") or k.startswith("BIG")}
+with open(f"args-{os.environ['TFLAUNCH_RANK']}.json", "w") as fh:
+    json.dump({"argv": sys.argv[1:], "a.b": env.get("A.B"), "multi": env.get("MULTI"),
+               "big": sum(len(v) for k, v in env.items() if k.startswith("BIG")), "host": os.uname().nodename}, fh)
+os.makedirs("outputs", exist_ok=True)
+os.replace(f"args-{os.environ['TFLAUNCH_RANK']}.json", f"outputs/args-{os.environ['TFLAUNCH_RANK']}.json")
+"""
+
+
+def test_ssh_arguments_and_environment_arrive_intact(ssh_loopback, project, cli, home, tmp_path):
+    src = project(**{"echo.py": ECHO})
+    pwned = tmp_path / "pwned"
+    nasty = f"'; touch {pwned} #"
+    env_args = ["--env", "A.B=1", "--env", "MULTI=line one\nline 'two' $HOME `id`"]
+    for i in range(20):
+        env_args += ["--env", f"BIG{i}=" + "v" * 10_000]
+    result = cli("run", "--source-dir", str(src), *_ssh(ssh_loopback), "--hosts", "loop1:1,loop2:1", *env_args,
+                 "echo.py", nasty, "$(touch x)", "a b", "", check=True)
+    run = show(cli, _last_run(home))
+    for rank in (0, 1):
+        got = json.loads((Path(run["run_dir"]) / "outputs" / f"args-{rank}.json").read_text())
+        assert got["argv"] == [nasty, "$(touch x)", "a b", ""]
+        assert got["a.b"] == "1" and got["multi"] == "line one\nline 'two' $HOME `id`" and got["big"] == 200_000
+    assert not pwned.exists() and result.returncode == 0
+
+
+def test_ssh_host_without_shared_filesystem(netns_hosts, ranked, cli, home, tmp_path):
+    src, marks, env = ranked
+    env.pop("MARK_DIR")  # h3 cannot see it
+    result, _ = _run(env, "--source-dir", str(src), *_ssh(netns_hosts), "--hosts", "h3:2,h1:2", "ranked.py", "ok")
+    assert result.returncode == 0, result.stderr
+    run = show(cli, _last_run(home))
+    record = Path(run["run_dir"])
+    hosts = {h["name"]: h for h in json.loads((record / "hosts.json").read_text())}
+    assert hosts["h3"]["shared_filesystem"] is False and hosts["h1"]["shared_filesystem"] is True
+    outputs = record / "outputs"
+    assert {p.name for p in outputs.iterdir()} == {"shared.txt"} | {f"rank-{r}.txt" for r in range(4)}
+    assert (outputs / "rank-0.txt").read_text() == "h3" and (outputs / "rank-3.txt").read_text() == "h1"
+    # both hosts wrote outputs/shared.txt: rank 0's host wins, the other copy is kept aside with a warning
+    assert (outputs / "shared.txt").read_text() in ("rank 0", "rank 1")
+    assert (record / "hosts" / "h1" / "outputs" / "shared.txt").read_text() in ("rank 2", "rank 3")
+    assert any("outputs/shared.txt" in w for w in run["warnings"])
+    assert "[rank 1] rank 1 of 4 up" in result.stdout
+    assert (record / "tflaunch_logs" / "rank-1.stdout").read_text() == "rank 1 of 4 up\n"  # relayed
+    leftovers = subprocess.run(["ssh", "-F", netns_hosts.config, "h3", f"ls /tmp/tflaunch-{os.getuid()}"],
+                               capture_output=True, text=True)
+    assert run["id"] not in leftovers.stdout  # removed after collection

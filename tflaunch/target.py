@@ -1,0 +1,109 @@
+"""Compute targets: where a job's processes run (``compute_target=`` of an estimator).
+
+``"local"`` (or ``None``) is this machine, or the hosts of the Slurm/PBS allocation tflaunch runs in;
+:class:`SSHTarget` is a list of hosts reached with the OpenSSH client. :func:`resolve_target` turns
+either into the recorded form (``JobSpec.compute_target``): the hosts the job uses, how to reach them.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+from .errors import SpecError
+from .hosts import Host, discover, parse_hostfile, parse_hosts, select_hosts
+from .launch.ssh import DEFAULT_CONNECT_TIMEOUT, SshOptions
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
+    from typing import Any
+
+__all__ = ["SSHTarget", "resolve_target"]
+
+
+class SSHTarget:
+    """Hosts reached over SSH, each with a number of slots (processes it takes).
+
+    ``hosts``: ``["node1:4", "node2:4"]``, ``"node1:4,node2:4"`` or :class:`~tflaunch.hosts.Host`
+    objects. ``ssh_port``/``ssh_options`` (``"KEY=VALUE"`` each, passed as ``-o``)/``ssh_config`` (``-F``)
+    /``connect_timeout`` tune the ssh client; the user's ``~/.ssh/config`` applies otherwise.
+    ``oversubscribe`` allows more processes per host than slots; ``keep_remote`` keeps the per-run
+    scratch directories on hosts without a shared filesystem; ``remote_scratch`` is where those go
+    (default: ``$TMPDIR`` or ``/tmp`` on each host).
+    """
+
+    def __init__(self, hosts: Sequence[str | Host] | str, *, ssh_port: int | None = None,
+                 ssh_options: Sequence[str] = (), ssh_config: str | os.PathLike | None = None,
+                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, oversubscribe: bool = False,
+                 keep_remote: bool = False, remote_scratch: str | None = None, source: str = "hosts") -> None:
+        if isinstance(hosts, str):
+            parsed = parse_hosts(hosts, source)
+        elif isinstance(hosts, Sequence) and hosts:
+            parsed = []
+            for item in hosts:
+                if isinstance(item, Host):
+                    parsed.append(item)
+                elif isinstance(item, str):
+                    parsed += parse_hosts(item, source)
+                else:
+                    raise SpecError(f"{source}: expected 'HOST' or 'HOST:SLOTS' strings, got {item!r}")
+            parse_hosts(",".join(f"{h.name}:{h.slots}" if ":" not in h.name else f"[{h.name}]:{h.slots}"
+                                 for h in parsed), source)  # the same checks (duplicates, names) for every form
+        else:
+            raise SpecError(f"{source}: give at least one host, got {hosts!r}")
+        self.hosts: list[Host] = parsed
+        if ssh_port is not None and (isinstance(ssh_port, bool) or not isinstance(ssh_port, int)
+                                     or not 0 < ssh_port < 65536):
+            raise SpecError(f"ssh_port (--ssh-port): must be a port number 1-65535, got {ssh_port!r}")
+        options = list(ssh_options)
+        for option in options:
+            if not isinstance(option, str) or "=" not in option or option.startswith("-"):
+                raise SpecError(f"ssh_options (--ssh-option): expected KEY=VALUE (as ssh -o takes it), got {option!r}")
+        if ssh_config is not None:
+            ssh_config = os.path.abspath(os.fspath(ssh_config))
+            if not os.path.isfile(ssh_config):
+                raise SpecError(f"ssh_config (--ssh-config): {ssh_config} is not a file")
+        if isinstance(connect_timeout, bool) or not isinstance(connect_timeout, (int, float)) or connect_timeout <= 0:
+            raise SpecError(f"connect_timeout (--connect-timeout): must be a number of seconds > 0, got {connect_timeout!r}")
+        self.ssh = SshOptions(port=ssh_port, options=options, config=ssh_config, connect_timeout=float(connect_timeout))
+        self.oversubscribe = bool(oversubscribe)
+        self.keep_remote = bool(keep_remote)
+        self.remote_scratch = remote_scratch
+        self.source = source
+
+    @classmethod
+    def from_hostfile(cls, path: str | os.PathLike, **kwargs: Any) -> SSHTarget:
+        """Hosts from an Open MPI / horovodrun / DeepSpeed hostfile (``host slots=N`` lines)."""
+        path = os.fspath(path)
+        return cls(parse_hostfile(path), source=f"hostfile {path}", **kwargs)
+
+    def __repr__(self) -> str:
+        return f"SSHTarget(hosts={[f'{h.name}:{h.slots}' for h in self.hosts]!r})"
+
+
+def resolve_target(target: Any, node_count: int, procs_per_node: int,
+                   env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The recorded compute target: the ``node_count`` hosts used and how to reach them.
+
+    ``None``/``"local"``: the Slurm or PBS allocation tflaunch runs in, else this machine.
+    """
+    if isinstance(target, SSHTarget):
+        hosts = select_hosts(target.hosts, node_count, procs_per_node, oversubscribe=target.oversubscribe,
+                             source=target.source)
+        return {"kind": "ssh", "source": target.source, "hosts": [[h.name, h.slots] for h in hosts],
+                "ssh": target.ssh.to_dict(), "keep_remote": target.keep_remote,
+                "remote_scratch": target.remote_scratch}
+    if target is not None and not (isinstance(target, str) and target.lower() == "local"):
+        raise SpecError(f"compute_target (--compute-target): {target!r} is not supported; "
+                        "give 'local' or an SSHTarget(hosts=[...])")
+    found, source = discover(env)
+    hosts = select_hosts(found, node_count, procs_per_node, source=source)
+    return {"kind": "local" if found is None else "ssh", "source": source,
+            "hosts": [[h.name, h.slots] for h in hosts], "ssh": SshOptions().to_dict(), "keep_remote": False,
+            "remote_scratch": None}
+
+
+def target_hosts(compute_target: Mapping[str, Any] | None) -> list[Host]:
+    """The hosts of a recorded compute target (this machine when there is none)."""
+    if not compute_target:
+        return [Host("localhost", 1)]
+    return [Host(str(name), int(slots)) for name, slots in compute_target["hosts"]]
