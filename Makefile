@@ -25,7 +25,9 @@ demo: $(VENV)/.demo-installed
 	    --data-folder "$(CURDIR)/data/mnist" --epochs 10
 	$(PY) -m tflaunch runs list --experiment tf-mnist --limit 5
 
+# tests/infra/setup.sh installs sshd/iproute2 when run as root (real ssh hosts for the tests), else warns
 test: $(VENV)/.test-installed
+	sh tests/infra/setup.sh
 	$(PY) -m pytest tests
 
 # Single-file build: dist/tflaunch.pyz runs with a bare python3 (>= 3.9), nothing installed.
@@ -49,6 +51,9 @@ bench: $(VENV)/.test-installed bench/.venv-mlflow/bin/python
 	$(PY) bench/snapshot.py
 	$(PY) bench/snapshot.py --dir bench/work
 	$(PY) bench/list_runs.py
+	$(PY) bench/multi_launch.py
+	$(PY) bench/fail_fast.py
+	$(PY) bench/log_pump.py --ssh
 
 clean:
 	rm -rf build dist .pytest_cache

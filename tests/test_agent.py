@@ -81,3 +81,87 @@ def test_spawn_failure_is_reported(tmp_path):
     events = _events(agent, "done")
     agent.close()
     assert events[1]["event"] == "spawn_failed" and "no-such-interpreter" in events[1]["error"]
+
+
+def _setup_agent(**setup):
+    from tflaunch.launch import AgentConnection
+    from tflaunch.launch.local import spawn_agent
+    conn = AgentConnection(spawn_agent())
+    conn.start({"grace": 5, "orphan_grace": 1, **setup})
+    return conn
+
+
+def test_relay_upload_collect_and_ports(tmp_path):
+    """What a remote agent does: reserve ports, receive files, relay output, send outputs back, clean up."""
+    import io
+    import socket
+    import tarfile
+
+    scratch_root = tmp_path / "scratch"
+    probe = tmp_path / "probe"
+    probe.write_text("secret")
+    conn = _setup_agent(token="tok-remote", agent_id=1, ports=2, scratch_root=str(scratch_root),
+                        probe={"path": str(probe), "content": "other"})
+    hello = _events(conn, "hello")[-1]
+    assert hello["shared"] is False and hello["hostname"] == os.uname().nodename
+    assert len(set(hello["ports"])) == 2
+    for port in hello["ports"]:  # held: nobody else can take them until the processes start
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                pass
+            else:
+                raise AssertionError(f"port {port} was not held")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        data = b"import os, sys\nprint('out', os.environ['TFLAUNCH_AGENT_ID']); print('err', file=sys.stderr)\n" \
+               b"os.makedirs('outputs'); open('outputs/m.txt', 'w').write('model')\n"
+        info = tarfile.TarInfo("job.py")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    work = os.path.join(hello["scratch"], "work")
+    assert conn.send({"cmd": "data"}, buf.getvalue()) and conn.send({"cmd": "unpack", "dest": work})
+    _events(conn, "unpacked")
+    conn.send({"cmd": "start", "processes": [{"index": 0, "argv": [sys.executable, "job.py"], "cwd": work,
+                                               "env": {}, "stdout": None, "stderr": None}]})
+    events = _events(conn, "done")
+    output = {fd: b"".join(e["data"] for e in events if e["event"] == "output" and e["fd"] == fd) for fd in (1, 2)}
+    assert output == {1: b"out tok-remote:1\n", 2: b"err\n"}, events
+    conn.send({"cmd": "collect", "dir": work, "names": ["outputs", "logs"]})
+    events = _events(conn, "collected")
+    data = b"".join(e["data"] for e in events if e["event"] == "data")
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        assert tar.extractfile("outputs/m.txt").read() == b"model"
+    conn.send({"cmd": "cleanup"})
+    _events(conn, "cleaned")
+    conn.close()
+    assert not os.path.exists(hello["scratch"])
+
+
+def test_agents_of_one_run_on_one_machine_stop_only_their_own(tmp_path):
+    """Two hosts of a run can be one machine (aliases): the first agent to finish must not kill the other's."""
+    long = _setup_agent(token="tok-shared", agent_id=0)
+    short = _setup_agent(token="tok-shared", agent_id=1)
+    for conn, code in ((long, "import time; time.sleep(30)"), (short, "pass")):
+        conn.send({"cmd": "start", "processes": [{"index": 0, "argv": [sys.executable, "-c", code],
+                                                   "cwd": str(tmp_path), "env": {}, "stdout": None, "stderr": None}]})
+    _events(short, "done")
+    _events(long, "started")
+    assert len(run_pids("tok-shared")) == 1
+    short.close()
+    time.sleep(0.3)
+    assert len(run_pids("tok-shared")) == 1
+    long.close()
+    wait_no_processes("tok-shared", 5)
+
+
+def test_launcher_gone_before_start_removes_a_partial_upload(tmp_path):
+    conn = _setup_agent(token="tok-partial", agent_id=0, scratch_root=str(tmp_path))
+    hello = _events(conn, "hello")[-1]
+    conn.send({"cmd": "data"}, b"x" * 1000)
+    deadline = time.monotonic() + 5
+    while not os.path.exists(hello["scratch"]) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    conn.close()
+    assert not os.path.exists(hello["scratch"])

@@ -73,3 +73,19 @@ def test_tensorflow_estimator_runs_with_the_installed_tensorflow(project, home):
     run = Experiment("tf", home=home).submit(TensorFlow(str(src), entry_script="train.py", framework_version="2"))
     details = run.wait_for_completion(show_output=True, stdout=out, stderr=io.StringIO())
     assert details["framework"]["tensorflow"]["version"].startswith("2.") and " 3\n" in out.getvalue()
+
+
+def test_ssh_target_from_python(ssh_loopback, project, tmp_path):
+    from tflaunch import Estimator, Experiment, SSHTarget, Workspace
+    src = project(**{"train.py": "import os\nprint('rank', os.environ['TFLAUNCH_RANK'], 'of', "
+                                 "os.environ['TFLAUNCH_WORLD_SIZE'])\n"})
+    hostfile = tmp_path / "hosts.txt"
+    hostfile.write_text("# two aliases of one sshd\nloop1 slots=2\nloop2 slots=2")
+    target = SSHTarget.from_hostfile(hostfile, ssh_config=ssh_loopback.config)
+    estimator = Estimator(src, entry_script="train.py", compute_target=target, node_count=2,
+                          process_count_per_node=2)
+    run = Experiment(Workspace(str(tmp_path / "home")), "ssh").submit(estimator)
+    details = run.wait_for_completion(timeout=60)
+    assert details["status"] == "Completed"
+    names = [n for n in run.get_file_names() if n.startswith("tflaunch_logs/rank-")]
+    assert len([n for n in names if n.endswith(".stdout")]) == 4

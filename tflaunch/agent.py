@@ -190,6 +190,11 @@ def spawn(argv, cwd, env, stdout_path, stderr_path):
         raise OSError(int(code or 0), "cannot start %s: %s" % (argv[0], message))
     for fd, _ in relayed:
         os.set_blocking(fd, False)
+        try:  # fewer, larger reads and frames for chatty processes (Linux)
+            import fcntl
+            fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
+        except (ImportError, OSError):
+            pass
     return pid, relayed
 
 
@@ -307,7 +312,7 @@ class Agent:
 
     def relay(self, fd):
         try:
-            data = os.read(fd, 65536)
+            data = os.read(fd, 1 << 20)
         except BlockingIOError:
             return
         except OSError:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-import selectors
+import select
 import shutil
 import signal
 import subprocess
@@ -375,7 +375,7 @@ class Supervisor:
         """Wait up to ``timeout`` for events or signals and handle them."""
         fds = [self._wake_r] + [run.conn.fileno() for run in self.runs if not run.conn.eof]
         try:
-            ready = selectors.select.select(fds, [], [], max(0.0, timeout))[0]
+            ready = select.select(fds, [], [], max(0.0, timeout))[0]
         except InterruptedError:
             ready = []
         if self._wake_r in ready:
@@ -699,8 +699,6 @@ def spawn_detached(record: RunRecord, timeout: float = 60.0) -> int:
 
 
 def _read_with_timeout(fd: int, timeout: float) -> bytes:
-    import select
-
     ready, _, _ = select.select([fd], [], [], timeout)
     return os.read(fd, 64) if ready else b""
 

@@ -1,8 +1,9 @@
 """Showing output: follow growing log files and write what they gain to the console.
 
-Process output is stored as raw bytes (never altered); here it is decoded as UTF-8 with replacement,
-incrementally, so a character split across two reads, invalid bytes, ``\\r`` progress bars and a 10 MB
-line without a newline all come out right.
+Process output is stored as raw bytes (never altered). A console or file gets those bytes unchanged;
+a text-only stream (``io.StringIO``) gets them decoded as UTF-8 with replacement, incrementally, so a
+character split across two reads, invalid bytes, ``\\r`` progress bars and a 10 MB line without a
+newline all come out right.
 """
 from __future__ import annotations
 
@@ -36,37 +37,54 @@ class Follower:
 
     With a ``prefix`` (``"[rank 3] "``), every line gets it; a partial line is held until its newline
     comes, for at most :data:`PARTIAL_LINE_DELAY` (then it is shown as a line of its own, so a
-    progress bar or prompt without a newline still appears), and flushed at the end.
+    progress bar or prompt without a newline still appears), and flushed at the end. A stream with a
+    binary ``buffer`` (a console, a file) gets the bytes as they are, which is exact and fast; other
+    text streams get UTF-8 decoded with replacement.
     """
 
     def __init__(self, path: str, stream: TextIO, prefix: str = "") -> None:
         self.path = path
         self.stream = stream
-        self.prefix = prefix
         self._fh = None
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._partial = ""
+        self._buffer = getattr(stream, "buffer", None)
+        self._binary = self._buffer is not None
+        self._decoder = None if self._binary else codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.prefix: str | bytes = prefix.encode("utf-8") if self._binary else prefix
+        self._nl: str | bytes = b"\n" if self._binary else "\n"
+        self._partial = self._nl[:0]
         self._partial_since = 0.0
 
-    def _write(self, text: str, final: bool = False) -> None:
+    def _emit(self, data: str | bytes) -> None:
+        if self._binary:
+            self.stream.flush()  # whatever was written as text before goes first
+            self._buffer.write(data)  # type: ignore[union-attr]
+        else:
+            write_text(self.stream, data)  # type: ignore[arg-type]
+
+    def _write(self, data: str | bytes, final: bool = False) -> None:
         if not self.prefix:
-            if text:
-                write_text(self.stream, text)
+            if data:
+                self._emit(data)
             return
-        if text:
-            if not self._partial:
+        nl = self._nl
+        if data:
+            if self._partial:
+                data = self._partial + data  # type: ignore[operator]
+            else:
                 self._partial_since = time.monotonic()
-            text = self._partial + text
-            cut = text.rfind("\n") + 1
+            cut = data.rfind(nl) + 1  # type: ignore[arg-type]
             if cut:
                 prefix = self.prefix
-                write_text(self.stream, prefix + text[:cut - 1].replace("\n", "\n" + prefix) + "\n")
-                if cut < len(text):
+                body = data if cut == len(data) else data[:cut]
+                out = body.replace(nl, nl + prefix)  # type: ignore[arg-type]  # each line's end + the next prefix
+                self._emit(prefix)
+                self._emit(memoryview(out)[:len(out) - len(prefix)] if self._binary else out[:len(out) - len(prefix)])
+                if cut < len(data):
                     self._partial_since = time.monotonic()
-            self._partial = text[cut:]
+            self._partial = data[cut:]
         if self._partial and (final or time.monotonic() - self._partial_since >= PARTIAL_LINE_DELAY):
-            write_text(self.stream, self.prefix + self._partial + "\n")
-            self._partial = ""
+            self._emit(self.prefix + self._partial + nl)  # type: ignore[operator]
+            self._partial = nl[:0]
 
     def poll(self, final: bool = False, budget: int = 8 * _CHUNK) -> int:
         """Copy what was appended since the last call (at most ``budget`` bytes unless ``final``)."""
@@ -76,18 +94,21 @@ class Follower:
             except FileNotFoundError:
                 return 0
         done = 0
+        decoder = self._decoder
         while final or done < budget:
             chunk = self._fh.read(_CHUNK)
             if not chunk:
                 break
             done += len(chunk)
-            self._write(self._decoder.decode(chunk))
+            self._write(decoder.decode(chunk) if decoder else chunk)
         if final:
-            self._write(self._decoder.decode(b"", final=True), final=True)
+            self._write(decoder.decode(b"", final=True) if decoder else b"", final=True)
         elif self._partial:
-            self._write("")
+            self._write(self._nl[:0])
         if done or final:
             self.stream.flush()
+            if self._buffer is not None:
+                self._buffer.flush()
         return done
 
     def close(self) -> None:

@@ -54,7 +54,7 @@ class AgentConnection:
         self.diagnostics = diagnostics
         self.eof = False
         self.done = False
-        self._buf = b""
+        self._buf = bytearray()
         self._need: dict[str, Any] | None = None  # an event waiting for its n bytes
         os.set_blocking(popen.stdout.fileno(), False)
 
@@ -89,7 +89,9 @@ class AgentConnection:
 
         An event that carries bytes has them under ``"data"``.
         """
-        while not self.eof:
+        for _ in range(8):  # bounded: a chatty agent must not keep the launcher reading forever
+            if self.eof:
+                break
             try:
                 chunk = os.read(self.fileno(), 1 << 20)
             except BlockingIOError:
@@ -99,20 +101,21 @@ class AgentConnection:
                 break
             self._buf += chunk
         events = []
-        buf = self._buf
+        buf, pos = self._buf, 0  # parse by offset: slicing the rest off after each event would copy it
         while True:
             if self._need is not None:
                 n = self._need["n"]
-                if len(buf) < n:
+                if len(buf) - pos < n:
                     break
-                self._need["data"], buf = buf[:n], buf[n:]
+                self._need["data"] = bytes(buf[pos:pos + n])
+                pos += n
                 events.append(self._need)
                 self._need = None
                 continue
-            line, sep, rest = buf.partition(b"\n")
-            if not sep:
+            end = buf.find(b"\n", pos)
+            if end < 0:
                 break
-            buf = rest
+            line, pos = buf[pos:end], end + 1
             try:
                 event = json.loads(line)
             except ValueError:
@@ -124,7 +127,7 @@ class AgentConnection:
                 continue
             self.done = self.done or event.get("event") == "done"
             events.append(event)
-        self._buf = buf
+        del buf[:pos]  # a bytearray drops its head without copying the rest
         return events
 
     def stderr_tail(self, limit: int = 2000) -> str:
@@ -146,10 +149,16 @@ class AgentConnection:
                 stream.close()
             except OSError:
                 pass
+        if self.done:
+            self.popen.wait()  # it exits right after our end closes; a blocking wait does not poll-sleep
+        else:
+            self._wait_or_kill(timeout)
+        if self.diagnostics is not None:
+            self.diagnostics.close()
+
+    def _wait_or_kill(self, timeout: float) -> None:
         try:
             self.popen.wait(timeout)
         except subprocess.TimeoutExpired:
             self.popen.kill()
             self.popen.wait()
-        if self.diagnostics is not None:
-            self.diagnostics.close()
