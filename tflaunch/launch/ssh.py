@@ -10,9 +10,7 @@ agent's stdin closes and it stops the run's processes on that host.
 """
 from __future__ import annotations
 
-import shlex
 import subprocess
-import tempfile
 from dataclasses import dataclass, field
 
 from . import BOOTSTRAP, AgentConnection
@@ -57,11 +55,15 @@ def ssh_argv(host: str, command: str, options: SshOptions) -> list[str]:
 
 def agent_command(python: str) -> str:
     """The remote shell command line that starts an agent with ``python``."""
+    import shlex
+
     return f"exec {shlex.quote(python)} -I -S -c '{BOOTSTRAP}'"
 
 
 def spawn_ssh_agent(host: str, python: str, options: SshOptions) -> AgentConnection:
     """Start ``ssh HOST`` running an agent that waits for its source and setup on stdin."""
+    import tempfile
+
     diagnostics = tempfile.TemporaryFile()
     popen = subprocess.Popen(ssh_argv(host, agent_command(python), options), stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, stderr=diagnostics, start_new_session=True, close_fds=True)
