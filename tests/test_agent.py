@@ -1,10 +1,8 @@
 """The agent on its own: the protocol, and stopping exactly the run's processes when the launcher goes."""
 from __future__ import annotations
 
-import json
 import os
 import select
-import subprocess
 import sys
 import time
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, cli_env, pids_with_token, show, wait_for_file, wait_no_processes
+from conftest import cli_env, pids_with_token, show, wait_no_processes
 
 RANKED = """\
 import os, sys, time
@@ -267,3 +266,13 @@ def test_ssh_host_without_shared_filesystem(netns_hosts, ranked, cli, home, tmp_
     leftovers = subprocess.run(["ssh", "-F", netns_hosts.config, "h3", f"ls /tmp/tflaunch-{os.getuid()}"],
                                capture_output=True, text=True)
     assert run["id"] not in leftovers.stdout  # removed after collection
+
+
+def test_hosts_come_from_a_slurm_allocation(project, cli, home):
+    src = project(**{"train.py": ""})
+    env = cli_env(home, SLURM_JOB_ID="42", SLURM_JOB_NODELIST="gpu-[09-10]", SLURM_TASKS_PER_NODE="2(x2)")
+    result = cli("run", "--source-dir", str(src), "--dry-run", "--json", "train.py", env=env, check=True)
+    plan = json.loads(result.stdout)
+    assert [(p["host"], p["rank"]) for p in plan["processes"]] == [("gpu-09", 0), ("gpu-09", 1), ("gpu-10", 2),
+                                                                   ("gpu-10", 3)]
+    assert plan["compute_target"]["source"] == "SLURM_JOB_NODELIST"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, cli_env, kill_group, pids_with_token, show, wait_for_file, wait_no_processes, wait_status
+from conftest import cli_env, pids_with_token, show, wait_for_file, wait_no_processes, wait_status
 
 SLEEPER = """
 import os, signal, sys, time

@@ -266,7 +266,7 @@ def _report_end(run: dict[str, Any]) -> None:
 def _print_plan(plan: dict[str, Any]) -> None:
     import shlex
     snap = plan["snapshot"]
-    lines = [f"dry run: nothing started, nothing written",
+    lines = ["dry run: nothing started, nothing written",
              f"experiment: {plan['experiment']}   home: {plan['home']}",
              f"snapshot:   {snap['source_directory']} ({snap['file_count']} files, {snap['total_bytes']} bytes)"]
     lines += [f"  note: {n}" for n in snap["notes"]]

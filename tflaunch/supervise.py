@@ -548,8 +548,6 @@ class Supervisor:
     def _outcome(self) -> dict[str, Any]:
         fields: dict[str, Any] = {"exit_code": None, "signal": None, "error": None}
         failure = self.failure
-        if failure is None and self.returncodes and self.stop_reason is None:
-            failure = None
         if failure is not None:
             rc = failure["returncode"]
             fields["signal" if rc < 0 else "exit_code"] = _signal_name(rc) if rc < 0 else rc
