@@ -1,13 +1,15 @@
 """Small helpers shared by the benchmark scripts (timing, medians, a scratch directory)."""
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -50,3 +52,25 @@ def env_with(**extra: str) -> dict:
 
 def sync() -> None:
     subprocess.run(["sync"], check=False)
+
+
+@contextlib.contextmanager
+def netns_hosts(enabled: bool = True) -> Iterator[Any]:
+    """Two real ssh hosts h1, h2 (sshd in network namespaces, tests/infra/hosts.py), or None when
+    ``enabled`` is false or this machine cannot run them (the reason is printed)."""
+    if not enabled:
+        yield None
+        return
+    from tests.infra.hosts import missing_requirements, start_netns
+    reason = missing_requirements(netns=True)
+    if reason:
+        print(f"ssh: skipped ({reason})")
+        yield None
+        return
+    workdir = f"/var/tmp/tflaunch-bench-{os.getpid()}"
+    hosts = start_netns(workdir, names=("h1", "h2"))
+    try:
+        yield hosts
+    finally:
+        hosts.stop()
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import subprocess
 import sys
 import time
 
-from _util import REPO, env_with, scratch
+from _util import env_with, netns_hosts, scratch
 
 SCRIPT = """\
 import os, sys, time
@@ -65,22 +64,11 @@ def main() -> None:
     env = env_with(TFLAUNCH_HOME=str(work / "home"), STAMP=stamp)
     tfl = [sys.executable, "-m", "tflaunch", "run", "--source-dir", str(src)]
     measure("local, 4 processes", tfl + ["--procs-per-node", "4", "fail.py"], stamp, env, args.repeat, 0.5)
-    if args.no_ssh:
-        return
-    sys.path.insert(0, str(REPO))
-    from tests.infra.hosts import missing_requirements, start_netns
-    reason = missing_requirements(netns=True)
-    if reason:
-        print(f"ssh: skipped ({reason})")
-        return
-    hosts = start_netns(f"/var/tmp/tflaunch-bench-{os.getpid()}", names=("h1", "h2"))
-    try:
-        measure("ssh, 2 hosts x 2 processes", tfl + ["--ssh-config", hosts.config, "--hosts", "h1:2,h2:2",
-                                                     "--env", f"STAMP={stamp}", "fail.py"],
-                stamp, env, args.repeat, 2.0)
-    finally:
-        hosts.stop()
-        shutil.rmtree(f"/var/tmp/tflaunch-bench-{os.getpid()}", ignore_errors=True)
+    with netns_hosts(not args.no_ssh) as hosts:
+        if hosts is not None:
+            measure("ssh, 2 hosts x 2 processes", tfl + ["--ssh-config", hosts.config, "--hosts", "h1:2,h2:2",
+                                                         "--env", f"STAMP={stamp}", "fail.py"],
+                    stamp, env, args.repeat, 2.0)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 
-from _util import REPO, env_with, scratch
+from _util import env_with, netns_hosts, scratch
 
 WRITER = """\
 import os, sys
@@ -79,38 +79,34 @@ def main() -> None:
     out_dir = str(work / "cat")
     os.mkdir(out_dir)
     env = env_with(TFLAUNCH_HOME=str(work / "home"))
-    total_mb = 8 * args.mb
     tfl = [sys.executable, "-m", "tflaunch", "run", "--source-dir", str(src)]
     variants = {"tflaunch, console -> /dev/null": (tfl + ["--procs-per-node", "8", "writer.py", str(args.mb)], os.devnull),
                 "tflaunch, console -> file": (tfl + ["--procs-per-node", "8", "writer.py", str(args.mb)],
                                               str(work / "console.log"))}
-    hosts = None
-    if args.ssh:
-        sys.path.insert(0, str(REPO))
-        from tests.infra.hosts import start_netns
-        hosts = start_netns(f"/var/tmp/tflaunch-bench-{os.getpid()}", names=("h1", "h2"))
-        variants["tflaunch over ssh (relayed), -> /dev/null"] = (
-            tfl + ["--ssh-config", hosts.config, "--hosts", "h1:4,h2:4", "writer.py", str(args.mb)], os.devnull)
-    try:
-        cat, results = [], {name: ([], []) for name in variants}
-        for _ in range(args.repeat):
-            cat.append(run_cat(str(src / "writer.py"), args.mb, out_dir))
-            for name, (argv, console) in variants.items():
-                took, rss = run_tflaunch(argv, env, console)
-                results[name][0].append(took)
-                results[name][1].append(rss)
-                shutil.rmtree(work / "home", ignore_errors=True)
-        base = statistics.median(cat)
-        print(f"8 writers x {args.mb} MB (median of {args.repeat})")
-        print(f"  {'8 x writer | cat > file':44s} {base:6.2f} s  {total_mb / base:7.0f} MB/s")
-        for name, (times, rss) in results.items():
-            t = statistics.median(times)
-            print(f"  {name:44s} {t:6.2f} s  {total_mb / t:7.0f} MB/s  {base / t:5.2f}x of cat"
-                  f"  launcher peak RSS {max(rss):5.1f} MB (goal >= 0.8x, < 60 MB)")
-    finally:
+    with netns_hosts(args.ssh) as hosts:
         if hosts is not None:
-            hosts.stop()
-            shutil.rmtree(f"/var/tmp/tflaunch-bench-{os.getpid()}", ignore_errors=True)
+            variants["tflaunch over ssh (relayed), -> /dev/null"] = (
+                tfl + ["--ssh-config", hosts.config, "--hosts", "h1:4,h2:4", "writer.py", str(args.mb)], os.devnull)
+        measure(variants, str(src / "writer.py"), out_dir, str(work / "home"), env, args.mb, args.repeat)
+
+
+def measure(variants: dict, writer: str, out_dir: str, home: str, env: dict, mb: int, repeat: int) -> None:
+    cat, results = [], {name: ([], []) for name in variants}
+    for _ in range(repeat):
+        cat.append(run_cat(writer, mb, out_dir))
+        for name, (argv, console) in variants.items():
+            took, rss = run_tflaunch(argv, env, console)
+            results[name][0].append(took)
+            results[name][1].append(rss)
+            shutil.rmtree(home, ignore_errors=True)
+    base = statistics.median(cat)
+    total_mb = 8 * mb
+    print(f"8 writers x {mb} MB (median of {repeat})")
+    print(f"  {'8 x writer | cat > file':44s} {base:6.2f} s  {total_mb / base:7.0f} MB/s")
+    for name, (times, rss) in results.items():
+        t = statistics.median(times)
+        print(f"  {name:44s} {t:6.2f} s  {total_mb / t:7.0f} MB/s  {base / t:5.2f}x of cat"
+              f"  launcher peak RSS {max(rss):5.1f} MB (goal >= 0.8x, < 60 MB)")
 
 
 if __name__ == "__main__":

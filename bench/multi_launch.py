@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from _util import REPO, env_with, scratch
+from _util import env_with, netns_hosts, scratch
 
 MARK = "import time, os\nopen(os.environ['MARKS'], 'a').write('%.6f\\n' % time.time())\n"
 PARALLEL = ("import subprocess, sys\nps = [subprocess.Popen([sys.executable, sys.argv[1]]) for _ in range(int(sys.argv[2]))]\n"
@@ -75,16 +75,9 @@ def main() -> None:
         local["mpirun -np 8"] = ["mpirun", "--oversubscribe", "-np", "8", py, str(src / "mark.py")]
     report("8 local processes, command -> all running", compare(local, marks, 8, env, args.repeat),
            "tflaunch run --procs-per-node 8", args.repeat)
-    if args.no_ssh:
-        return
-    sys.path.insert(0, str(REPO))
-    from tests.infra.hosts import missing_requirements, start_netns
-    reason = missing_requirements(netns=True)
-    if reason:
-        print(f"ssh: skipped ({reason})")
-        return
-    hosts = start_netns(f"/var/tmp/tflaunch-bench-{os.getpid()}", names=("h1", "h2"))
-    try:
+    with netns_hosts(not args.no_ssh) as hosts:
+        if hosts is None:
+            return
         raw = [py, "-c", "import subprocess, sys\n"
                "ps = [subprocess.Popen(['ssh', '-F', sys.argv[1], h, f'MARKS={sys.argv[3]} {sys.executable} {sys.argv[2]}'])"
                " for h in ('h1', 'h1', 'h2', 'h2')]\nsys.exit(max(p.wait() for p in ps))\n",
@@ -94,9 +87,6 @@ def main() -> None:
                   "4 x ssh host python (parallel)": raw}
         report("4 processes on 2 ssh hosts, command -> all running", compare(remote, marks, 4, env, args.repeat),
                "tflaunch run --hosts h1:2,h2:2", args.repeat)
-    finally:
-        hosts.stop()
-        shutil.rmtree(f"/var/tmp/tflaunch-bench-{os.getpid()}", ignore_errors=True)
 
 
 if __name__ == "__main__":

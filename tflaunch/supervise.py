@@ -127,7 +127,9 @@ class Supervisor:
         self.stop_reason: str | None = None  # canceled|timeout|launch_failed|agent_lost|internal|external|exit_code|signal
         self.stop_detail = ""
         self.killed = False
-        self.started = False
+        self.started = False  # start commands sent
+        self.running = False  # a process has started (status Running)
+        self.deadline: float | None = None  # max_run_duration_seconds, counted from the first start
         self.warnings: list[str] = []
         self._signals: list[int] = []
         self._interrupts = 0
@@ -400,7 +402,6 @@ class Supervisor:
         interval = float(lease.get("interval", 2.0))
         next_beat = time.monotonic() + interval
         next_cancel_poll = time.monotonic() + CANCEL_POLL
-        self.deadline: float | None = None
         while not all(run.finished for run in self.runs):
             now = time.monotonic()
             wait = min(next_beat, next_cancel_poll) - now
@@ -450,8 +451,8 @@ class Supervisor:
             if run.conn.local:
                 self.pgids.add(int(event["pid"]))
             self.record.event("process_started", index=event.get("index"), pid=event.get("pid"), host=run.name)
-            if not getattr(self, "_running", False):
-                self._running = True
+            if not self.running:
+                self.running = True
                 self.record.write_status(RUNNING, started=now_iso())
                 if self.spec.max_run_duration_seconds:
                     self.deadline = time.monotonic() + float(self.spec.max_run_duration_seconds)
