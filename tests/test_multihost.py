@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -165,6 +166,9 @@ def test_ssh_launcher_sigkill_leaves_nothing_on_any_host(netns_hosts, ranked, cl
             proc.kill()
             proc.wait()
     assert show(cli, run_id)["error"]["reason"] == "launcher_lost"
+    kept = Path(f"/tmp/tflaunch-{os.getuid()}/{run_id}-1")  # h3's copy, kept for recovery (by design)
+    assert (kept / "work" / "ranked.py").exists()
+    shutil.rmtree(kept)
 
 
 def _last_run_when(home: Path, timeout: float = 30) -> str:

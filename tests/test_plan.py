@@ -25,7 +25,8 @@ def test_gpu_visibility():
     cpu = Estimator("/s", entry_script="t.py").job_spec()
     gpu = Estimator("/s", entry_script="t.py", use_gpu=True).job_spec()
     assert plan(cpu, CTX)[0].env["CUDA_VISIBLE_DEVICES"] == ""
-    assert "CUDA_VISIBLE_DEVICES" not in plan(gpu, CTX)[0].env
+    assert plan(gpu, CTX, gpus={"localhost": ["0", "1"]})[0].env["CUDA_VISIBLE_DEVICES"] == "0,1"
+    assert plan(gpu, CTX)[0].env["CUDA_VISIBLE_DEVICES"] == "GPUS"  # not known yet (--dry-run, remote host)
 
 
 def test_ranks_are_host_major():

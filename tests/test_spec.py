@@ -39,8 +39,12 @@ def test_invalid_script_params_name_the_field(params, fragment):
     (dict(environment_variables={"A=B": "1"}), "invalid variable name"),
     (dict(environment_variables={"A": None}), "A: value must be a string"),
     (dict(compute_target="gpu-cluster"), "compute_target (--compute-target): 'gpu-cluster' is not supported"),
-    (dict(distributed_training=TensorflowConfiguration(worker_count=2, parameter_server_count=1)),
-     "TensorflowConfiguration with 3 processes is not available"),
+    (dict(distributed_training=MpiConfiguration(), node_count=2),
+     "MpiConfiguration with 2 processes is not available"),
+    (dict(distributed_training=TensorflowConfiguration(2, 1), process_count_per_node=2),
+     "process_count_per_node (--procs-per-node): does not apply to a parameter-server job"),
+    (dict(gpus_per_node=2), "gpus_per_node (--gpus-per-node): only meaningful with use_gpu=True"),
+    (dict(use_gpu=True, gpus_per_node=0), "gpus_per_node (--gpus-per-node): must be an integer >= 1"),
     (dict(distributed_training="mpi"), "distributed_training: must be MpiConfiguration()"),
     (dict(entry_script=""), "entry_script"),
 ])
@@ -60,10 +64,14 @@ def test_single_process_distributed_placeholders_are_accepted():
 def test_tensorflow_framework_version_format_and_backend():
     with pytest.raises(SpecError, match="framework_version .*must look like"):
         TensorFlow("src", entry_script="t.py", framework_version="latest")
-    with pytest.raises(SpecError, match="distributed_backend: must be 'mpi' or 'ps'"):
+    with pytest.raises(SpecError, match="distributed_backend: must be 'mpi', 'ps' or 'multiworker'"):
         TensorFlow("src", entry_script="t.py", distributed_backend="nccl")
-    with pytest.raises(SpecError, match="TensorflowConfiguration with 2 processes is not available"):
-        TensorFlow("src", entry_script="t.py", distributed_backend="ps")  # reference default: 1 worker + 1 ps
+    est = TensorFlow("src", entry_script="t.py", distributed_backend="ps")  # reference default: 1 worker + 1 ps
+    assert est.distributed_training.to_dict()["worker_count"] == 1 and est.job_spec().world_size == 2
+    est = TensorFlow("src", entry_script="t.py", distributed_backend="multiworker", process_count_per_node=3)
+    assert est.job_spec().world_size == 3 and est.job_spec().distributed["backend"] == "multiworker"
+    with pytest.raises(SpecError, match="worker_count/parameter_server_count: a multiworker job"):
+        TensorFlow("src", entry_script="t.py", distributed_backend="multiworker", worker_count=2)
     spec = TensorFlow("src", entry_script="t.py", framework_version="2.21").job_spec()
     assert spec.framework == {"name": "tensorflow", "version": "2.21"}
 

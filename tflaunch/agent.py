@@ -18,12 +18,14 @@ Protocol. stdin: the setup (10 ASCII digits giving its length, then JSON), then 
 object per line; a command with ``"n": N`` is followed by N raw bytes. stdout: events, same framing.
 
 - setup: ``{"token", "agent_id", "grace", "orphan_grace", "probe": {"path", "content"} | null, "ports": N,
-  "scratch_root": dir | null, "processes": [...] (optional: start at once)}``
+  "scratch_root": dir | null, "gpus": bool (report this host's GPUs), "processes": [...] (optional: start
+  at once)}``
 - process: ``{"index", "argv", "cwd", "env" (added to the agent's environment), "stdout", "stderr"}``
   where the streams are file paths (appended to) or null (relayed as ``output`` events)
-- commands: ``start {processes}``, ``terminate {grace}``, ``kill``, ``data`` + bytes (a tar upload),
+- commands: ``start {processes}``, ``terminate {grace, indices (optional: only these processes)}``,
+  ``kill``, ``data`` + bytes (a tar upload),
   ``unpack {dest}``, ``collect {dir, names}``, ``cleanup``
-- events: ``hello {hostname, pid, shared, scratch, ports, python}``, ``started {index, pid}``,
+- events: ``hello {hostname, pid, shared, scratch, ports, python, gpus: {visible, found, error}}``, ``started {index, pid}``,
   ``spawn_failed {index, error}``, ``output {index, fd}`` + bytes, ``exited {index, pid, returncode}``,
   ``done``, ``unpacked``, ``data`` + bytes then ``collected {bytes}``, ``cleaned``, ``error {cmd, error}``
 """
@@ -36,6 +38,71 @@ import time
 
 TOKEN_VAR = "TFLAUNCH_RUN_ID"
 AGENT_VAR = "TFLAUNCH_AGENT_ID"  # "<run id>:<node>": one agent's processes when several share a machine
+PORT_LEASE = 300.0  # seconds a port handed to a run is not handed to another (its process may bind late)
+
+
+def reserve_ports(count, lease_dir):
+    """Bind ``count`` free TCP ports and return the bound sockets (held until the processes start).
+
+    A port is free when nothing is bound to it and no tflaunch agent of this user handed it out in the
+    last PORT_LEASE seconds (``ports.json`` in ``lease_dir``, under a lock): a TensorFlow server binds
+    its port only once TensorFlow has been imported, seconds after the agent let go of it, and in that
+    window another run on this host must not be given the same port.
+    """
+    import fcntl
+    import socket
+    os.makedirs(lease_dir, mode=0o700, exist_ok=True)
+    path = os.path.join(lease_dir, "ports.json")
+    held, refused = [], []
+    with open(path + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        now = time.time()
+        try:
+            with open(path) as fh:
+                leases = {k: v for k, v in json.load(fh).items() if v > now}
+        except (OSError, ValueError, AttributeError):
+            leases = {}
+        try:
+            while len(held) < count:
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                s.bind(("", 0))
+                port = str(s.getsockname()[1])
+                if port in leases:
+                    refused.append(s)  # kept bound until we are done, so bind() cannot return it again
+                    continue
+                held.append(s)
+                leases[port] = now + PORT_LEASE
+        finally:
+            for s in refused:
+                s.close()
+        tmp = "%s.%d" % (path, os.getpid())
+        with open(tmp, "w") as fh:
+            json.dump(leases, fh)
+        os.replace(tmp, path)
+    return held
+
+
+def find_gpus(env=None):
+    """This host's GPUs as the job would see them: ``{"visible": CUDA_VISIBLE_DEVICES or None,
+    "found": indices listed by ``nvidia-smi -L`` or None, "error": why nvidia-smi gave none}``."""
+    env = os.environ if env is None else env
+    report = {"visible": env.get("CUDA_VISIBLE_DEVICES"), "found": None, "error": None}
+    if report["visible"] is not None:
+        return report
+    import subprocess
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        report["error"] = "nvidia-smi: %s" % (getattr(exc, "strerror", None) or exc)
+        return report
+    text = out.stdout.decode("utf-8", "replace")
+    report["found"] = [line.split(":")[0][4:] for line in text.splitlines()
+                       if line.startswith("GPU ") and line.split(":")[0][4:].isdigit()]
+    if out.returncode != 0:
+        report["error"] = "nvidia-smi -L exited with %d: %s" % (
+            out.returncode, out.stderr.decode("utf-8", "replace").strip()[-200:])
+    return report
 
 
 def _proc_pids():
@@ -211,6 +278,7 @@ class Agent:
         self.pgids = set()
         self.pipes = {}  # read fd -> (index, 1 | 2) for relayed output
         self.kill_at = None
+        self.kill_some = {}  # index -> when to SIGKILL its process group
         self.orphaned = False
         self.started = False
         self.finished = False  # "done" sent
@@ -249,15 +317,12 @@ class Agent:
             except (OSError, ValueError):
                 shared = False
         ports = []
-        if spec.get("ports"):
-            import socket
-            for _ in range(int(spec["ports"])):  # bound and held until the processes start: no one else gets them
-                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                s.bind(("", 0))
-                self.sockets.append(s)
-                ports.append(s.getsockname()[1])
+        if spec.get("ports"):  # bound and held until the processes start: no one else gets them
+            self.sockets = reserve_ports(int(spec["ports"]), os.path.dirname(self.scratch))
+            ports = [s.getsockname()[1] for s in self.sockets]
         self.send({"event": "hello", "hostname": os.uname().nodename, "pid": os.getpid(), "shared": shared,
-                   "scratch": self.scratch, "ports": ports, "python": sys.version.split()[0]})
+                   "scratch": self.scratch, "ports": ports, "python": sys.version.split()[0],
+                   "gpus": find_gpus() if spec.get("gpus") else None})
 
     # -- processes ------------------------------------------------------------------------------------
     def start(self, specs):
@@ -286,10 +351,35 @@ class Agent:
         """Signal this agent's processes (and their descendants, found by AGENT_VAR)."""
         return signal_run(sig, self.agent_id, self.pgids, self.exclude, AGENT_VAR)
 
-    def terminate(self, grace):
+    def terminate(self, grace, indices=None):
+        if indices is not None:  # some processes only: their process groups, SIGKILL after the grace
+            at = time.monotonic() + grace
+            for index in indices:
+                pid = self.procs.get(index)
+                if pid is None or index in self.returncodes:
+                    continue
+                try:
+                    os.killpg(pid, signal.SIGTERM)
+                except OSError:
+                    continue
+                self.kill_some[index] = min(self.kill_some.get(index, at), at)
+            return
         self.mine(signal.SIGTERM)
         at = time.monotonic() + grace
         self.kill_at = at if self.kill_at is None else min(self.kill_at, at)
+
+    def kill_due(self):
+        """SIGKILL the process groups whose grace (``terminate`` with indices) is over."""
+        now = time.monotonic()
+        for index, at in list(self.kill_some.items()):
+            if index in self.returncodes:
+                del self.kill_some[index]
+            elif now >= at:
+                del self.kill_some[index]
+                try:
+                    os.killpg(self.procs[index], signal.SIGKILL)
+                except OSError:
+                    pass
 
     def orphan(self):
         if not self.orphaned:
@@ -345,7 +435,7 @@ class Agent:
             if name == "start":
                 self.start(cmd["processes"])
             elif name == "terminate":
-                self.terminate(float(cmd.get("grace", self.grace)))
+                self.terminate(float(cmd.get("grace", self.grace)), cmd.get("indices"))
             elif name == "kill":
                 self.kill_at = time.monotonic()
             elif name == "data":
@@ -457,8 +547,9 @@ class Agent:
             if self.orphaned and not running:
                 break
             timeout = 0.5
-            if self.kill_at is not None:
-                timeout = max(0.0, min(timeout, self.kill_at - time.monotonic()))
+            for at in [self.kill_at] + list(self.kill_some.values()):
+                if at is not None:
+                    timeout = max(0.0, min(timeout, at - time.monotonic()))
             fds = [wake_r] + list(self.pipes) + ([] if self.orphaned else [0])
             try:
                 ready, _, _ = select.select(fds, [], [], timeout)
@@ -481,6 +572,8 @@ class Agent:
             if self.kill_at is not None and time.monotonic() >= self.kill_at:
                 self.mine(signal.SIGKILL)
                 self.kill_at = None
+            if self.kill_some:
+                self.kill_due()
         if self.started:
             stop_run(self.agent_id, self.pgids, min(self.grace, 1.0), self.exclude, AGENT_VAR)
             if self.made_scratch and self.procs:

@@ -87,7 +87,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--framework-version", metavar="VERSION",
                      help="require this TensorFlow version in the job's interpreter (e.g. 2.21)")
     run.add_argument("--gpu", action="store_true",
-                     help="let the script see GPUs (default: CUDA_VISIBLE_DEVICES is set empty)")
+                     help="give each process its share of its host's GPUs (default: CUDA_VISIBLE_DEVICES is set empty)")
+    run.add_argument("--gpus-per-node", type=int, metavar="N",
+                     help="with --gpu: GPUs each host gives the job (default: its CUDA_VISIBLE_DEVICES, else nvidia-smi -L)")
+    run.add_argument("--gpus-shared", action="store_true",
+                     help="with --gpu: let processes share GPUs when a host has fewer GPUs than processes")
+    run.add_argument("--backend", choices=("plain", "ps", "multiworker"), default="plain",
+                     help="plain: TFLAUNCH_RANK etc. only; ps: TensorFlow parameter-server job (--workers, --ps, "
+                          "--chief); multiworker: MultiWorkerMirroredStrategy workers; both get TF_CONFIG")
+    run.add_argument("--workers", type=int, metavar="N", help="--backend ps: worker tasks (default: 1)")
+    run.add_argument("--ps", type=int, metavar="N", help="--backend ps: parameter-server tasks (default: 1)")
+    run.add_argument("--chief", action="store_true",
+                     help="--backend ps: add a chief task (the coordinator of ParameterServerStrategy)")
+    run.add_argument("--evaluator", action="store_true", help="--backend ps|multiworker: add an evaluator task")
+    run.add_argument("--evaluator-grace", type=float, metavar="SECONDS",
+                     help="how long the evaluator may go on after the chief ended (default: 30)")
+    run.add_argument("--port-base", type=int, metavar="PORT",
+                     help="--backend ps|multiworker: fixed ports PORT, PORT+1, ... on each host (default: free ports)")
     run.add_argument("--nodes", type=int, metavar="N",
                      help="node_count: hosts to use (default: all given hosts, else 1)")
     run.add_argument("--procs-per-node", type=int, metavar="N",
@@ -187,11 +203,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise SpecError("--json goes with --dry-run (use `runs show --json` for a run's record)")
     if args.detach and args.dry_run:
         raise SpecError("--detach and --dry-run exclude each other")
-    target, nodes, ppn = _compute_target(args)
+    distributed = _distributed(args)
+    target, nodes, ppn = _compute_target(args, distributed)
     kwargs: dict[str, Any] = dict(
         entry_script=args.entry, arguments=script_args, node_count=nodes, compute_target=target,
         process_count_per_node=ppn, use_gpu=args.gpu, environment_variables=dict(args.env),
-        max_run_duration_seconds=args.timeout, python=args.python)
+        max_run_duration_seconds=args.timeout, python=args.python, distributed_training=distributed,
+        gpus_per_node=args.gpus_per_node, gpus_shared=args.gpus_shared)
     if args.framework_version is not None:
         estimator: Estimator = TensorFlow(args.source_dir, framework_version=args.framework_version, **kwargs)
     else:
@@ -228,7 +246,34 @@ def cmd_run(args: argparse.Namespace) -> int:
     return exit_code_for(final)
 
 
-def _compute_target(args: argparse.Namespace) -> tuple[Any, int, int]:
+def _distributed(args: argparse.Namespace) -> Any:
+    """The distributed_training object the --backend options describe (None for plain)."""
+    from .spec import DEFAULT_EVALUATOR_GRACE, MultiWorkerConfiguration, TensorflowConfiguration
+
+    given = [flag for flag, value in (("--workers", args.workers), ("--ps", args.ps)) if value is not None]
+    given += [flag for flag, value in (("--chief", args.chief),) if value]
+    if args.backend != "ps" and given:
+        raise SpecError(f"{', '.join(given)}: only with --backend ps (a {args.backend} job has --nodes x "
+                        "--procs-per-node processes)")
+    tf_only = [flag for flag, value in (("--evaluator", args.evaluator or None), ("--port-base", args.port_base),
+                                        ("--evaluator-grace", args.evaluator_grace)) if value is not None]
+    if args.backend == "plain":
+        if tf_only:
+            raise SpecError(f"{', '.join(tf_only)}: only with --backend ps or multiworker")
+        return None
+    options = dict(evaluator=args.evaluator, port_base=args.port_base,
+                   evaluator_grace=DEFAULT_EVALUATOR_GRACE if args.evaluator_grace is None else args.evaluator_grace)
+    if args.backend == "multiworker":
+        return MultiWorkerConfiguration(**options)
+    if args.procs_per_node is not None:
+        raise SpecError("--procs-per-node does not apply to --backend ps: give --workers and --ps; "
+                        "tflaunch spreads the tasks over --nodes hosts")
+    return TensorflowConfiguration(worker_count=1 if args.workers is None else args.workers,
+                                   parameter_server_count=1 if args.ps is None else args.ps, chief=args.chief,
+                                   **options)
+
+
+def _compute_target(args: argparse.Namespace, distributed: Any = None) -> tuple[Any, int, int]:
     """The compute target the host options describe, and node_count / process_count_per_node with
     their defaults: every given host (or allocation node) and its slots; else one local process."""
     from .hosts import discover
@@ -249,7 +294,12 @@ def _compute_target(args: argparse.Namespace) -> tuple[Any, int, int]:
         hosts = found or []
     nodes = args.nodes if args.nodes is not None else max(1, len(hosts))
     ppn = args.procs_per_node
-    if ppn is None:
+    if args.backend == "ps":
+        ppn = 1  # the tasks are spread over the hosts by their slots
+        if args.nodes is None:  # every given host, but not more hosts than tasks
+            from .spec import world_size
+            nodes = max(1, min(nodes, world_size(1, 1, distributed.to_dict())))
+    elif ppn is None:
         ppn = min((h.slots for h in hosts[:nodes]), default=1)
     return target, nodes, ppn
 
@@ -273,7 +323,8 @@ def _print_plan(plan: dict[str, Any]) -> None:
     lines.append("hosts:      " + ", ".join(f"{h['name']} ({h['slots']} slots{', this machine' if h['local'] else ''})"
                                           for h in plan["hosts"]))
     for p in plan["processes"]:
-        lines.append(f"process rank {p['rank']} on {p['host']}:")
+        role = f" ({p['role']} {p['index']})" if "TF_CONFIG" in p["env"] else ""
+        lines.append(f"process rank {p['rank']}{role} on {p['host']}:")
         lines.append(f"  argv: {shlex.join(p['argv'])}")
         lines.append(f"  cwd:  {p['cwd']}")
         lines.append("  env added:")

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from .gpus import NO_GPU_ROLES, split
 from .hosts import Host
 from .spec import JobSpec
 from .store import LOG_DIR
+from .tfconfig import (TF_BACKENDS, Task, assign_ports, check_size, cluster_json, job_hosts, place, ports_per_host,
+                       tf_config)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
@@ -36,7 +39,12 @@ class RunContext:
 
 @dataclass
 class ProcessPlan:
-    """One process: where and how it starts, and the environment tflaunch adds to the inherited one."""
+    """One process: where and how it starts, and the environment tflaunch adds to the inherited one.
+
+    ``role``/``index`` are its TensorFlow task (``worker``/rank for backends without TF_CONFIG);
+    ``port`` is its cluster port. Its ``TF_CONFIG`` is built on demand from ``tf_cluster``, the cluster
+    JSON shared by every process of the plan (a 1,000-host plan holds it once, not once per process).
+    """
 
     host: str
     rank: int
@@ -49,37 +57,73 @@ class ProcessPlan:
     env: dict[str, str] = field(default_factory=dict)
     stdout: str = ""
     stderr: str = ""
+    port: int | str | None = None
+    tf_cluster: str = ""
+
+    @property
+    def tf_config(self) -> str | None:
+        return tf_config(self.tf_cluster, self.role, self.index) if self.tf_cluster else None
+
+    def environment(self) -> dict[str, str]:
+        """Every variable tflaunch adds, TF_CONFIG included (the user's own ``--env`` values win)."""
+        config = self.tf_config
+        if config is None or "TF_CONFIG" in self.env:
+            return self.env
+        return {"TF_CONFIG": config, **self.env}
+
+    @property
+    def label(self) -> str:
+        """How console lines of this process are prefixed: ``[rank 3] ``, or ``[ps 0] `` with TF_CONFIG."""
+        return f"[{self.role} {self.index}] " if self.tf_cluster else f"[rank {self.rank}] "
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        del data["tf_cluster"]
+        data["env"] = self.environment()
+        return data
+
+
+def _backend(spec: JobSpec) -> str:
+    return (spec.distributed or {}).get("backend") or "plain"
 
 
 def ports_needed(spec: JobSpec, hosts: Sequence[Host]) -> dict[str, int]:
     """How many free ports each host must reserve before the processes start.
 
-    A job of several processes gets one on the first host, handed to every process as
-    ``TFLAUNCH_COORDINATOR=host:port`` (for a rendezvous the script sets up itself).
+    Native TensorFlow jobs need one per cluster task (none with ``port_base``); other jobs of several
+    processes get one on the first host, handed to every process as ``TFLAUNCH_COORDINATOR=host:port``
+    (for a rendezvous the script sets up itself).
     """
+    hosts = job_hosts(spec, hosts)
+    if _backend(spec) in TF_BACKENDS:
+        if (spec.distributed or {}).get("port_base") is not None:
+            return {}
+        counts = ports_per_host(place(spec, hosts), spec.node_count)
+        return {hosts[node].name: n for node, n in enumerate(counts) if n}
     return {hosts[0].name: 1} if spec.world_size > 1 else {}
 
 
-def plan(spec: JobSpec, ctx: RunContext, hosts: Sequence[Host] = (LOCALHOST,), *,
+def plan(spec: JobSpec, ctx: RunContext, hosts: Sequence[Host] | None = None, *,
          work_dirs: Mapping[str, str] | None = None, ports: Mapping[str, Sequence[int]] | None = None,
-         addresses: Mapping[str, str] | None = None) -> list[ProcessPlan]:
-    """Processes for ``spec`` on the first ``node_count`` of ``hosts``, ranks host-major
-    (rank = node index x processes per node + local rank).
+         addresses: Mapping[str, str] | None = None, gpus: Mapping[str, Sequence[str]] | None = None,
+         ) -> list[ProcessPlan]:
+    """Processes for ``spec`` on the first ``node_count`` of ``hosts`` (default: its compute target's),
+    in rank order.
 
+    Ranks are host-major (rank = node index x processes per node + local rank) except for
+    parameter-server jobs, whose tasks are spread over the hosts (see :mod:`tflaunch.tfconfig`).
     ``work_dirs`` gives a host's working directory when it is not ``ctx.work_dir`` (hosts without a
     shared filesystem get a copy), ``ports`` what each host reserved (see :func:`ports_needed`;
     shown as ``PORT`` when unknown, as in ``--dry-run``), ``addresses`` how other hosts reach a host
-    when not by its name.
+    when not by its name, ``gpus`` the GPUs each host offers a ``use_gpu`` job (see
+    :mod:`tflaunch.gpus`; ``CUDA_VISIBLE_DEVICES`` shows ``GPUS`` for a host not in it).
     """
-    ppn = spec.process_count_per_node
-    world = spec.node_count * ppn
-    if len(hosts) < spec.node_count:
-        raise ValueError(f"{spec.node_count} nodes need {spec.node_count} hosts, got {len(hosts)}")
+    hosts = job_hosts(spec, hosts)
+    tasks = place(spec, hosts)
+    world = len(tasks)
     work_dirs = work_dirs or {}
     addresses = addresses or {}
+    backend = _backend(spec)
     common = {
         "PYTHONUNBUFFERED": "1",
         "TFLAUNCH_RUN_ID": ctx.run_id,
@@ -88,27 +132,50 @@ def plan(spec: JobSpec, ctx: RunContext, hosts: Sequence[Host] = (LOCALHOST,), *
         "TFLAUNCH_EXPERIMENT": ctx.experiment,
         "TFLAUNCH_WORLD_SIZE": str(world),
     }
-    for name, count in ports_needed(spec, hosts).items():
-        reserved = (ports or {}).get(name) or []
-        port = str(reserved[0]) if reserved else "PORT"
-        common[COORDINATOR_VAR] = f"{addresses.get(name, name)}:{port}"
+    cluster = ""
+    task_ports: dict[int, int | str] = {}
+    if backend in TF_BACKENDS:
+        reserved = [(ports or {}).get(h.name) or [] for h in hosts]
+        task_ports = assign_ports(tasks, reserved, (spec.distributed or {}).get("port_base"))
+        cluster = cluster_json(tasks, [addresses.get(h.name, h.name) for h in hosts], task_ports)
+        check_size(cluster, world)
+        if backend == "ps":
+            common["GRPC_FAIL_FAST"] = "use_caller"  # TensorFlow's guide for ParameterServerStrategy
+    else:
+        for name, count in ports_needed(spec, hosts).items():
+            reserved = (ports or {}).get(name) or []
+            port = str(reserved[0]) if reserved else "PORT"
+            common[COORDINATOR_VAR] = f"{addresses.get(name, name)}:{port}"
     if not spec.use_gpu:
         common["CUDA_VISIBLE_DEVICES"] = ""
+    devices: dict[int, str] = {}
+    if spec.use_gpu:
+        by_node: dict[int, list[Task]] = {}
+        for t in tasks:
+            by_node.setdefault(t.node, []).append(t)
+        for node, mine in by_node.items():
+            name = hosts[node].name
+            if gpus is None or name not in gpus:
+                for t in mine:
+                    devices[t.rank] = "" if t.role in NO_GPU_ROLES else "GPUS"
+                continue
+            for t, value in zip(mine, split(name, gpus[name], [t.role for t in mine], spec.gpus_shared)):
+                devices[t.rank] = value
     argv = [spec.python, spec.entry_script, *spec.arguments]
     processes = []
-    for node in range(spec.node_count):
-        host = hosts[node].name
-        cwd = work_dirs.get(host, ctx.work_dir)
-        for local_rank in range(ppn):
-            rank = node * ppn + local_rank
-            env = dict(common)
-            env["TFLAUNCH_RANK"] = str(rank)
-            env["TFLAUNCH_LOCAL_RANK"] = str(local_rank)
-            env["TFLAUNCH_NODE_RANK"] = str(node)
-            env.update(spec.environment_variables)
-            processes.append(ProcessPlan(
-                host=host, rank=rank, local_rank=local_rank, world_size=world, role="worker",
-                index=rank, argv=list(argv), cwd=cwd, env=env,
-                stdout=f"{LOG_DIR}/rank-{rank}.stdout", stderr=f"{LOG_DIR}/rank-{rank}.stderr",
-            ))
+    for t in tasks:
+        host = hosts[t.node].name
+        env = dict(common)
+        env["TFLAUNCH_RANK"] = str(t.rank)
+        env["TFLAUNCH_LOCAL_RANK"] = str(t.local_rank)
+        env["TFLAUNCH_NODE_RANK"] = str(t.node)
+        if t.rank in devices:
+            env["CUDA_VISIBLE_DEVICES"] = devices[t.rank]
+        env.update(spec.environment_variables)
+        processes.append(ProcessPlan(
+            host=host, rank=t.rank, local_rank=t.local_rank, world_size=world, role=t.role,
+            index=t.index, argv=list(argv), cwd=work_dirs.get(host, ctx.work_dir), env=env,
+            stdout=f"{LOG_DIR}/rank-{t.rank}.stdout", stderr=f"{LOG_DIR}/rank-{t.rank}.stderr",
+            port=task_ports.get(t.rank), tf_cluster=cluster,
+        ))
     return processes

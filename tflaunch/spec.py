@@ -24,6 +24,7 @@ __all__ = [
     "TensorFlow",
     "MpiConfiguration",
     "TensorflowConfiguration",
+    "MultiWorkerConfiguration",
     "JobSpec",
     "script_params_to_argv",
     "RESERVED_ENV_PREFIX",
@@ -43,7 +44,15 @@ _CLI_FLAG = {
     "use_gpu": "--gpu",
     "python": "--python",
     "compute_target": "--compute-target",
+    "worker_count": "--workers",
+    "parameter_server_count": "--ps",
+    "port_base": "--port-base",
+    "evaluator_grace": "--evaluator-grace",
+    "gpus_per_node": "--gpus-per-node",
+    "gpus_shared": "--gpus-shared",
 }
+
+DEFAULT_EVALUATOR_GRACE = 30.0
 
 _FRAMEWORK_VERSION_RE = re.compile(r"^\d+(\.\d+){0,2}$")
 _ENV_NAME_BAD = re.compile(r"[=\x00]")
@@ -148,32 +157,96 @@ class MpiConfiguration:
                 f"node_count={self.node_count})")
 
 
-class TensorflowConfiguration:
-    """``distributed_training=TensorflowConfiguration(...)``: native TF parameter-server job."""
+def _count(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise _fail(name, f"must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+class _NativeTF:
+    """Options shared by the native TensorFlow backends (``TF_CONFIG`` for every process)."""
+
+    backend = ""
+
+    def _tf_options(self, evaluator: bool, port_base: int | None, evaluator_grace: float) -> None:
+        if not isinstance(evaluator, bool):
+            raise SpecError(f"evaluator (--evaluator): must be True or False, got {evaluator!r}")
+        self.evaluator = evaluator
+        if port_base is not None and (isinstance(port_base, bool) or not isinstance(port_base, int)
+                                      or not 1 <= port_base <= 65535):
+            raise _fail("port_base", f"must be a port number 1-65535, got {port_base!r}")
+        self.port_base = port_base
+        if isinstance(evaluator_grace, bool) or not isinstance(evaluator_grace, (int, float)) \
+                or not evaluator_grace >= 0:
+            raise _fail("evaluator_grace", f"must be a number of seconds >= 0, got {evaluator_grace!r}")
+        self.evaluator_grace = float(evaluator_grace)
+
+    def _common_dict(self) -> dict[str, Any]:
+        return {"evaluator": self.evaluator, "port_base": self.port_base, "evaluator_grace": self.evaluator_grace}
+
+
+class TensorflowConfiguration(_NativeTF):
+    """``distributed_training=TensorflowConfiguration(...)``: native TensorFlow parameter-server job.
+
+    ``worker_count`` workers and ``parameter_server_count`` ps tasks, as in the reference; tflaunch adds
+    ``chief=True`` (a ``chief`` task: the coordinator that ``ParameterServerStrategy`` needs),
+    ``evaluator=True`` (an ``evaluator`` task, outside the cluster), ``port_base`` (fixed ports
+    ``port_base``, ``port_base+1``, ... on each host instead of free ones found at launch) and
+    ``evaluator_grace`` (seconds the evaluator may go on after the chief ended). Every process gets
+    ``TF_CONFIG``; the run's outcome is the chief's (worker 0's when there is no chief).
+    """
 
     backend = "ps"
 
-    def __init__(self, worker_count: int = 1, parameter_server_count: int = 1) -> None:
-        self.worker_count = _positive_int("worker_count", worker_count)
-        if isinstance(parameter_server_count, bool) or not isinstance(parameter_server_count, int) \
-                or parameter_server_count < 0:
-            raise SpecError(f"parameter_server_count: must be an integer >= 0, got {parameter_server_count!r}")
-        self.parameter_server_count = parameter_server_count
+    def __init__(self, worker_count: int = 1, parameter_server_count: int = 1, *, chief: bool = False,
+                 evaluator: bool = False, port_base: int | None = None,
+                 evaluator_grace: float = DEFAULT_EVALUATOR_GRACE) -> None:
+        self.worker_count = _count("worker_count", worker_count, 1)
+        self.parameter_server_count = _count("parameter_server_count", parameter_server_count, 0)
+        if not isinstance(chief, bool):
+            raise SpecError(f"chief (--chief): must be True or False, got {chief!r}")
+        self.chief = chief
+        self._tf_options(evaluator, port_base, evaluator_grace)
 
     def to_dict(self) -> dict[str, Any]:
         return {"backend": self.backend, "worker_count": self.worker_count,
-                "parameter_server_count": self.parameter_server_count}
+                "parameter_server_count": self.parameter_server_count, "chief": self.chief,
+                **self._common_dict()}
 
     def __repr__(self) -> str:
+        extra = "".join(f", {k}=True" for k in ("chief", "evaluator") if getattr(self, k))
         return (f"TensorflowConfiguration(worker_count={self.worker_count}, "
-                f"parameter_server_count={self.parameter_server_count})")
+                f"parameter_server_count={self.parameter_server_count}{extra})")
+
+
+class MultiWorkerConfiguration(_NativeTF):
+    """``distributed_training=MultiWorkerConfiguration()``: ``MultiWorkerMirroredStrategy`` job.
+
+    ``node_count`` x ``process_count_per_node`` workers (worker 0 acts as chief), each with a
+    ``TF_CONFIG`` listing only the workers; ``evaluator=True`` adds an evaluator task.
+    """
+
+    backend = "multiworker"
+
+    def __init__(self, *, evaluator: bool = False, port_base: int | None = None,
+                 evaluator_grace: float = DEFAULT_EVALUATOR_GRACE) -> None:
+        self._tf_options(evaluator, port_base, evaluator_grace)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backend": self.backend, **self._common_dict()}
+
+    def __repr__(self) -> str:
+        return f"MultiWorkerConfiguration(evaluator={self.evaluator})"
 
 
 def world_size(node_count: int, process_count_per_node: int, distributed: Mapping[str, Any] | None) -> int:
     """Number of processes a job asks for."""
-    if distributed and distributed.get("backend") == "ps":
-        return int(distributed["worker_count"]) + int(distributed["parameter_server_count"])
-    return node_count * process_count_per_node
+    backend = (distributed or {}).get("backend")
+    extra = 1 if distributed and distributed.get("evaluator") else 0
+    if backend == "ps":
+        return (int(distributed["worker_count"]) + int(distributed["parameter_server_count"])
+                + (1 if distributed.get("chief") else 0) + extra)
+    return node_count * process_count_per_node + extra
 
 
 @dataclass
@@ -191,6 +264,8 @@ class JobSpec:
     use_gpu: bool = False
     max_run_duration_seconds: float | None = None
     framework: dict[str, Any] | None = None
+    gpus_per_node: int | None = None  # GPUs each host gives the job (default: found at launch)
+    gpus_shared: bool = False  # several processes may share a GPU when there are too few
     compute_target: dict[str, Any] | None = None  # hosts used and how to reach them (tflaunch.target)
 
     @property
@@ -224,8 +299,10 @@ class Estimator:
         compute_target: Any = None,
         node_count: int = 1,
         process_count_per_node: int = 1,
-        distributed_training: MpiConfiguration | TensorflowConfiguration | None = None,
+        distributed_training: MpiConfiguration | TensorflowConfiguration | MultiWorkerConfiguration | None = None,
         use_gpu: bool = False,
+        gpus_per_node: int | None = None,
+        gpus_shared: bool = False,
         environment_variables: Mapping[str, Any] | None = None,
         max_run_duration_seconds: float | None = None,
         python: str | os.PathLike | None = None,
@@ -253,13 +330,24 @@ class Estimator:
         self.node_count = _positive_int("node_count", node_count)
         self.process_count_per_node = _positive_int("process_count_per_node", process_count_per_node)
         if distributed_training is not None and not isinstance(
-                distributed_training, (MpiConfiguration, TensorflowConfiguration)):
-            raise SpecError("distributed_training: must be MpiConfiguration() or TensorflowConfiguration(...), "
+                distributed_training, (MpiConfiguration, TensorflowConfiguration, MultiWorkerConfiguration)):
+            raise SpecError("distributed_training: must be MpiConfiguration(), TensorflowConfiguration(...) or "
+                            "MultiWorkerConfiguration(), "
                             f"got {type(distributed_training).__name__}")
         self.distributed_training = distributed_training
         if not isinstance(use_gpu, bool):
             raise _fail("use_gpu", f"must be True or False, got {use_gpu!r}")
         self.use_gpu = use_gpu
+        if gpus_per_node is not None:
+            _positive_int("gpus_per_node", gpus_per_node)
+            if not use_gpu:
+                raise _fail("gpus_per_node", "only meaningful with use_gpu=True (--gpu)")
+        self.gpus_per_node = gpus_per_node
+        if not isinstance(gpus_shared, bool):
+            raise _fail("gpus_shared", f"must be True or False, got {gpus_shared!r}")
+        if gpus_shared and not use_gpu:
+            raise _fail("gpus_shared", "only meaningful with use_gpu=True (--gpu)")
+        self.gpus_shared = gpus_shared
         self.environment_variables = _env_vars(environment_variables)
         if max_run_duration_seconds is not None:
             if isinstance(max_run_duration_seconds, bool) or not isinstance(max_run_duration_seconds, (int, float)) \
@@ -270,11 +358,14 @@ class Estimator:
             raise _fail("python", f"must be the path of a Python interpreter, got {python!r}")
         self.python = os.fspath(python) if python is not None else None
         world = world_size(self.node_count, self.process_count_per_node, self._distributed())
-        if distributed_training is not None and world > 1:
+        if isinstance(distributed_training, MpiConfiguration) and world > 1:
             raise SpecError(
-                f"distributed_training: {type(distributed_training).__name__} with {world} processes is not "
-                "available in this version; leave it out and use node_count/process_count_per_node: every "
-                "process gets TFLAUNCH_RANK, TFLAUNCH_LOCAL_RANK and TFLAUNCH_WORLD_SIZE")
+                f"distributed_training: MpiConfiguration with {world} processes is not available in this "
+                "version; leave it out and use node_count/process_count_per_node: every process gets "
+                "TFLAUNCH_RANK, TFLAUNCH_LOCAL_RANK and TFLAUNCH_WORLD_SIZE")
+        if isinstance(distributed_training, TensorflowConfiguration) and process_count_per_node != 1:
+            raise _fail("process_count_per_node", "does not apply to a parameter-server job: give worker_count "
+                        "(--workers) and parameter_server_count (--ps); tflaunch spreads them over the nodes")
 
     def _distributed(self) -> dict[str, Any] | None:
         return self.distributed_training.to_dict() if self.distributed_training is not None else None
@@ -286,7 +377,9 @@ class Estimator:
         """The hosts this job uses and how to reach them (see :func:`tflaunch.target.resolve_target`)."""
         from .target import resolve_target
 
-        return resolve_target(self.compute_target, self.node_count, self.process_count_per_node)
+        world = world_size(self.node_count, self.process_count_per_node, self._distributed())
+        ppn = 1 if isinstance(self.distributed_training, TensorflowConfiguration) else self.process_count_per_node
+        return resolve_target(self.compute_target, self.node_count, ppn, world=world)
 
     def job_spec(self) -> JobSpec:
         """The normalized spec; relative paths are resolved against the current directory.
@@ -299,7 +392,7 @@ class Estimator:
             python = sys.executable
         elif os.sep in python or (os.altsep and os.altsep in python):
             python = os.path.abspath(python)
-        return JobSpec(
+        spec = JobSpec(
             source_directory=os.path.abspath(self.source_directory),
             entry_script=self.entry_script,
             arguments=list(self._argv),
@@ -311,8 +404,14 @@ class Estimator:
             use_gpu=self.use_gpu,
             max_run_duration_seconds=self.max_run_duration_seconds,
             framework=self._framework(),
+            gpus_per_node=self.gpus_per_node,
+            gpus_shared=self.gpus_shared,
             compute_target=self.resolved_target(),
         )
+        from .tfconfig import place
+
+        place(spec)  # raises SpecError when the processes do not fit the hosts
+        return spec
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(source_directory={self.source_directory!r}, "
@@ -325,7 +424,8 @@ class TensorFlow(Estimator):
     ``framework_version`` (``'2.21'``, ``'2.21.0'``) must match the TensorFlow the job will import
     (compared component by component); ``None`` accepts any installed TensorFlow.
     ``distributed_backend='mpi'|'ps'`` with ``worker_count``/``parameter_server_count`` is the
-    reference's older spelling of ``distributed_training``.
+    reference's older spelling of ``distributed_training``; ``'multiworker'`` is tflaunch's
+    (:class:`MultiWorkerConfiguration`).
     """
 
     def __init__(
@@ -351,8 +451,13 @@ class TensorFlow(Estimator):
                 kwargs["distributed_training"] = TensorflowConfiguration(
                     worker_count=1 if worker_count is None else worker_count,
                     parameter_server_count=1 if parameter_server_count is None else parameter_server_count)
+            elif distributed_backend == "multiworker" and worker_count is None and parameter_server_count is None:
+                kwargs["distributed_training"] = MultiWorkerConfiguration()
+            elif distributed_backend == "multiworker":
+                raise SpecError("worker_count/parameter_server_count: a multiworker job has node_count x "
+                                "process_count_per_node workers and no ps")
             else:
-                raise SpecError(f"distributed_backend: must be 'mpi' or 'ps', got {distributed_backend!r}")
+                raise SpecError(f"distributed_backend: must be 'mpi', 'ps' or 'multiworker', got {distributed_backend!r}")
         elif worker_count is not None or parameter_server_count is not None:
             raise SpecError("worker_count/parameter_server_count: only meaningful with distributed_backend='ps'")
         self.distributed_backend = distributed_backend

@@ -569,7 +569,7 @@ class RunRecord:
 
     def process_log_streams(self) -> list[tuple[str, str, str]]:
         """(path, "stdout" | "stderr", line prefix) per output file, in rank order; the prefix is
-        ``"[rank N] "`` when the run has several processes, else empty."""
+        ``"[rank N] "`` (``"[ps 0] "`` with TF_CONFIG) when the run has several processes, else empty."""
         try:
             names = os.listdir(self.path(LOG_DIR))
         except OSError:
@@ -579,12 +579,20 @@ class RunRecord:
             stem, _, kind = name.rpartition(".")
             if kind in ("stdout", "stderr") and stem.startswith("rank-") and stem[5:].isdigit():
                 found.append((int(stem[5:]), kind == "stderr", self.path(LOG_DIR, name), kind))
+        labels: dict[int, str] = {}
         try:
-            world = int(self.definition()["spec"].get("node_count", 1)) * \
-                int(self.definition()["spec"].get("process_count_per_node", 1))
+            for row in fsio.read_json(self.path("processes.json")):
+                labels[int(row["rank"])] = f"{row['label']} "
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        try:
+            from .spec import JobSpec
+
+            world = JobSpec.from_dict(self.definition()["spec"]).world_size
         except (OSError, ValueError, KeyError, TypeError, StoreError):
             world = 1
-        return [(path, kind, f"[rank {rank}] " if world > 1 else "") for rank, _, path, kind in sorted(found)]
+        return [(path, kind, labels.get(rank, f"[rank {rank}] ") if world > 1 else "")
+                for rank, _, path, kind in sorted(found)]
 
     def file_names(self) -> list[tuple[str, int]]:
         """User-facing files (outputs/, logs/, tflaunch_logs/) as (relative name, size)."""

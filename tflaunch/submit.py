@@ -7,18 +7,22 @@ process (``tflaunch run``) or in the background (:func:`tflaunch.supervise.spawn
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from dataclasses import dataclass, field
 
 from . import __version__, snapshot
 from .errors import SnapshotError, SpecError
-from .hosts import is_local
+from .gpus import host_gpus
+from .hosts import Host, is_local
+from .launch.ssh import SshOptions, resolve_addresses
 from .plan import RunContext, plan, ports_needed
 from .probe import check_framework, resolve_python
 from .spec import Estimator, JobSpec
 from .store import CANCELED, FAILED, RunRecord, Store, now_iso, validate_experiment_name
 from .supervise import DEFAULT_GRACE
 from .target import target_hosts
+from .tfconfig import TF_BACKENDS
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
@@ -73,6 +77,7 @@ def prepare(estimator: Estimator, options: SubmitOptions) -> Prepared:
         options.scratch = os.path.abspath(options.scratch)
         if not os.path.isdir(options.scratch):
             raise SpecError(f"scratch (--scratch): {options.scratch} is not a directory")
+    known_gpus(spec, target_hosts(spec.compute_target)[:spec.node_count])
     environment = check_framework(spec, scan.root)
     return Prepared(store, spec, scan, environment, options)
 
@@ -105,6 +110,21 @@ def create_run(prepared: Prepared) -> RunRecord:
     return record
 
 
+def known_gpus(spec: JobSpec, hosts: list[Host]) -> dict[str, list[str]] | None:
+    """The GPUs of the hosts that can be known before launch (this machine's, or all with
+    ``gpus_per_node``); a remote host's are known when its agent reports them. SpecError when there
+    are none or too few."""
+    if not spec.use_gpu:
+        return None
+    from .agent import find_gpus
+
+    gpus = {h.name: host_gpus(h.name, find_gpus() if is_local(h.name) else {}, spec.gpus_per_node)
+            for h in hosts if is_local(h.name) or spec.gpus_per_node}
+    ctx = RunContext(run_id="check", experiment="check", run_dir="/", work_dir="/", home="/")
+    plan(spec, ctx, hosts, gpus=gpus)  # too few GPUs for the processes of a host: SpecError
+    return gpus
+
+
 def dry_run(prepared: Prepared) -> dict[str, Any]:
     """What ``create_run`` + launch would do, as a JSON-able dict (nothing is written)."""
     store, spec = prepared.store, prepared.spec
@@ -115,6 +135,13 @@ def dry_run(prepared: Prepared) -> dict[str, Any]:
     ctx = RunContext(run_id=run_id, experiment=prepared.options.experiment, run_dir=run_dir,
                      work_dir=work_dir, home=store.home)
     hosts = target_hosts(spec.compute_target)[:spec.node_count]
+    ports = ports_needed(spec, hosts)
+    remote = [h.name for h in hosts if not is_local(h.name)]
+    addresses = {}
+    if remote and (ports or (spec.distributed or {}).get("backend") in TF_BACKENDS):
+        addresses = resolve_addresses(remote, SshOptions.from_dict((spec.compute_target or {}).get("ssh")))
+        addresses.update({h.name: socket.gethostname() for h in hosts if is_local(h.name)})
+    processes = plan(spec, ctx, hosts, addresses=addresses, gpus=known_gpus(spec, hosts))
     return {
         "dry_run": True,
         "run_id": run_id,
@@ -127,6 +154,7 @@ def dry_run(prepared: Prepared) -> dict[str, Any]:
         "grace": prepared.options.grace,
         "compute_target": spec.compute_target,
         "hosts": [{"name": h.name, "slots": h.slots, "local": is_local(h.name)} for h in hosts],
-        "ports": ports_needed(spec, hosts),
-        "processes": [p.to_dict() for p in plan(spec, ctx, hosts)],
+        "ports": ports,
+        "addresses": addresses,
+        "processes": [p.to_dict() for p in processes],
     }

@@ -13,6 +13,7 @@ error names the host, rank and exit code or signal of the first process that fai
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import select
@@ -25,12 +26,14 @@ import time
 from . import agent as agent_mod
 from . import fsio, tail
 from .collect import COLLECTED, merge_outputs
-from .errors import TflaunchError
+from .errors import SpecError, TflaunchError
+from .gpus import host_gpus
 from .hosts import is_local
 from .launch import AgentConnection
 from .launch.local import discard_agent, process_spec, spawn_agent
-from .launch.ssh import SshOptions, spawn_ssh_agent
+from .launch.ssh import SshOptions, resolve_addresses, spawn_ssh_agent
 from .plan import ProcessPlan, RunContext, plan, ports_needed
+from .tfconfig import TF_BACKENDS
 from .snapshot import MANIFEST, materialize
 from .spec import JobSpec
 from .store import (CANCELED, COMPLETED, FAILED, FINALIZING, LOG_DIR, RUNNING, TERMINAL, RunRecord, Store,
@@ -131,6 +134,12 @@ class Supervisor:
         self.running = False  # a process has started (status Running)
         self.deadline: float | None = None  # max_run_duration_seconds, counted from the first start
         self.warnings: list[str] = []
+        distributed = self.spec.distributed or {}
+        self.backend = distributed.get("backend") or "plain"
+        self.evaluator_grace = float(distributed.get("evaluator_grace") or 0)
+        self.lead_done = False  # the chief (worker 0 when there is none) exited 0: the others wind down
+        self.wind_down: dict[int, float] = {}  # rank -> when tflaunch stops it (after the lead ended)
+        self.stopping: set[int] = set()  # ranks tflaunch stopped after the lead ended: not failures
         self._signals: list[int] = []
         self._interrupts = 0
         self._followers: list[tail.Follower] = []
@@ -252,16 +261,21 @@ class Supervisor:
         if self.stop_reason:
             return
         ctx = self._context()
+        try:
+            preview = plan(self.spec, ctx, self.hosts)
+        except SpecError as exc:
+            raise LaunchFailure(str(exc)) from None
         if self.stream:
-            prefix = self.spec.world_size > 1
-            for p in plan(self.spec, ctx, self.hosts):
-                label = f"[rank {p.rank}] " if prefix else ""
+            prefix = len(preview) > 1
+            for p in preview:
+                label = p.label if prefix else ""
                 self._followers.append(tail.Follower(record.path(p.stdout), self.stdout, prefix=label))
                 self._followers.append(tail.Follower(record.path(p.stderr), self.stderr, prefix=label))
         with open(record.path(LOG_DIR, "launcher.log"), "ab") as agent_log:
             self._open_agents(agent_log)
         needed = ports_needed(self.spec, self.hosts)
-        if len(self.runs) == 1 and self.runs[0].conn.local and not needed:  # the common case: one round trip
+        if len(self.runs) == 1 and self.runs[0].conn.local and not needed and not self.spec.use_gpu:
+            # the common case: one round trip
             processes = plan(self.spec, ctx, self.hosts)
             self._start_host(self.runs[0], processes, setup=True)
             return
@@ -274,7 +288,7 @@ class Supervisor:
         for run in self.runs:
             setup = {"token": record.id, "agent_id": run.node, "grace": self.grace, "orphan_grace": ORPHAN_GRACE,
                      "ports": needed.get(run.name, 0), "scratch_root": self.target.get("remote_scratch"),
-                     "probe": None if run.conn.local else probe}
+                     "probe": None if run.conn.local else probe, "gpus": self.spec.use_gpu}
             try:
                 run.conn.start(setup)
             except OSError:
@@ -292,10 +306,21 @@ class Supervisor:
         work_dirs = {run.name: run.work_dir for run in self.runs if run.work_dir}
         ports = {run.name: run.hello.get("ports") or [] for run in self.runs}
         addresses = {}
-        if remote:  # others cannot reach "localhost": use this machine's name
+        if remote:  # others cannot reach "localhost": use this machine's name; aliases: ssh's HostName
             addresses = {run.name: run.hello.get("hostname") or run.name for run in self.runs if run.conn.local}
-        processes = plan(self.spec, ctx, self.hosts, work_dirs=work_dirs, ports=ports, addresses=addresses)
-        self._record_hosts(ports)
+            if needed or self.backend in TF_BACKENDS:
+                addresses.update(resolve_addresses([run.name for run in remote], self.ssh))
+        try:
+            gpus = None
+            if self.spec.use_gpu:
+                gpus = {run.name: host_gpus(run.name, run.hello.get("gpus"), self.spec.gpus_per_node)
+                        for run in self.runs}
+            processes = plan(self.spec, ctx, self.hosts, work_dirs=work_dirs, ports=ports, addresses=addresses,
+                             gpus=gpus)
+        except SpecError as exc:
+            raise LaunchFailure(str(exc)) from None
+        self._record_hosts(ports, addresses)
+        self._record_processes(processes)
         by_host: dict[str, list[ProcessPlan]] = {}
         for p in processes:
             by_host.setdefault(p.host, []).append(p)
@@ -305,7 +330,7 @@ class Supervisor:
     def _start_host(self, run: HostRun, processes: list[ProcessPlan], setup: bool = False) -> None:
         run.processes = processes
         for p in processes:
-            self.processes[p.index] = p
+            self.processes[p.rank] = p
         specs = [process_spec(p, self.record.dir if run.conn.local else None) for p in processes]
         if setup:
             run.conn.start({"token": self.record.id, "agent_id": run.node, "grace": self.grace,
@@ -314,13 +339,24 @@ class Supervisor:
             run.conn.send({"cmd": "start", "processes": specs})
         self.started = True
 
-    def _record_hosts(self, ports: dict[str, list[int]]) -> None:
+    def _record_hosts(self, ports: dict[str, list[int]], addresses: dict[str, str]) -> None:
         hosts = [{"name": run.name, "node": run.node, "hostname": run.hello.get("hostname"),
-                  "agent_pid": run.hello.get("pid"), "local": run.conn.local, "shared_filesystem": run.shared,
-                  "work_dir": run.work_dir or self.work_dir, "ports": ports.get(run.name, [])}
+                  "address": addresses.get(run.name, run.name), "agent_pid": run.hello.get("pid"),
+                  "local": run.conn.local, "shared_filesystem": run.shared, "work_dir": run.work_dir or self.work_dir,
+                  "ports": ports.get(run.name, []), "gpus": run.hello.get("gpus")}
                  for run in self.runs]
         fsio.atomic_write_json(self.record.path("hosts.json"), hosts)
         self.record.event("hosts", hosts=hosts)
+
+    def _record_processes(self, processes: list[ProcessPlan]) -> None:
+        """``processes.json``: each process's rank, role, host, port and GPUs; ``tf_cluster.json``: the
+        cluster of TF_CONFIG (a process's TF_CONFIG is that cluster and its role and index)."""
+        rows = [{"rank": p.rank, "role": p.role, "index": p.index, "host": p.host, "local_rank": p.local_rank,
+                 "port": p.port, "cuda_visible_devices": p.environment().get("CUDA_VISIBLE_DEVICES"),
+                 "label": p.label.strip(), "stdout": p.stdout, "stderr": p.stderr} for p in processes]
+        fsio.atomic_write_json(self.record.path("processes.json"), rows)
+        if processes and processes[0].tf_cluster:
+            fsio.atomic_write_json(self.record.path("tf_cluster.json"), json.loads(processes[0].tf_cluster))
 
     def _upload(self, runs: list[HostRun]) -> None:
         """Copy the working directory to hosts that cannot see it (a tar stream over each connection)."""
@@ -407,6 +443,8 @@ class Supervisor:
             wait = min(next_beat, next_cancel_poll) - now
             if self.deadline is not None:
                 wait = min(wait, self.deadline - now)
+            if self.wind_down:
+                wait = min(wait, min(self.wind_down.values()) - now)
             if self.stream:
                 wait = min(wait, STREAM_POLL)
             self._poll(wait)
@@ -419,6 +457,8 @@ class Supervisor:
                     if run.conn.local:
                         self._abandon_agents()
             now = time.monotonic()
+            if self.wind_down and self.stop_reason is None:
+                self._wind_down(now)
             if self.deadline is not None and now >= self.deadline:
                 self._stop("timeout", f"run exceeded max_run_duration_seconds="
                                       f"{self.spec.max_run_duration_seconds:g} and was stopped")
@@ -461,9 +501,18 @@ class Supervisor:
         elif kind == "exited":
             index, rc = int(event["index"]), int(event["returncode"])
             self.returncodes[index] = rc
+            self.wind_down.pop(index, None)
             self.record.event("process_exited", index=index, returncode=rc, host=run.name)
-            if rc != 0 and self.stop_reason is None:
+            if self.stop_reason is not None or index in self.stopping:
+                pass
+            elif self.lead_done:  # after the chief: its outcome stands; a late failure is worth a warning
+                if rc != 0:
+                    self.warnings.append(f"{self._who(index, run.name)} {self._how(rc)} after the "
+                                         f"{self._role_text(0)} had ended")
+            elif rc != 0:
                 self._fail(run, index, rc)
+            elif index == 0 and self.backend in TF_BACKENDS:
+                self._lead_finished()
         elif kind == "spawn_failed":
             self._stop("launch_failed", f"could not start {self.spec.entry_script} on host {run.name}: "
                                         f"{event.get('error')}")
@@ -480,15 +529,62 @@ class Supervisor:
         elif kind == "error":
             run.error = f"{event.get('cmd')}: {event.get('error')}"
 
+    def _role_text(self, rank: int) -> str:
+        p = self.processes.get(rank)
+        return f"{p.role} {p.index}" if p else f"rank {rank}"
+
+    def _who(self, rank: int, host: str) -> str:
+        if len(self.processes) <= 1:
+            return self.spec.entry_script
+        if self.backend in TF_BACKENDS:
+            return f"{self.spec.entry_script} ({self._role_text(rank)}, rank {rank} on host {host})"
+        return f"{self.spec.entry_script} (rank {rank} on host {host})"
+
+    @staticmethod
+    def _how(rc: int) -> str:
+        return f"was killed by {_signal_name(rc)}" if rc < 0 else f"exited with code {rc}"
+
     def _fail(self, run: HostRun, index: int, rc: int) -> None:
         """Fail fast: the first process to fail ends the run; it is the root cause."""
         p = self.processes.get(index)
-        rank = p.rank if p else index
-        how = f"was killed by {_signal_name(rc)}" if rc < 0 else f"exited with code {rc}"
-        who = f"{self.spec.entry_script} (rank {rank} on host {run.name})" if self.spec.world_size > 1 \
-            else self.spec.entry_script
-        self.failure = {"index": index, "rank": rank, "host": run.name, "returncode": rc}
-        self._stop("signal" if rc < 0 else "exit_code", f"{who} {how}")
+        self.failure = {"index": index, "rank": index, "host": run.name, "returncode": rc}
+        if p is not None and self.backend in TF_BACKENDS:
+            self.failure.update(role=p.role, task_index=p.index)
+        self._stop("signal" if rc < 0 else "exit_code", f"{self._who(index, run.name)} {self._how(rc)}")
+
+    def _lead_finished(self) -> None:
+        """The chief (worker 0 when there is none) exited 0: the run's outcome. ps tasks, and the workers of
+        a parameter-server job, block in ``server.join()``: stop them now; multiworker peers get the grace
+        period to end on their own, the evaluator ``evaluator_grace``; then they are stopped too."""
+        self.lead_done = True
+        now = time.monotonic()
+        for rank, p in self.processes.items():
+            if rank in self.returncodes:
+                continue
+            if p.role == "evaluator":
+                self.wind_down[rank] = now + self.evaluator_grace
+            elif self.backend == "multiworker":
+                self.wind_down[rank] = now + self.grace
+            else:
+                self.wind_down[rank] = now
+        log.info("run %s: the %s ended; stopping the remaining tasks", self.record.id, self._role_text(0))
+        self._wind_down(now)
+
+    def _wind_down(self, now: float) -> None:
+        due = [rank for rank, at in self.wind_down.items() if at <= now]
+        if not due:
+            return
+        for rank in due:
+            del self.wind_down[rank]
+            p = self.processes[rank]
+            if p.role == "evaluator" and self.evaluator_grace > 0:
+                self.warnings.append(f"the {self._role_text(rank)} was still running {self.evaluator_grace:g} s "
+                                     f"after the {self._role_text(0)} ended and was stopped")
+        self.stopping.update(due)
+        for run in self.runs:
+            mine = [rank for rank in due if self.processes[rank].host == run.name]
+            if mine and not run.finished:
+                run.conn.send({"cmd": "terminate", "grace": self.grace, "indices": mine})
 
     def _collect_remote(self) -> None:
         """Fetch ./outputs and ./logs from hosts without a shared filesystem, then clean up there."""
@@ -561,7 +657,8 @@ class Supervisor:
         if reason is not None:
             fields["error"] = {"reason": reason, "message": self.stop_detail}
             if failure is not None:
-                fields["error"].update(rank=failure["rank"], host=failure["host"])
+                fields["error"].update({k: failure[k] for k in ("rank", "host", "role", "task_index")
+                                        if k in failure})
         else:
             missing = [i for i in self.processes if i not in self.returncodes] or not self.processes
             if not missing:

@@ -81,25 +81,28 @@ class SSHTarget:
 
 
 def resolve_target(target: Any, node_count: int, procs_per_node: int,
-                   env: Mapping[str, str] | None = None) -> dict[str, Any]:
+                   env: Mapping[str, str] | None = None, *, world: int = 0) -> dict[str, Any]:
     """The recorded compute target: the ``node_count`` hosts used and how to reach them.
 
-    ``None``/``"local"``: the Slurm or PBS allocation tflaunch runs in, else this machine.
+    ``None``/``"local"``: the Slurm or PBS allocation tflaunch runs in, else this machine (which
+    takes any number of processes: ``world``, the job's process count, becomes its slot count).
     """
     if isinstance(target, SSHTarget):
         hosts = select_hosts(target.hosts, node_count, procs_per_node, oversubscribe=target.oversubscribe,
                              source=target.source)
         return {"kind": "ssh", "source": target.source, "hosts": [[h.name, h.slots] for h in hosts],
                 "ssh": target.ssh.to_dict(), "keep_remote": target.keep_remote,
-                "remote_scratch": target.remote_scratch}
+                "remote_scratch": target.remote_scratch, "oversubscribe": target.oversubscribe}
     if target is not None and not (isinstance(target, str) and target.lower() == "local"):
         raise SpecError(f"compute_target (--compute-target): {target!r} is not supported; "
                         "give 'local' or an SSHTarget(hosts=[...])")
     found, source = discover(env)
     hosts = select_hosts(found, node_count, procs_per_node, source=source)
+    if found is None:
+        hosts = [Host(h.name, max(h.slots, world)) for h in hosts]
     return {"kind": "local" if found is None else "ssh", "source": source,
             "hosts": [[h.name, h.slots] for h in hosts], "ssh": SshOptions().to_dict(), "keep_remote": False,
-            "remote_scratch": None}
+            "remote_scratch": None, "oversubscribe": False}
 
 
 def target_hosts(compute_target: Mapping[str, Any] | None) -> list[Host]:

@@ -33,8 +33,8 @@ def discard_agent(popen: subprocess.Popen) -> None:
 
 
 def process_spec(p: ProcessPlan, run_dir: str | None) -> dict:
-    """The agent's view of a process; ``run_dir`` None = relay its output over the connection."""
-    return {"index": p.index, "argv": p.argv, "cwd": p.cwd, "env": p.env,
+    """The agent's view of a process (known to it by its rank); ``run_dir`` None = relay its output."""
+    return {"index": p.rank, "argv": p.argv, "cwd": p.cwd, "env": p.environment(),
             "stdout": os.path.join(run_dir, p.stdout) if run_dir else None,
             "stderr": os.path.join(run_dir, p.stderr) if run_dir else None}
 
