@@ -54,6 +54,8 @@ bench: $(VENV)/.test-installed bench/.venv-mlflow/bin/python
 	$(PY) bench/multi_launch.py
 	$(PY) bench/fail_fast.py
 	$(PY) bench/log_pump.py --ssh
+	$(PY) bench/plan_tf_config.py
+	$(PY) bench/ps_example.py
 
 clean:
 	rm -rf build dist .pytest_cache

@@ -1,6 +1,7 @@
 """The agent on its own: the protocol, and stopping exactly the run's processes when the launcher goes."""
 from __future__ import annotations
 
+import json
 import os
 import select
 import sys
@@ -163,3 +164,22 @@ def test_launcher_gone_before_start_removes_a_partial_upload(tmp_path):
         time.sleep(0.02)
     conn.close()
     assert not os.path.exists(hello["scratch"])
+
+
+def test_reserved_ports_are_not_handed_out_again_while_leased(tmp_path):
+    """A port is released when the processes start, seconds before a TensorFlow server binds it: the
+    lease file keeps other runs on this host from being handed it meanwhile. 2,000 reservations whose
+    sockets are closed at once would repeat ports without it (the kernel picks at random)."""
+    from tflaunch.agent import PORT_LEASE, reserve_ports
+
+    seen = []
+    for _ in range(100):
+        held = reserve_ports(20, str(tmp_path))
+        seen += [s.getsockname()[1] for s in held]
+        for s in held:
+            s.close()
+    assert len(seen) == 2000 and len(set(seen)) == 2000
+    leases = json.loads((tmp_path / "ports.json").read_text())
+    assert len(leases) == 2000 and all(v > time.time() + PORT_LEASE - 60 for v in leases.values())
+    (tmp_path / "ports.json").write_text("{not json")  # a torn file is ignored, not fatal
+    assert len(reserve_ports(1, str(tmp_path))) == 1

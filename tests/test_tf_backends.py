@@ -24,6 +24,9 @@ cfg = json.loads(os.environ["TF_CONFIG"])
 role, index = cfg["task"]["type"], cfg["task"]["index"]
 mode = sys.argv[1]
 print(f"{role} {index} up on {os.uname().nodename} cuda={os.environ.get('CUDA_VISIBLE_DEVICES')!r}", flush=True)
+if mode == "all-write":
+    os.makedirs("outputs", exist_ok=True)
+    open("outputs/who.txt", "w").write(f"{role} {index}")
 if role != "evaluator":  # a cluster task listens on its port, as tf.distribute.Server does
     port = int(cfg["cluster"][role][index].rsplit(":", 1)[1])
     server = socket.socket()
@@ -66,6 +69,8 @@ if mode == "peers" and role == "worker":
     time.sleep(3)  # still listening while the others reach it
     print(f"{role} {index} done", flush=True)
     sys.exit(0)
+if role == "evaluator" and os.environ.get("EVAL_IGNORES_TERM"):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 time.sleep(600)  # server.join(): never returns
 """
 
@@ -276,3 +281,93 @@ def test_ps_across_netns_hosts_spreads_roles_and_stops_servers(netns_hosts, task
         ("chief", 0): "h1", ("ps", 0): "h2", ("worker", 0): "h1", ("worker", 1): "h2"}
     assert "[ps 0] ps 0 up on h2" in result.stdout
     assert pids_with_token(run["id"]) == []
+
+
+def test_timeout_while_the_evaluator_winds_down_keeps_the_chiefs_outcome(tasks, cli, home):
+    src, marks, env = tasks
+    result, took = _run(env, "--source-dir", str(src), "--backend", "ps", "--workers", "1", "--ps", "1", "--chief",
+                        "--evaluator", "--evaluator-grace", "60", "--timeout", "3", "tasks.py", "ok")
+    assert result.returncode == 0, result.stderr
+    assert took < 15, took
+    run = show(cli, _last_run(home))
+    assert run["status"] == "Completed" and run["error"] is None
+    wait_no_processes(run["id"], timeout=2)
+
+
+def test_one_machine_listed_twice_shares_its_gpus_and_port_base(project, cli, home):
+    src = project(**{"t.py": ""})
+    env = cli_env(home, CUDA_VISIBLE_DEVICES="0,1")
+    result = cli("run", "--source-dir", str(src), "--dry-run", "--json", "--backend", "ps", "--hosts",
+                 "localhost,127.0.0.1", "--port-base", "40000", "--gpu", "t.py", env=env, check=True)
+    procs = json.loads(result.stdout)["processes"]
+    assert sorted(p["port"] for p in procs) == [40000, 40001]
+    assert sorted(p["env"]["CUDA_VISIBLE_DEVICES"] for p in procs) == ["", "0,1"]  # the ps gets none
+    result = cli("run", "--source-dir", str(src), "--dry-run", "--json", "--backend", "multiworker", "--hosts",
+                 "localhost:1,127.0.0.1:1", "--gpu", "t.py", env=env, check=True)
+    assert [p["env"]["CUDA_VISIBLE_DEVICES"] for p in json.loads(result.stdout)["processes"]] == ["0", "1"]
+
+
+def test_fixed_ports_on_this_machine_still_record_roles(tasks, cli, home):
+    """--port-base on this machine alone takes the one-round-trip start: the record is the same."""
+    src, marks, env = tasks
+    result, took = _run(env, "--source-dir", str(src), *PS, "--port-base", "41234", "tasks.py", "ok")
+    assert result.returncode == 0, result.stderr
+    run = show(cli, _last_run(home))
+    record = Path(run["run_dir"])
+    assert [r["port"] for r in json.loads((record / "processes.json").read_text())] == [41234, 41235, 41236, 41237]
+    assert json.loads((record / "tf_cluster.json").read_text())["chief"] == ["localhost:41234"]
+    assert "[ps 0] ps 0 up" in cli("runs", "logs", run["id"]).stdout
+
+
+def test_cancel_while_the_evaluator_winds_down_does_not_spin(tasks, cli, home):
+    import resource
+
+    src, marks, env = tasks
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = subprocess.Popen([sys.executable, "-m", "tflaunch", "run", "--source-dir", str(src), "--backend", "ps",
+                             "--workers", "1", "--ps", "1", "--chief", "--evaluator", "--evaluator-grace", "2",
+                             "--grace", "6", "tasks.py", "ok"], env=dict(env, EVAL_IGNORES_TERM="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while "chief 0 done" not in (Path(home) / "runs").joinpath(_last_run_when(home), "tflaunch_logs",
+                                                                  "rank-0.stdout").read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        # canceled within the evaluator's 2 s: it ignores SIGTERM and is killed 6 s later; the evaluator's
+        # own deadline, passing meanwhile, must not make the launcher spin
+        cli("runs", "cancel", _last_run(home), check=True)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (used.ru_utime - before.ru_utime) + (used.ru_stime - before.ru_stime)
+    assert cpu < 2.5, cpu  # a spinning launcher burns ~4 s of CPU here
+    wait_no_processes(_last_run(home), timeout=2)
+
+
+def _last_run_when(home: Path, timeout: float = 30) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = home / "runs"
+        if runs.is_dir():
+            names = sorted(p.name for p in runs.iterdir() if not p.name.startswith("."))
+            if names and (runs / names[-1] / "tflaunch_logs" / "rank-0.stdout").exists():
+                return names[-1]
+        time.sleep(0.05)
+    raise AssertionError("no run appeared")
+
+
+def test_lead_worker_on_a_host_without_shared_filesystem_wins_output_conflicts(netns_hosts, tasks, cli, home):
+    """A ps job without chief: worker 0 (rank 0, the lead) lands on the second host (h3, its own copy);
+    its outputs/who.txt must win over the one written on h1 by higher ranks."""
+    src, marks, env = tasks
+    env.pop("MARK_DIR")  # h3 cannot see it
+    result, took = _run(env, "--source-dir", str(src), "--ssh-config", netns_hosts.config, "--hosts", "h1:2,h3:2",
+                        "--backend", "ps", "--workers", "2", "--ps", "1", "tasks.py", "all-write")
+    assert result.returncode == 0, result.stderr
+    run = show(cli, _last_run(home))
+    rows = {(r["role"], r["index"]): r["host"] for r in json.loads((Path(run["run_dir"]) / "processes.json").read_text())}
+    assert rows[("worker", 0)] == "h3" and rows[("ps", 0)] == "h1"
+    assert (Path(run["run_dir"]) / "outputs" / "who.txt").read_text() == "worker 0"

@@ -41,44 +41,74 @@ AGENT_VAR = "TFLAUNCH_AGENT_ID"  # "<run id>:<node>": one agent's processes when
 PORT_LEASE = 300.0  # seconds a port handed to a run is not handed to another (its process may bind late)
 
 
-def reserve_ports(count, lease_dir):
+def lease_dir(fallback):
+    """Where this user's port leases live on this host: /tmp/tflaunch-UID (the same for every run,
+    whatever its TMPDIR or scratch root), or ``fallback`` if that is not a directory of this user's."""
+    path = "/tmp/tflaunch-%d" % os.getuid()
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.lstat(path)
+        import stat
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
+            return path
+    except OSError:
+        pass
+    return fallback
+
+
+def reserve_ports(count, directory):
     """Bind ``count`` free TCP ports and return the bound sockets (held until the processes start).
 
     A port is free when nothing is bound to it and no tflaunch agent of this user handed it out in the
-    last PORT_LEASE seconds (``ports.json`` in ``lease_dir``, under a lock): a TensorFlow server binds
-    its port only once TensorFlow has been imported, seconds after the agent let go of it, and in that
-    window another run on this host must not be given the same port.
+    last PORT_LEASE seconds (``ports.json`` in ``directory``, see :func:`lease_dir`, under a lock): a
+    TensorFlow server binds its port only once TensorFlow has been imported, seconds after the agent
+    let go of it, and in that window another run on this host must not be given the same port.
     """
     import fcntl
     import socket
-    os.makedirs(lease_dir, mode=0o700, exist_ok=True)
-    path = os.path.join(lease_dir, "ports.json")
+    path = os.path.join(directory, "ports.json")
+    for attempt in range(3):  # another agent may remove an empty per-user folder between the two calls
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        try:
+            lock = open(path + ".lock", "a")
+            break
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
     held, refused = [], []
-    with open(path + ".lock", "a") as lock:
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         now = time.time()
         try:
             with open(path) as fh:
-                leases = {k: v for k, v in json.load(fh).items() if v > now}
+                leases = {k: v for k, v in json.load(fh).items() if isinstance(v, (int, float)) and v > now}
         except (OSError, ValueError, AttributeError):
             leases = {}
         try:
             while len(held) < count:
                 s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                s.bind(("", 0))
+                try:
+                    s.bind(("", 0))
+                except OSError:
+                    s.close()
+                    raise
                 port = str(s.getsockname()[1])
                 if port in leases:
                     refused.append(s)  # kept bound until we are done, so bind() cannot return it again
                     continue
                 held.append(s)
                 leases[port] = now + PORT_LEASE
+            tmp = "%s.%d" % (path, os.getpid())
+            with open(tmp, "w") as fh:
+                json.dump(leases, fh)
+            os.replace(tmp, path)
+        except BaseException:
+            for s in held:
+                s.close()
+            raise
         finally:
             for s in refused:
                 s.close()
-        tmp = "%s.%d" % (path, os.getpid())
-        with open(tmp, "w") as fh:
-            json.dump(leases, fh)
-        os.replace(tmp, path)
     return held
 
 
@@ -318,7 +348,7 @@ class Agent:
                 shared = False
         ports = []
         if spec.get("ports"):  # bound and held until the processes start: no one else gets them
-            self.sockets = reserve_ports(int(spec["ports"]), os.path.dirname(self.scratch))
+            self.sockets = reserve_ports(int(spec["ports"]), lease_dir(os.path.dirname(self.scratch)))
             ports = [s.getsockname()[1] for s in self.sockets]
         self.send({"event": "hello", "hostname": os.uname().nodename, "pid": os.getpid(), "shared": shared,
                    "scratch": self.scratch, "ports": ports, "python": sys.version.split()[0],

@@ -257,6 +257,8 @@ def _distributed(args: argparse.Namespace) -> Any:
                         "--procs-per-node processes)")
     tf_only = [flag for flag, value in (("--evaluator", args.evaluator or None), ("--port-base", args.port_base),
                                         ("--evaluator-grace", args.evaluator_grace)) if value is not None]
+    if args.evaluator_grace is not None and not args.evaluator:
+        raise SpecError("--evaluator-grace: only with --evaluator")
     if args.backend == "plain":
         if tf_only:
             raise SpecError(f"{', '.join(tf_only)}: only with --backend ps or multiworker")

@@ -7,23 +7,22 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from .errors import SpecError
 from .gpus import NO_GPU_ROLES, split
-from .hosts import Host
+from .hosts import Host, is_local
 from .spec import JobSpec
 from .store import LOG_DIR
-from .tfconfig import (TF_BACKENDS, Task, assign_ports, check_size, cluster_json, job_hosts, place, ports_per_host,
-                       tf_config)
+from .tfconfig import (TF_BACKENDS, Task, assign_ports, backend, check_size, cluster_json, job_hosts, place,
+                       ports_per_host, tf_config)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
     from typing import Any, Mapping, Sequence
 
-__all__ = ["Host", "RunContext", "ProcessPlan", "plan", "ports_needed", "LOCALHOST", "COORDINATOR_VAR"]
+__all__ = ["Host", "RunContext", "ProcessPlan", "plan", "ports_needed", "machine_ids", "COORDINATOR_VAR"]
 
 COORDINATOR_VAR = "TFLAUNCH_COORDINATOR"
 
-
-LOCALHOST = Host("localhost", 1)
 
 
 @dataclass(frozen=True)
@@ -83,10 +82,6 @@ class ProcessPlan:
         return data
 
 
-def _backend(spec: JobSpec) -> str:
-    return (spec.distributed or {}).get("backend") or "plain"
-
-
 def ports_needed(spec: JobSpec, hosts: Sequence[Host]) -> dict[str, int]:
     """How many free ports each host must reserve before the processes start.
 
@@ -95,7 +90,7 @@ def ports_needed(spec: JobSpec, hosts: Sequence[Host]) -> dict[str, int]:
     (for a rendezvous the script sets up itself).
     """
     hosts = job_hosts(spec, hosts)
-    if _backend(spec) in TF_BACKENDS:
+    if backend(spec) in TF_BACKENDS:
         if (spec.distributed or {}).get("port_base") is not None:
             return {}
         counts = ports_per_host(place(spec, hosts), spec.node_count)
@@ -103,10 +98,17 @@ def ports_needed(spec: JobSpec, hosts: Sequence[Host]) -> dict[str, int]:
     return {hosts[0].name: 1} if spec.world_size > 1 else {}
 
 
+def machine_ids(hosts: Sequence[Host], hostnames: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Which host entries are one machine: host name -> an id shared by entries of the same machine
+    (``hostnames``: what each host's agent reported; without it, every local name is this machine)."""
+    hostnames = hostnames or {}
+    return {h.name: hostnames.get(h.name) or ("this machine" if is_local(h.name) else h.name) for h in hosts}
+
+
 def plan(spec: JobSpec, ctx: RunContext, hosts: Sequence[Host] | None = None, *,
          work_dirs: Mapping[str, str] | None = None, ports: Mapping[str, Sequence[int]] | None = None,
          addresses: Mapping[str, str] | None = None, gpus: Mapping[str, Sequence[str]] | None = None,
-         ) -> list[ProcessPlan]:
+         machines: Mapping[str, str] | None = None) -> list[ProcessPlan]:
     """Processes for ``spec`` on the first ``node_count`` of ``hosts`` (default: its compute target's),
     in rank order.
 
@@ -116,14 +118,17 @@ def plan(spec: JobSpec, ctx: RunContext, hosts: Sequence[Host] | None = None, *,
     shared filesystem get a copy), ``ports`` what each host reserved (see :func:`ports_needed`;
     shown as ``PORT`` when unknown, as in ``--dry-run``), ``addresses`` how other hosts reach a host
     when not by its name, ``gpus`` the GPUs each host offers a ``use_gpu`` job (see
-    :mod:`tflaunch.gpus`; ``CUDA_VISIBLE_DEVICES`` shows ``GPUS`` for a host not in it).
+    :mod:`tflaunch.gpus`; ``CUDA_VISIBLE_DEVICES`` shows ``GPUS`` for a host not in it), ``machines``
+    which host entries are the same machine (:func:`machine_ids`): they split that machine's GPUs and
+    its ``port_base`` numbering between them.
     """
     hosts = job_hosts(spec, hosts)
     tasks = place(spec, hosts)
     world = len(tasks)
     work_dirs = work_dirs or {}
     addresses = addresses or {}
-    backend = _backend(spec)
+    machines = machines or machine_ids(hosts)
+    kind = backend(spec)
     common = {
         "PYTHONUNBUFFERED": "1",
         "TFLAUNCH_RUN_ID": ctx.run_id,
@@ -134,12 +139,16 @@ def plan(spec: JobSpec, ctx: RunContext, hosts: Sequence[Host] | None = None, *,
     }
     cluster = ""
     task_ports: dict[int, int | str] = {}
-    if backend in TF_BACKENDS:
+    if kind in TF_BACKENDS:
         reserved = [(ports or {}).get(h.name) or [] for h in hosts]
-        task_ports = assign_ports(tasks, reserved, (spec.distributed or {}).get("port_base"))
+        task_ports = assign_ports(tasks, reserved, (spec.distributed or {}).get("port_base"),
+                                  [machines[h.name] for h in hosts])
+        too_high = [p for p in task_ports.values() if isinstance(p, int) and p > 65535]
+        if too_high:
+            raise SpecError(f"port_base (--port-base): a machine needs ports up to {max(too_high)}, above 65535")
         cluster = cluster_json(tasks, [addresses.get(h.name, h.name) for h in hosts], task_ports)
         check_size(cluster, world)
-        if backend == "ps":
+        if kind == "ps":
             common["GRPC_FAIL_FAST"] = "use_caller"  # TensorFlow's guide for ParameterServerStrategy
     else:
         for name, count in ports_needed(spec, hosts).items():
@@ -149,12 +158,12 @@ def plan(spec: JobSpec, ctx: RunContext, hosts: Sequence[Host] | None = None, *,
     if not spec.use_gpu:
         common["CUDA_VISIBLE_DEVICES"] = ""
     devices: dict[int, str] = {}
-    if spec.use_gpu:
-        by_node: dict[int, list[Task]] = {}
+    if spec.use_gpu:  # per machine: two host entries of one machine share its GPUs
+        by_machine: dict[str, list[Task]] = {}
         for t in tasks:
-            by_node.setdefault(t.node, []).append(t)
-        for node, mine in by_node.items():
-            name = hosts[node].name
+            by_machine.setdefault(machines[hosts[t.node].name], []).append(t)
+        for mine in by_machine.values():
+            name = hosts[mine[0].node].name
             if gpus is None or name not in gpus:
                 for t in mine:
                     devices[t.rank] = "" if t.role in NO_GPU_ROLES else "GPUS"

@@ -177,7 +177,7 @@ class _NativeTF:
             raise _fail("port_base", f"must be a port number 1-65535, got {port_base!r}")
         self.port_base = port_base
         if isinstance(evaluator_grace, bool) or not isinstance(evaluator_grace, (int, float)) \
-                or not evaluator_grace >= 0:
+                or not 0 <= evaluator_grace < float("inf"):
             raise _fail("evaluator_grace", f"must be a number of seconds >= 0, got {evaluator_grace!r}")
         self.evaluator_grace = float(evaluator_grace)
 

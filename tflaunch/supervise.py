@@ -32,7 +32,7 @@ from .hosts import is_local
 from .launch import AgentConnection
 from .launch.local import discard_agent, process_spec, spawn_agent
 from .launch.ssh import SshOptions, resolve_addresses, spawn_ssh_agent
-from .plan import ProcessPlan, RunContext, plan, ports_needed
+from .plan import ProcessPlan, RunContext, machine_ids, plan, ports_needed
 from .tfconfig import TF_BACKENDS
 from .snapshot import MANIFEST, materialize
 from .spec import JobSpec
@@ -138,6 +138,7 @@ class Supervisor:
         self.backend = distributed.get("backend") or "plain"
         self.evaluator_grace = float(distributed.get("evaluator_grace") or 0)
         self.lead_done = False  # the chief (worker 0 when there is none) exited 0: the others wind down
+        self.lead_ended = 0.0
         self.wind_down: dict[int, float] = {}  # rank -> when tflaunch stops it (after the lead ended)
         self.stopping: set[int] = set()  # ranks tflaunch stopped after the lead ended: not failures
         self._signals: list[int] = []
@@ -186,6 +187,7 @@ class Supervisor:
     def _stop(self, reason: str, detail: str) -> None:
         if self.stop_reason is None:
             self.stop_reason, self.stop_detail = reason, detail
+            self.wind_down.clear()  # everything is being stopped now
             log.info("stopping run %s: %s", self.record.id, detail)
             for run in self.runs:
                 if not run.finished:
@@ -276,7 +278,9 @@ class Supervisor:
         needed = ports_needed(self.spec, self.hosts)
         if len(self.runs) == 1 and self.runs[0].conn.local and not needed and not self.spec.use_gpu:
             # the common case: one round trip
-            processes = plan(self.spec, ctx, self.hosts)
+            processes = preview
+            if len(processes) > 1 or self.backend != "plain":
+                self._record_processes(processes)
             self._start_host(self.runs[0], processes, setup=True)
             return
         remote = [run for run in self.runs if not run.conn.local]
@@ -315,8 +319,9 @@ class Supervisor:
             if self.spec.use_gpu:
                 gpus = {run.name: host_gpus(run.name, run.hello.get("gpus"), self.spec.gpus_per_node)
                         for run in self.runs}
+            machines = machine_ids(self.hosts, {run.name: run.hello.get("hostname") for run in self.runs})
             processes = plan(self.spec, ctx, self.hosts, work_dirs=work_dirs, ports=ports, addresses=addresses,
-                             gpus=gpus)
+                             gpus=gpus, machines=machines)
         except SpecError as exc:
             raise LaunchFailure(str(exc)) from None
         self._record_hosts(ports, addresses)
@@ -460,8 +465,12 @@ class Supervisor:
             if self.wind_down and self.stop_reason is None:
                 self._wind_down(now)
             if self.deadline is not None and now >= self.deadline:
-                self._stop("timeout", f"run exceeded max_run_duration_seconds="
-                                      f"{self.spec.max_run_duration_seconds:g} and was stopped")
+                if self.lead_done:  # the chief's outcome stands: only the stragglers are stopped
+                    self.wind_down = {rank: now for rank in self.wind_down}
+                    self._wind_down(now)
+                else:
+                    self._stop("timeout", f"run exceeded max_run_duration_seconds="
+                                          f"{self.spec.max_run_duration_seconds:g} and was stopped")
                 self.deadline = None
             if now >= next_cancel_poll:
                 self._check_cancel()
@@ -557,7 +566,7 @@ class Supervisor:
         a parameter-server job, block in ``server.join()``: stop them now; multiworker peers get the grace
         period to end on their own, the evaluator ``evaluator_grace``; then they are stopped too."""
         self.lead_done = True
-        now = time.monotonic()
+        self.lead_ended = now = time.monotonic()
         for rank, p in self.processes.items():
             if rank in self.returncodes:
                 continue
@@ -567,7 +576,7 @@ class Supervisor:
                 self.wind_down[rank] = now + self.grace
             else:
                 self.wind_down[rank] = now
-        log.info("run %s: the %s ended; stopping the remaining tasks", self.record.id, self._role_text(0))
+        log.info("run %s: %s exited with code 0; stopping the tasks still running", self.record.id, self._role_text(0))
         self._wind_down(now)
 
     def _wind_down(self, now: float) -> None:
@@ -577,8 +586,8 @@ class Supervisor:
         for rank in due:
             del self.wind_down[rank]
             p = self.processes[rank]
-            if p.role == "evaluator" and self.evaluator_grace > 0:
-                self.warnings.append(f"the {self._role_text(rank)} was still running {self.evaluator_grace:g} s "
+            if p.role == "evaluator" and now > self.lead_ended:
+                self.warnings.append(f"the {self._role_text(rank)} was still running {now - self.lead_ended:.0f} s "
                                      f"after the {self._role_text(0)} ended and was stopped")
         self.stopping.update(due)
         for run in self.runs:
@@ -677,7 +686,10 @@ class Supervisor:
         import tarfile
 
         incoming = []
-        ppn = self.spec.process_count_per_node
+
+        def first_rank(run: HostRun) -> int:  # ps jobs spread ranks: not node x processes per node
+            return min((p.rank for p in run.processes), default=1 << 30)
+
         for run in self.runs:
             tar_path = os.path.join(base, f"{run.node}.tar")
             if not os.path.exists(tar_path):
@@ -694,10 +706,10 @@ class Supervisor:
                                      f"(kept in {tar_path})")
                 continue
             os.unlink(tar_path)
-            incoming.append((run.name, run.node * ppn, dest))
+            incoming.append((run.name, first_rank(run), dest))
         shared = [run for run in self.runs if run.shared]
-        work_rank = shared[0].node * ppn if shared else 1 << 30
-        work_host = shared[0].name if shared else "launcher"
+        work_rank = min(first_rank(run) for run in shared) if shared else 1 << 30
+        work_host = min(shared, key=first_rank).name if shared else "launcher"
         self.warnings += merge_outputs(self.work_dir, work_rank, work_host, incoming, self.record.dir)
         shutil.rmtree(base, ignore_errors=True)
 

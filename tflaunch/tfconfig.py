@@ -37,7 +37,8 @@ if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
     from .spec import JobSpec
 
 __all__ = ["Task", "ROLES", "TF_BACKENDS", "place", "cluster_tasks", "ports_per_host", "assign_ports",
-           "cluster_json", "tf_config", "TF_CONFIG_LIMIT", "describe_roles", "job_hosts", "check_size"]
+           "cluster_json", "tf_config", "TF_CONFIG_LIMIT", "describe_roles", "job_hosts", "check_size",
+           "backend"]
 
 ROLES = ("chief", "worker", "ps", "evaluator")
 TF_BACKENDS = ("ps", "multiworker")
@@ -56,21 +57,22 @@ class Task:
     local_rank: int
 
 
-def _backend(spec: JobSpec) -> str:
+def backend(spec: JobSpec) -> str:
+    """The job's backend: ``plain``, ``ps``, ``multiworker`` or ``mpi``."""
     return (spec.distributed or {}).get("backend") or "plain"
 
 
 def _roles(spec: JobSpec) -> list[tuple[str, int]]:
     """(role, index) in rank order."""
     dist = spec.distributed or {}
-    backend = _backend(spec)
-    if backend == "ps":
+    kind = backend(spec)
+    if kind == "ps":
         roles = [("chief", 0)] if dist.get("chief") else []
         roles += [("worker", i) for i in range(int(dist["worker_count"]))]
         roles += [("ps", i) for i in range(int(dist["parameter_server_count"]))]
     else:
         roles = [("worker", i) for i in range(spec.node_count * spec.process_count_per_node)]
-    if backend in TF_BACKENDS and dist.get("evaluator"):
+    if kind in TF_BACKENDS and dist.get("evaluator"):
         roles.append(("evaluator", 0))
     return roles
 
@@ -109,11 +111,11 @@ def place(spec: JobSpec, hosts: Sequence[Host] | None = None) -> list[Task]:
     hosts = job_hosts(spec, hosts)
     oversubscribe = bool((spec.compute_target or {}).get("oversubscribe"))
     roles = _roles(spec)
-    backend = _backend(spec)
+    kind = backend(spec)
     nodes = len(hosts)
     placed: list[int] = [0] * len(roles)  # node of each rank
     used = [0] * nodes
-    if backend == "ps":
+    if kind == "ps":
         if nodes > len(roles):
             raise SpecError(f"--nodes {nodes}: the job has only {len(roles)} processes ({describe_roles(spec)}), "
                             "so a node would be idle; use fewer nodes")
@@ -152,7 +154,7 @@ def place(spec: JobSpec, hosts: Sequence[Host] | None = None) -> list[Task]:
         node = placed[rank]
         tasks.append(Task(rank=rank, role=role, index=index, node=node, local_rank=local[node]))
         local[node] += 1
-    if backend in TF_BACKENDS:
+    if kind in TF_BACKENDS:
         port_base = (spec.distributed or {}).get("port_base")
         if port_base is not None:
             top = port_base + max(ports_per_host(tasks, nodes)) - 1
@@ -175,16 +177,20 @@ def ports_per_host(tasks: Sequence[Task], nodes: int) -> list[int]:
 
 
 def assign_ports(tasks: Sequence[Task], reserved: Sequence[Sequence[int | str]] | None,
-                 port_base: int | None) -> dict[int, int | str]:
-    """rank -> port of each cluster task: the node's reserved ports (or ``port_base``, ``port_base+1``, ...)
-    in rank order; ``"PORT"`` where none is known yet (``--dry-run``)."""
+                 port_base: int | None, machines: Sequence[str] | None = None) -> dict[int, int | str]:
+    """rank -> port of each cluster task: the node's reserved ports in rank order, or ``port_base``,
+    ``port_base+1``, ... counted per machine (``machines[node]``: two host entries that are one machine
+    share the numbering); ``"PORT"`` where none is known yet (``--dry-run``)."""
     nxt: dict[int, int] = {}
+    per_machine: dict[str, int] = {}
     ports: dict[int, int | str] = {}
     for t in cluster_tasks(tasks):
         k = nxt.get(t.node, 0)
         nxt[t.node] = k + 1
         if port_base is not None:
-            ports[t.rank] = port_base + k
+            machine = machines[t.node] if machines else str(t.node)
+            ports[t.rank] = port_base + per_machine.get(machine, 0)
+            per_machine[machine] = per_machine.get(machine, 0) + 1
         else:
             mine = reserved[t.node] if reserved is not None and t.node < len(reserved) else ()
             ports[t.rank] = mine[k] if k < len(mine) else "PORT"
@@ -213,8 +219,3 @@ def check_size(cluster: str, tasks: int) -> None:
     if size > TF_CONFIG_LIMIT:
         raise SpecError(f"TF_CONFIG for {tasks} tasks would be {size // 1024} KiB; Linux allows one environment "
                         "variable 128 KiB: run fewer processes (e.g. one worker per host using all its GPUs)")
-
-
-def summary(tasks: Sequence[Task], hosts: Sequence[Host]) -> list[dict[str, Any]]:
-    """Per process: rank, role, index, host (for the run record and messages)."""
-    return [{"rank": t.rank, "role": t.role, "index": t.index, "host": hosts[t.node].name} for t in tasks]
