@@ -32,7 +32,7 @@ from .hosts import Host
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
-    from typing import Any, Mapping, Sequence
+    from typing import Mapping, Sequence
 
     from .spec import JobSpec
 
