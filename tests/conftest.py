@@ -76,6 +76,31 @@ def cli_popen(home: Path, tmp_path: Path):
         proc.wait()
 
 
+def run_cli(env: dict, *args: str, timeout: float = 60) -> tuple[subprocess.CompletedProcess, float]:
+    """``python -m tflaunch run ARGS`` to completion with ``env``: (result with text output, seconds)."""
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "tflaunch", "run", *args], env=env, capture_output=True,
+                            text=True, timeout=timeout)
+    return result, time.monotonic() - start
+
+
+def last_run(home: Path) -> str:
+    """The id of the newest run in ``home``."""
+    return sorted(p.name for p in (home / "runs").iterdir() if not p.name.startswith("."))[-1]
+
+
+def last_run_when(home: Path, timeout: float = 30) -> str:
+    """The newest run's id, waiting for a run to appear."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (home / "runs").is_dir():
+            runs = [p.name for p in (home / "runs").iterdir() if not p.name.startswith(".")]
+            if runs:
+                return sorted(runs)[-1]
+        time.sleep(0.05)
+    raise AssertionError("no run appeared")
+
+
 def show(cli, run_id: str) -> dict:
     result = cli("runs", "show", run_id, "--json", check=True)
     return json.loads(result.stdout)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli_env, pids_with_token, show, wait_no_processes
+from conftest import cli_env, last_run, last_run_when, pids_with_token, run_cli, show, wait_no_processes
 
 RANKED = """\
 import os, sys, time
@@ -54,29 +54,18 @@ def ranked(project, tmp_path, home):
     return src, marks, cli_env(home, MARK_DIR=str(marks))
 
 
-def _run(env, *args, timeout=60):
-    start = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "tflaunch", "run", *args], env=env, capture_output=True,
-                            text=True, timeout=timeout)
-    return result, time.monotonic() - start
-
-
 def _ssh(hosts):
     return ["--ssh-config", hosts.config]
-
-
-def _last_run(home: Path) -> str:
-    return sorted(p.name for p in (home / "runs").iterdir() if not p.name.startswith("."))[-1]
 
 
 # -- local ---------------------------------------------------------------------------------------------
 def test_eight_local_processes_prefix_and_log_files(ranked, cli, home):
     src, marks, env = ranked
-    result, _ = _run(env, "--source-dir", str(src), "--nodes", "1", "--procs-per-node", "8", "ranked.py", "ok")
+    result, _ = run_cli(env, "--source-dir", str(src), "--nodes", "1", "--procs-per-node", "8", "ranked.py", "ok")
     assert result.returncode == 0, result.stderr
     for rank in range(8):
         assert f"[rank {rank}] rank {rank} of 8 up\n" in result.stdout
-    run = show(cli, _last_run(home))
+    run = show(cli, last_run(home))
     assert run["status"] == "Completed" and run["exit_code"] == 0
     logs = Path(run["run_dir"]) / "tflaunch_logs"
     assert (logs / "rank-5.stdout").read_text() == "rank 5 of 8 up\n"  # raw, no prefix, in the record
@@ -85,10 +74,10 @@ def test_eight_local_processes_prefix_and_log_files(ranked, cli, home):
 
 def test_fail_fast_names_the_failing_rank(ranked, cli, home):
     src, marks, env = ranked
-    result, took = _run(env, "--source-dir", str(src), "--procs-per-node", "4", "ranked.py", "fail")
+    result, took = run_cli(env, "--source-dir", str(src), "--procs-per-node", "4", "ranked.py", "fail")
     assert result.returncode == 3, result.stderr
     assert took < 1 + 2 + 1.5, took  # 1 s of work, 2 s to notice and stop (+ interpreter start-up here)
-    run = show(cli, _last_run(home))
+    run = show(cli, last_run(home))
     error = run["error"]
     assert run["status"] == "Failed" and run["exit_code"] == 3
     assert (error["reason"], error["rank"], error["host"]) == ("exit_code", 2, "localhost")
@@ -99,11 +88,11 @@ def test_fail_fast_names_the_failing_rank(ranked, cli, home):
 
 def test_a_rank_that_ignores_sigterm_is_killed_after_the_grace(ranked, cli, home):
     src, marks, env = ranked
-    result, took = _run(env, "--source-dir", str(src), "--procs-per-node", "3", "--grace", "1",
+    result, took = run_cli(env, "--source-dir", str(src), "--procs-per-node", "3", "--grace", "1",
                         "ranked.py", "stubborn")
     assert result.returncode == 5
     assert took < 1 + 1 + 3, took
-    run = show(cli, _last_run(home))
+    run = show(cli, last_run(home))
     assert run["error"]["rank"] == 1  # the ranks killed by the teardown are not the cause
     wait_no_processes(run["id"], timeout=1)
 
@@ -136,11 +125,11 @@ def test_slot_check(project, cli, tmp_path):
 # -- over ssh ------------------------------------------------------------------------------------------
 def test_ssh_fail_fast_across_hosts(netns_hosts, ranked, cli, home):
     src, marks, env = ranked
-    result, took = _run(env, "--source-dir", str(src), *_ssh(netns_hosts), "--hosts", "h1:2,h2:2",
+    result, took = run_cli(env, "--source-dir", str(src), *_ssh(netns_hosts), "--hosts", "h1:2,h2:2",
                         "ranked.py", "fail")
     assert result.returncode == 3, result.stderr
     assert took < 1 + 3 + 2, took
-    run = show(cli, _last_run(home))
+    run = show(cli, last_run(home))
     assert (run["error"]["rank"], run["error"]["host"]) == (2, "h2")
     assert "rank 2 gives up" in run["error"]["stderr_tail"]
     wait_no_processes(run["id"], timeout=2)
@@ -153,7 +142,7 @@ def test_ssh_launcher_sigkill_leaves_nothing_on_any_host(netns_hosts, ranked, cl
                              "--hosts", "h1:2,h3:2,localhost:2", "ranked.py", "sleep"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        run_id = _last_run_when(home)
+        run_id = last_run_when(home)
         deadline = time.monotonic() + 30
         while len(pids_with_token(run_id)) < 6:  # every host shares this pid namespace: /proc sees all
             assert time.monotonic() < deadline and proc.poll() is None
@@ -169,17 +158,6 @@ def test_ssh_launcher_sigkill_leaves_nothing_on_any_host(netns_hosts, ranked, cl
     kept = Path(f"/tmp/tflaunch-{os.getuid()}/{run_id}-1")  # h3's copy, kept for recovery (by design)
     assert (kept / "work" / "ranked.py").exists()
     shutil.rmtree(kept)
-
-
-def _last_run_when(home: Path, timeout: float = 30) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (home / "runs").is_dir():
-            runs = [p.name for p in (home / "runs").iterdir() if not p.name.startswith(".")]
-            if runs:
-                return sorted(runs)[-1]
-        time.sleep(0.05)
-    raise AssertionError("no run appeared")
 
 
 def test_ssh_two_runs_cancel_one(netns_hosts, ranked, cli, home, tmp_path):
@@ -213,7 +191,7 @@ def test_ssh_unreachable_host(netns_hosts, project, cli, home):
     took = time.monotonic() - start
     assert result.returncode == 1 and took < 2 + 3, (took, result.stderr)
     assert unreachable in result.stderr.splitlines()[-1]
-    run = show(cli, _last_run(home))
+    run = show(cli, last_run(home))
     assert run["status"] == "Failed" and run["error"]["reason"] == "launch_failed"
     assert unreachable in run["error"]["message"]
     stray = subprocess.run(["pgrep", "-f", f"ssh .*{unreachable}"], capture_output=True, text=True).stdout
@@ -241,7 +219,7 @@ def test_ssh_arguments_and_environment_arrive_intact(ssh_loopback, project, cli,
         env_args += ["--env", f"BIG{i}=" + "v" * 10_000]
     result = cli("run", "--source-dir", str(src), *_ssh(ssh_loopback), "--hosts", "loop1:1,loop2:1", *env_args,
                  "echo.py", nasty, "$(touch x)", "a b", "", check=True)
-    run = show(cli, _last_run(home))
+    run = show(cli, last_run(home))
     for rank in (0, 1):
         got = json.loads((Path(run["run_dir"]) / "outputs" / f"args-{rank}.json").read_text())
         assert got["argv"] == [nasty, "$(touch x)", "a b", ""]
@@ -252,9 +230,9 @@ def test_ssh_arguments_and_environment_arrive_intact(ssh_loopback, project, cli,
 def test_ssh_host_without_shared_filesystem(netns_hosts, ranked, cli, home, tmp_path):
     src, marks, env = ranked
     env.pop("MARK_DIR")  # h3 cannot see it
-    result, _ = _run(env, "--source-dir", str(src), *_ssh(netns_hosts), "--hosts", "h3:2,h1:2", "ranked.py", "ok")
+    result, _ = run_cli(env, "--source-dir", str(src), *_ssh(netns_hosts), "--hosts", "h3:2,h1:2", "ranked.py", "ok")
     assert result.returncode == 0, result.stderr
-    run = show(cli, _last_run(home))
+    run = show(cli, last_run(home))
     record = Path(run["run_dir"])
     hosts = {h["name"]: h for h in json.loads((record / "hosts.json").read_text())}
     assert hosts["h3"]["shared_filesystem"] is False and hosts["h1"]["shared_filesystem"] is True

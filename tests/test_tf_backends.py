@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli_env, pids_with_token, show, wait_no_processes
+from conftest import (cli_env, last_run, last_run_when, pids_with_token, run_cli, show, wait_for_file,
+                      wait_no_processes)
 
 TASKS = """\
 import json, os, signal, socket, sys, time
@@ -83,25 +84,14 @@ def tasks(project, tmp_path, home):
     return src, marks, cli_env(home, MARK_DIR=str(marks))
 
 
-def _run(env, *args, timeout=90):
-    start = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "tflaunch", "run", *args], env=env, capture_output=True,
-                            text=True, timeout=timeout)
-    return result, time.monotonic() - start
-
-
-def _last_run(home: Path) -> str:
-    return sorted(p.name for p in (home / "runs").iterdir() if not p.name.startswith("."))[-1]
-
-
 PS = ["--backend", "ps", "--workers", "2", "--ps", "1", "--chief"]
 
 
 def test_chief_exits_0_servers_are_stopped_and_the_run_completes(tasks, cli, home):
     src, marks, env = tasks
-    result, took = _run(env, "--source-dir", str(src), *PS, "tasks.py", "ok")
+    result, took = run_cli(env, "--source-dir", str(src), *PS, "tasks.py", "ok")
     assert result.returncode == 0, result.stderr
-    run = show(cli, _last_run(home))
+    run = show(cli, last_run(home))
     assert run["status"] == "Completed" and run["exit_code"] == 0
     assert took < 15, took  # not hung on the servers' join()
     wait_no_processes(run["id"], timeout=2)
@@ -121,9 +111,9 @@ def test_chief_exits_0_servers_are_stopped_and_the_run_completes(tasks, cli, hom
 
 def test_chief_fails_with_ps_alive(tasks, cli, home):
     src, marks, env = tasks
-    result, took = _run(env, "--source-dir", str(src), *PS, "tasks.py", "chief-fails")
+    result, took = run_cli(env, "--source-dir", str(src), *PS, "tasks.py", "chief-fails")
     assert result.returncode == 1
-    run = show(cli, _last_run(home))
+    run = show(cli, last_run(home))
     assert run["status"] == "Failed"
     error = run["error"]
     assert (error["reason"], error["role"], error["task_index"], error["rank"]) == ("exit_code", "chief", 0, 0)
@@ -134,10 +124,10 @@ def test_chief_fails_with_ps_alive(tasks, cli, home):
 def test_ps_killed_mid_training_fails_the_run_naming_it(tasks, cli, home):
     src, marks, env = tasks
     env["LEAD_SECONDS"] = "60"
-    result, took = _run(env, "--source-dir", str(src), *PS, "tasks.py", "kill-ps")
+    result, took = run_cli(env, "--source-dir", str(src), *PS, "tasks.py", "kill-ps")
     assert result.returncode != 0
     assert took < 20, took
-    run = show(cli, _last_run(home))
+    run = show(cli, last_run(home))
     error = run["error"]
     assert (run["status"], error["reason"], error["role"], error["rank"]) == ("Failed", "signal", "ps", 3)
     assert "(ps 0, rank 3 on host localhost) was killed by SIGKILL" in error["message"]
@@ -147,11 +137,11 @@ def test_ps_killed_mid_training_fails_the_run_naming_it(tasks, cli, home):
 
 def test_evaluator_that_never_ends_is_stopped_after_its_grace(tasks, cli, home):
     src, marks, env = tasks
-    result, took = _run(env, "--source-dir", str(src), "--backend", "ps", "--workers", "1", "--ps", "1", "--chief",
+    result, took = run_cli(env, "--source-dir", str(src), "--backend", "ps", "--workers", "1", "--ps", "1", "--chief",
                         "--evaluator", "--evaluator-grace", "2", "tasks.py", "ok")
     assert result.returncode == 0, result.stderr
     assert 2 <= took < 15, took
-    run = show(cli, _last_run(home))
+    run = show(cli, last_run(home))
     assert run["status"] == "Completed"
     assert any("evaluator 0 was still running 2 s after the chief 0 ended" in w for w in run["warnings"])
     assert "[evaluator 0] evaluator 0 up" in result.stdout
@@ -257,10 +247,10 @@ def test_multiworker_over_ssh_aliases_uses_the_addresses_ssh_resolves(ssh_loopba
     """loop1/loop2 are ssh aliases (HostName 127.0.0.1) no resolver knows: TF_CONFIG must carry what
     ``ssh -G`` resolves, or the workers could not reach each other."""
     src, marks, env = tasks
-    result, took = _run(env, "--source-dir", str(src), "--ssh-config", ssh_loopback.config, "--hosts",
+    result, took = run_cli(env, "--source-dir", str(src), "--ssh-config", ssh_loopback.config, "--hosts",
                         "loop1:2,loop2:2", "--backend", "multiworker", "tasks.py", "peers")
     assert result.returncode == 0, result.stderr
-    run = show(cli, _last_run(home))
+    run = show(cli, last_run(home))
     cluster = json.loads((Path(run["run_dir"]) / "tf_cluster.json").read_text())
     assert list(cluster) == ["worker"] and len(cluster["worker"]) == 4
     assert all(a.startswith("127.0.0.1:") for a in cluster["worker"])
@@ -272,10 +262,10 @@ def test_multiworker_over_ssh_aliases_uses_the_addresses_ssh_resolves(ssh_loopba
 
 def test_ps_across_netns_hosts_spreads_roles_and_stops_servers(netns_hosts, tasks, cli, home):
     src, marks, env = tasks
-    result, took = _run(env, "--source-dir", str(src), "--ssh-config", netns_hosts.config, "--hosts",
+    result, took = run_cli(env, "--source-dir", str(src), "--ssh-config", netns_hosts.config, "--hosts",
                         "h1:2,h2:2", *PS, "tasks.py", "ok")
     assert result.returncode == 0, result.stderr
-    run = show(cli, _last_run(home))
+    run = show(cli, last_run(home))
     rows = json.loads((Path(run["run_dir"]) / "processes.json").read_text())
     assert {(r["role"], r["index"]): r["host"] for r in rows} == {
         ("chief", 0): "h1", ("ps", 0): "h2", ("worker", 0): "h1", ("worker", 1): "h2"}
@@ -285,11 +275,11 @@ def test_ps_across_netns_hosts_spreads_roles_and_stops_servers(netns_hosts, task
 
 def test_timeout_while_the_evaluator_winds_down_keeps_the_chiefs_outcome(tasks, cli, home):
     src, marks, env = tasks
-    result, took = _run(env, "--source-dir", str(src), "--backend", "ps", "--workers", "1", "--ps", "1", "--chief",
+    result, took = run_cli(env, "--source-dir", str(src), "--backend", "ps", "--workers", "1", "--ps", "1", "--chief",
                         "--evaluator", "--evaluator-grace", "60", "--timeout", "3", "tasks.py", "ok")
     assert result.returncode == 0, result.stderr
     assert took < 15, took
-    run = show(cli, _last_run(home))
+    run = show(cli, last_run(home))
     assert run["status"] == "Completed" and run["error"] is None
     wait_no_processes(run["id"], timeout=2)
 
@@ -310,9 +300,9 @@ def test_one_machine_listed_twice_shares_its_gpus_and_port_base(project, cli, ho
 def test_fixed_ports_on_this_machine_still_record_roles(tasks, cli, home):
     """--port-base on this machine alone takes the one-round-trip start: the record is the same."""
     src, marks, env = tasks
-    result, took = _run(env, "--source-dir", str(src), *PS, "--port-base", "41234", "tasks.py", "ok")
+    result, took = run_cli(env, "--source-dir", str(src), *PS, "--port-base", "41234", "tasks.py", "ok")
     assert result.returncode == 0, result.stderr
-    run = show(cli, _last_run(home))
+    run = show(cli, last_run(home))
     record = Path(run["run_dir"])
     assert [r["port"] for r in json.loads((record / "processes.json").read_text())] == [41234, 41235, 41236, 41237]
     assert json.loads((record / "tf_cluster.json").read_text())["chief"] == ["localhost:41234"]
@@ -329,14 +319,15 @@ def test_cancel_while_the_evaluator_winds_down_does_not_spin(tasks, cli, home):
                              "--grace", "6", "tasks.py", "ok"], env=dict(env, EVAL_IGNORES_TERM="1"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
+        chief_log = home / "runs" / last_run_when(home) / "tflaunch_logs" / "rank-0.stdout"
+        wait_for_file(chief_log)
         deadline = time.monotonic() + 30
-        while "chief 0 done" not in (Path(home) / "runs").joinpath(_last_run_when(home), "tflaunch_logs",
-                                                                  "rank-0.stdout").read_text():
+        while "chief 0 done" not in chief_log.read_text():
             assert time.monotonic() < deadline
             time.sleep(0.1)
         # canceled within the evaluator's 2 s: it ignores SIGTERM and is killed 6 s later; the evaluator's
         # own deadline, passing meanwhile, must not make the launcher spin
-        cli("runs", "cancel", _last_run(home), check=True)
+        cli("runs", "cancel", last_run(home), check=True)
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
@@ -344,19 +335,7 @@ def test_cancel_while_the_evaluator_winds_down_does_not_spin(tasks, cli, home):
     used = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (used.ru_utime - before.ru_utime) + (used.ru_stime - before.ru_stime)
     assert cpu < 2.5, cpu  # a spinning launcher burns ~4 s of CPU here
-    wait_no_processes(_last_run(home), timeout=2)
-
-
-def _last_run_when(home: Path, timeout: float = 30) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        runs = home / "runs"
-        if runs.is_dir():
-            names = sorted(p.name for p in runs.iterdir() if not p.name.startswith("."))
-            if names and (runs / names[-1] / "tflaunch_logs" / "rank-0.stdout").exists():
-                return names[-1]
-        time.sleep(0.05)
-    raise AssertionError("no run appeared")
+    wait_no_processes(last_run(home), timeout=2)
 
 
 def test_lead_worker_on_a_host_without_shared_filesystem_wins_output_conflicts(netns_hosts, tasks, cli, home):
@@ -364,10 +343,10 @@ def test_lead_worker_on_a_host_without_shared_filesystem_wins_output_conflicts(n
     its outputs/who.txt must win over the one written on h1 by higher ranks."""
     src, marks, env = tasks
     env.pop("MARK_DIR")  # h3 cannot see it
-    result, took = _run(env, "--source-dir", str(src), "--ssh-config", netns_hosts.config, "--hosts", "h1:2,h3:2",
+    result, took = run_cli(env, "--source-dir", str(src), "--ssh-config", netns_hosts.config, "--hosts", "h1:2,h3:2",
                         "--backend", "ps", "--workers", "2", "--ps", "1", "tasks.py", "all-write")
     assert result.returncode == 0, result.stderr
-    run = show(cli, _last_run(home))
+    run = show(cli, last_run(home))
     rows = {(r["role"], r["index"]): r["host"] for r in json.loads((Path(run["run_dir"]) / "processes.json").read_text())}
     assert rows[("worker", 0)] == "h3" and rows[("ps", 0)] == "h1"
     assert (Path(run["run_dir"]) / "outputs" / "who.txt").read_text() == "worker 0"

@@ -50,6 +50,7 @@ class Prepared:
     scan: snapshot.Scan
     environment: dict[str, Any] | None
     options: SubmitOptions
+    gpus: dict[str, list[str]] | None = None  # GPUs known before launch (see known_gpus)
 
 
 def _platform() -> str:
@@ -77,9 +78,9 @@ def prepare(estimator: Estimator, options: SubmitOptions) -> Prepared:
         options.scratch = os.path.abspath(options.scratch)
         if not os.path.isdir(options.scratch):
             raise SpecError(f"scratch (--scratch): {options.scratch} is not a directory")
-    known_gpus(spec, target_hosts(spec.compute_target)[:spec.node_count])
+    gpus = known_gpus(spec, target_hosts(spec.compute_target)[:spec.node_count])
     environment = check_framework(spec, scan.root)
-    return Prepared(store, spec, scan, environment, options)
+    return Prepared(store, spec, scan, environment, options, gpus)
 
 
 def create_run(prepared: Prepared) -> RunRecord:
@@ -141,7 +142,7 @@ def dry_run(prepared: Prepared) -> dict[str, Any]:
     if remote and (ports or (spec.distributed or {}).get("backend") in TF_BACKENDS):
         addresses = resolve_addresses(remote, SshOptions.from_dict((spec.compute_target or {}).get("ssh")))
         addresses.update({h.name: socket.gethostname() for h in hosts if is_local(h.name)})
-    processes = plan(spec, ctx, hosts, addresses=addresses, gpus=known_gpus(spec, hosts))
+    processes = plan(spec, ctx, hosts, addresses=addresses, gpus=prepared.gpus)
     return {
         "dry_run": True,
         "run_id": run_id,
