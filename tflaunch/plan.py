@@ -87,9 +87,11 @@ def ports_needed(spec: JobSpec, hosts: Sequence[Host]) -> dict[str, int]:
 
     Native TensorFlow jobs need one per cluster task (none with ``port_base``); other jobs of several
     processes get one on the first host, handed to every process as ``TFLAUNCH_COORDINATOR=host:port``
-    (for a rendezvous the script sets up itself).
+    (for a rendezvous the script sets up itself). MPI jobs rendezvous through mpirun: none.
     """
     hosts = job_hosts(spec, hosts)
+    if backend(spec) == "mpi":
+        return {}
     if backend(spec) in TF_BACKENDS:
         if (spec.distributed or {}).get("port_base") is not None:
             return {}
@@ -158,7 +160,8 @@ def plan(spec: JobSpec, ctx: RunContext, hosts: Sequence[Host] | None = None, *,
     if not spec.use_gpu:
         common["CUDA_VISIBLE_DEVICES"] = ""
     devices: dict[int, str] = {}
-    if spec.use_gpu:  # per machine: two host entries of one machine share its GPUs
+    if spec.use_gpu and kind != "mpi":  # MPI (Horovod): every rank sees its host's GPUs, picks by local rank
+        # per machine: two host entries of one machine share its GPUs
         by_machine: dict[str, list[Task]] = {}
         for t in tasks:
             by_machine.setdefault(machines[hosts[t.node].name], []).append(t)

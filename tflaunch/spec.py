@@ -48,6 +48,11 @@ _CLI_FLAG = {
     "parameter_server_count": "--ps",
     "port_base": "--port-base",
     "evaluator_grace": "--evaluator-grace",
+    "mpirun": "--mpirun",
+    "mpi_args": "--mpi-arg",
+    "launcher": "--mpi-launcher",
+    "srun_mpi": "--srun-mpi",
+    "mpi_iface": "--mpi-iface",
     "gpus_per_node": "--gpus-per-node",
     "gpus_shared": "--gpus-shared",
 }
@@ -140,17 +145,46 @@ def _env_vars(values: Mapping[str, Any] | None) -> dict[str, str]:
 
 
 class MpiConfiguration:
-    """``distributed_training=MpiConfiguration()``: Horovod-style MPI job (launch backend pending)."""
+    """``distributed_training=MpiConfiguration()``: an MPI job (Horovod, mpi4py): ``mpirun`` starts the
+    ``node_count`` x ``process_count_per_node`` ranks (see :mod:`tflaunch.mpirun`).
+
+    As in the reference, the counts may be given here or on the estimator. tflaunch additions:
+    ``mpirun`` (its path; default: the one next to the job's Python, else the first on ``PATH``),
+    ``mpi_args`` (more mpirun options, passed as they are), ``launcher`` (``'mpirun'``; ``'srun'``
+    inside a Slurm allocation: ``srun --mpi=pmix`` for Open MPI, ``pmi2`` for MPICH/Intel MPI, or
+    ``srun_mpi``), ``mpi_iface`` (the network the ranks and daemons use: an interface name, or for
+    Open MPI a subnet; spelled as the flavour needs it).
+    """
 
     backend = "mpi"
 
-    def __init__(self, process_count_per_node: int = 1, node_count: int = 1) -> None:
+    def __init__(self, process_count_per_node: int = 1, node_count: int = 1, *, mpirun: str | os.PathLike | None = None,
+                 mpi_args: Sequence[str] = (), launcher: str = "mpirun", srun_mpi: str | None = None,
+                 mpi_iface: str | None = None) -> None:
         self.process_count_per_node = _positive_int("process_count_per_node", process_count_per_node)
         self.node_count = _positive_int("node_count", node_count)
+        if mpirun is not None and (not isinstance(mpirun, (str, os.PathLike)) or not os.fspath(mpirun)):
+            raise _fail("mpirun", f"must be the path of mpirun, got {mpirun!r}")
+        self.mpirun = os.fspath(mpirun) if mpirun is not None else None
+        if isinstance(mpi_args, str) or not all(isinstance(a, str) for a in mpi_args):
+            raise _fail("mpi_args", f"must be a list of strings, got {mpi_args!r}")
+        self.mpi_args = list(mpi_args)
+        if launcher not in ("mpirun", "srun"):
+            raise _fail("launcher", f"must be 'mpirun' or 'srun', got {launcher!r}")
+        self.launcher = launcher
+        if srun_mpi is not None and (not isinstance(srun_mpi, str) or not re.match(r"^[a-z0-9_]+$", srun_mpi)):
+            raise _fail("srun_mpi", f"must be an srun --mpi plugin name such as 'pmix' or 'pmi2', got {srun_mpi!r}")
+        if srun_mpi is not None and launcher != "srun":
+            raise _fail("srun_mpi", "only with launcher='srun' (--mpi-launcher srun)")
+        self.srun_mpi = srun_mpi
+        if mpi_iface is not None and (not isinstance(mpi_iface, str) or not re.match(r"^[\w.:/-]+$", mpi_iface)):
+            raise _fail("mpi_iface", f"must be a network interface name (or for Open MPI a subnet), got {mpi_iface!r}")
+        self.mpi_iface = mpi_iface
 
     def to_dict(self) -> dict[str, Any]:
         return {"backend": self.backend, "process_count_per_node": self.process_count_per_node,
-                "node_count": self.node_count}
+                "node_count": self.node_count, "mpirun": self.mpirun, "mpi_args": list(self.mpi_args),
+                "launcher": self.launcher, "srun_mpi": self.srun_mpi, "mpi_iface": self.mpi_iface}
 
     def __repr__(self) -> str:
         return (f"MpiConfiguration(process_count_per_node={self.process_count_per_node}, "
@@ -357,12 +391,13 @@ class Estimator:
         if python is not None and (not isinstance(python, (str, os.PathLike)) or not os.fspath(python)):
             raise _fail("python", f"must be the path of a Python interpreter, got {python!r}")
         self.python = os.fspath(python) if python is not None else None
-        world = world_size(self.node_count, self.process_count_per_node, self._distributed())
-        if isinstance(distributed_training, MpiConfiguration) and world > 1:
-            raise SpecError(
-                f"distributed_training: MpiConfiguration with {world} processes is not available in this "
-                "version; leave it out and use node_count/process_count_per_node: every process gets "
-                "TFLAUNCH_RANK, TFLAUNCH_LOCAL_RANK and TFLAUNCH_WORLD_SIZE")
+        if isinstance(distributed_training, MpiConfiguration):  # the counts: here or there, not both
+            for name in ("node_count", "process_count_per_node"):
+                mine, theirs = getattr(self, name), getattr(distributed_training, name)
+                if mine == 1:
+                    setattr(self, name, theirs)
+                elif theirs not in (1, mine):
+                    raise _fail(name, f"{mine} here but {theirs} in MpiConfiguration: give it once")
         if isinstance(distributed_training, TensorflowConfiguration) and process_count_per_node != 1:
             raise _fail("process_count_per_node", "does not apply to a parameter-server job: give worker_count "
                         "(--workers) and parameter_server_count (--ps); tflaunch spreads them over the nodes")

@@ -79,6 +79,8 @@ def prepare(estimator: Estimator, options: SubmitOptions) -> Prepared:
         if not os.path.isdir(options.scratch):
             raise SpecError(f"scratch (--scratch): {options.scratch} is not a directory")
     gpus = known_gpus(spec, target_hosts(spec.compute_target)[:spec.node_count])
+    if (spec.distributed or {}).get("backend") == "mpi":
+        check_mpi(spec)
     environment = check_framework(spec, scan.root)
     return Prepared(store, spec, scan, environment, options, gpus)
 
@@ -126,6 +128,25 @@ def known_gpus(spec: JobSpec, hosts: list[Host]) -> dict[str, list[str]] | None:
     return gpus
 
 
+def check_mpi(spec: JobSpec) -> None:
+    """Find and identify the job's mpirun (recorded in ``spec.distributed["mpi"]``) and check that its
+    flavour can express the job; SpecError otherwise."""
+    from .mpijob import launch_for
+    from .mpirun import SRUN_MPI, detect, find_mpirun
+
+    dist = spec.distributed
+    install = detect(find_mpirun(dist.get("mpirun"), spec.python))
+    dist["mpi"] = install.to_dict()
+    if dist.get("launcher") == "srun":
+        if (spec.compute_target or {}).get("source") != "SLURM_JOB_NODELIST":
+            raise SpecError("--mpi-launcher srun: only inside a Slurm allocation (salloc/sbatch: SLURM_JOB_NODELIST "
+                            "is not set)")
+        dist["srun_mpi"] = dist.get("srun_mpi") or SRUN_MPI[install.flavour]
+    ctx = RunContext(run_id="check", experiment="check", run_dir="/", work_dir="/", home="/")
+    hosts = target_hosts(spec.compute_target)[:spec.node_count]
+    launch_for(spec, plan(spec, ctx, hosts), "check", remote=not all(is_local(h.name) for h in hosts))
+
+
 def dry_run(prepared: Prepared) -> dict[str, Any]:
     """What ``create_run`` + launch would do, as a JSON-able dict (nothing is written)."""
     store, spec = prepared.store, prepared.spec
@@ -143,6 +164,11 @@ def dry_run(prepared: Prepared) -> dict[str, Any]:
         addresses = resolve_addresses(remote, SshOptions.from_dict((spec.compute_target or {}).get("ssh")))
         addresses.update({h.name: socket.gethostname() for h in hosts if is_local(h.name)})
     processes = plan(spec, ctx, hosts, addresses=addresses, gpus=prepared.gpus)
+    launcher = None
+    if (spec.distributed or {}).get("backend") == "mpi":
+        from .mpijob import launch_for
+        launcher = launch_for(spec, processes, run_id, remote=bool(remote)).to_dict()
+        launcher["mpi"] = spec.distributed["mpi"]
     return {
         "dry_run": True,
         "run_id": run_id,
@@ -158,4 +184,5 @@ def dry_run(prepared: Prepared) -> dict[str, Any]:
         "ports": ports,
         "addresses": addresses,
         "processes": [p.to_dict() for p in processes],
+        "launcher": launcher,
     }

