@@ -3,7 +3,9 @@
 examples/horovod/train_hvd.py (2 ranks, synthetic data) measures its own global samples/s over the
 epochs after the first (metrics.json). The same script runs alternately under
 `tflaunch run --backend mpi --procs-per-node 2` and under the raw mpirun command line tflaunch would
-use (from --dry-run --json, without the rank wrapper); the ratio is of the medians. Needs
+use (from --dry-run --json, without the rank wrapper). The goal is judged on the median of the
+paired ratios (this VM's speed drifts by more than the effect measured); the ratio of the medians
+is printed too. Needs
 .venv-horovod (make horovod).
 """
 from __future__ import annotations
@@ -54,7 +56,10 @@ def main() -> None:
     for key, value in med.items():
         print(f"  {key:12s} {value:9.0f} samples/s   (runs: {', '.join(f'{v:.0f}' for v in rates[key])})")
     ratio = med["tflaunch"] / med["raw mpirun"]
-    print(f"  ratio {ratio:.3f}x (goal >= 0.98x): {'met' if ratio >= 0.98 else 'MISSED'}")
+    paired = statistics.median(t / r for t, r in zip(rates["tflaunch"], rates["raw mpirun"]))
+    print(f"  ratio of the medians {ratio:.3f}x; median of the paired ratios (each tflaunch run over the raw "
+          f"run right after it, which cancels the VM's drift) {paired:.3f}x (goal >= 0.98x): "
+          f"{'met' if paired >= 0.98 else 'MISSED'}")
 
 
 if __name__ == "__main__":
