@@ -319,3 +319,16 @@ def test_horovod_example_trains_on_two_ranks(home):
                             "tf.keras.models.load_model(sys.argv[1], compile=False)", str(run / "outputs" / "model.h5")],
                            capture_output=True, text=True, timeout=120)
     assert check.returncode == 0, check.stderr[-2000:]
+
+
+def test_inside_a_slurm_allocation_the_dry_run_shows_mpirun_without_ssh_or_srun(ranked, cli, home):
+    """The allocation's variables (as sbatch sets them) decide the hosts; mpirun then uses Slurm itself,
+    or srun --mpi=pmix with --mpi-launcher srun. (The real Slurm cluster is the Slurm issue's.)"""
+    mpirun = system_mpirun()
+    env = cli_env(home, SLURM_JOB_ID="42", SLURM_JOB_NODELIST="n[1-2]", SLURM_TASKS_PER_NODE="2(x2)")
+    argv = json.loads(cli("run", "--dry-run", "--json", "--backend", "mpi", "--mpirun", mpirun, "--source-dir",
+                          str(ranked), "ranked.py", env=env, check=True).stdout)["launcher"]["argv"]
+    assert argv[:5] == [mpirun, "-np", "4", "--host", "n1:2,n2:2"] and "plm_rsh_agent" not in argv
+    argv = json.loads(cli("run", "--dry-run", "--json", "--backend", "mpi", "--mpirun", mpirun, "--mpi-launcher",
+                          "srun", "--source-dir", str(ranked), "ranked.py", env=env, check=True).stdout)["launcher"]["argv"]
+    assert argv[:6] == ["srun", "--mpi=pmix", "--nodes=2", "--ntasks=4", "--ntasks-per-node=2", "--nodelist=n1,n2"]

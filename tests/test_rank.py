@@ -103,3 +103,13 @@ def test_wrapper_reports_a_program_that_cannot_start(tmp_path):
     result = _wrapper(tmp_path, {"OMPI_COMM_WORLD_RANK": "0"}, "/nonexistent/python")
     assert result.returncode == 127
     assert b"cannot start /nonexistent/python" in result.stderr and result.stderr.endswith(b"\x1e0\x1fx127\n")
+
+
+def test_rank_info_for_scripts():
+    from tflaunch import rank_info
+
+    assert rank_info({"TFLAUNCH_RANK": "3", "TFLAUNCH_LOCAL_RANK": "1", "TFLAUNCH_NODE_RANK": "1",
+                      "TFLAUNCH_WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "0"}) == \
+        {"launcher": "tflaunch", "rank": 3, "local_rank": 1, "node_rank": 1, "world_size": 4}
+    assert rank_info({"PMI_RANK": "2", "PMI_SIZE": "4", "MPI_LOCALRANKID": "0"})["rank"] == 2  # raw mpiexec
+    assert rank_info({}) == {"launcher": None, "rank": 0, "local_rank": 0, "node_rank": 0, "world_size": 1}

@@ -24,6 +24,7 @@ _EXPORTS = {
     "Experiment": "api", "Run": "api", "Workspace": "api", "RunStatus": "api",
     "TflaunchError": "errors", "SpecError": "errors", "SnapshotError": "errors", "StoreError": "errors",
     "RunNotFoundError": "errors", "PathSafetyError": "errors", "RunFailedError": "errors",
+    "rank_info": "rank",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

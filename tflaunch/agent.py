@@ -668,7 +668,7 @@ class Agent:
             if self.rank_files:
                 import shutil
                 shutil.rmtree(self.rank_files, ignore_errors=True)
-            if self.made_scratch and (self.procs or self.sweep):
+            if self.made_scratch and (self.procs or self.sweep) and os.path.isdir(self.scratch):
                 sys.stderr.write("tflaunch agent: launcher gone; kept %s\n" % self.scratch)
         else:
             self.cleanup()  # nothing ran: a half-finished upload is of no use to anyone

@@ -5,7 +5,7 @@ filesystem is not shared), the rank wrapper (:mod:`tflaunch.rank`) and, in *swee
 to stop every process of the run on their host. The agent on this machine starts the one launcher
 process (mpirun, or srun inside Slurm) built by :func:`tflaunch.mpirun.launcher`. Its output is split
 back into per-rank files by :class:`tflaunch.rank.Demux`; what mpirun says itself goes to
-``logs/mpirun.log`` (and the console, as ``[mpirun] ...``). The first rank whose program fails is the
+``tflaunch_logs/mpirun.log`` (and the console, as ``[mpirun] ...``). The first rank whose program fails is the
 root cause and stops the job at once (mpirun's own abort is not waited for). When mpirun has ended,
 each host's agent sweeps what is left of the run there (an MPI daemon or a rank that mpirun failed
 to stop): counted, stopped and reported as a warning. If tflaunch itself is killed, the agents lose
@@ -19,12 +19,12 @@ import sys
 import time
 
 from . import fsio, rank, tail
+from .agent import rank_dir
 from .errors import SpecError
 from .launch import AgentConnection
 from .launch.local import spawn_agent
-from .agent import rank_dir
 from .launch.ssh import SshOptions, ssh_argv
-from .mpirun import MpiInstall, launcher, ssh_wrapper
+from .mpirun import MpiInstall, MpiLaunch, launcher, ssh_wrapper
 from .plan import ProcessPlan, machine_ids, plan
 from .store import LOG_DIR
 
@@ -32,6 +32,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
     from typing import Any
 
+    from .spec import JobSpec
     from .supervise import HostRun, Supervisor
 
 __all__ = ["MpiJob", "MPIRUN", "MPIRUN_LOG", "PER_RANK", "launch_for"]
@@ -44,7 +45,7 @@ PER_RANK = ("TFLAUNCH_RANK", "TFLAUNCH_LOCAL_RANK", "TFLAUNCH_NODE_RANK")  # set
 SWEEP_GRACE = 2.0
 
 
-def launch_for(spec: Any, processes: list[ProcessPlan], run_id: str, remote: bool) -> Any:
+def launch_for(spec: JobSpec, processes: list[ProcessPlan], run_id: str, remote: bool) -> MpiLaunch:
     """The :class:`~tflaunch.mpirun.MpiLaunch` of a job whose ranks are ``processes``, with every file
     the hosts' agents write for it (the rank wrapper, mpirun's ssh wrapper, a hostfile): also what
     ``--dry-run`` shows."""
@@ -86,7 +87,8 @@ class MpiJob:
         self._log: Any = None
 
     # -- launch ----------------------------------------------------------------------------------------
-    def follow(self, preview: list[ProcessPlan]) -> None:
+    def follow(self) -> None:
+        """Stream mpirun's own messages to the console (the ranks' output is followed per rank)."""
         sup = self.sup
         if sup.stream:
             sup._followers.append(tail.Follower(sup.record.path(MPIRUN_LOG), sup.stderr, prefix="[mpirun] "))
@@ -147,7 +149,7 @@ class MpiJob:
         self.launcher.conn.send({"cmd": "start", "processes": [mpirun]})
         sup.started = True
 
-    def _record(self, processes: list[ProcessPlan], launch: Any) -> None:
+    def _record(self, processes: list[ProcessPlan], launch: MpiLaunch) -> None:
         sup = self.sup
         for p in processes:
             sup.processes[p.rank] = p

@@ -65,6 +65,25 @@ def identity(env=None):
     return found
 
 
+def rank_info(env=None):
+    """Who this process is in its job, for scripts: ``{"rank", "local_rank", "node_rank",
+    "world_size", "launcher"}``. Under tflaunch from ``TFLAUNCH_*`` (``launcher`` = ``"tflaunch"``);
+    otherwise from mpirun's, srun's or Slurm's own variables (:data:`LAUNCHERS`), so the same script
+    also runs under a raw ``mpirun``; a single process (rank 0 of 1) when there are none."""
+    env = os.environ if env is None else env
+    if env.get("TFLAUNCH_RANK", "").isdigit():
+        info = {"launcher": "tflaunch"}
+        for key, var in (("rank", "TFLAUNCH_RANK"), ("local_rank", "TFLAUNCH_LOCAL_RANK"),
+                         ("node_rank", "TFLAUNCH_NODE_RANK"), ("world_size", "TFLAUNCH_WORLD_SIZE")):
+            value = env.get(var, "")
+            info[key] = int(value) if value.isdigit() else None
+        return info
+    found = identity(env)
+    if found is None:
+        return {"launcher": None, "rank": 0, "local_rank": 0, "node_rank": 0, "world_size": 1}
+    return found
+
+
 def frames(rank, data, final=False):
     """``data`` (bytes of output) as frames; returns (frames, the unfinished line kept for later).
 

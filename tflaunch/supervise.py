@@ -24,7 +24,7 @@ import sys
 import time
 
 from . import agent as agent_mod
-from . import fsio, tail
+from . import fsio, mpijob, tail
 from .collect import COLLECTED, merge_outputs
 from .errors import SpecError, TflaunchError
 from .gpus import host_gpus
@@ -34,7 +34,6 @@ from .launch.local import discard_agent, process_spec, spawn_agent
 from .launch.ssh import SshOptions, resolve_addresses, spawn_ssh_agent
 from .plan import ProcessPlan, RunContext, machine_ids, plan, ports_needed
 from .tfconfig import TF_BACKENDS
-from . import mpijob
 from .snapshot import MANIFEST, materialize
 from .spec import JobSpec
 from .store import (CANCELED, COMPLETED, FAILED, FINALIZING, LOG_DIR, RUNNING, TERMINAL, RunRecord, Store,
@@ -283,7 +282,7 @@ class Supervisor:
                 self._followers.append(tail.Follower(record.path(p.stdout), self.stdout, prefix=label))
                 self._followers.append(tail.Follower(record.path(p.stderr), self.stderr, prefix=label))
         if self.mpi is not None:
-            self.mpi.follow(preview)
+            self.mpi.follow()
         with open(record.path(LOG_DIR, "launcher.log"), "ab") as agent_log:
             self._open_agents(agent_log)
         needed = ports_needed(self.spec, self.hosts)
