@@ -62,6 +62,16 @@ def test_frames_round_trip_random_output():
     assert {k: v for k, v in got.items() if v} == {k: v for k, v in sent.items() if v}
 
 
+def test_demux_resynchronises_after_a_cut_frame():
+    """A reader upstream (an MPI daemon) cut rank 1's frame; rank 2's frame follows on the same line."""
+    got, other = [], []
+    demux = Demux(lambda r, fd, d: got.append((r, d)), lambda fd, d: other.append(d), lambda *a: None)
+    cut = frames(1, b"a long line of rank 1\n")[0][0][:8]
+    demux.feed(1, cut + frames(2, b"whole \x1e line\n")[0][0] + frames(3, b"next\n")[0][0])
+    assert got == [(2, b"whole \x1e line\n"), (3, b"next\n")]
+    assert other == [cut + b"\n"]
+
+
 def test_demux_keeps_mpiruns_own_lines_and_reports_events():
     got, other, events = [], [], []
     demux = Demux(lambda *a: got.append(a), lambda fd, d: other.append((fd, d)), lambda *a: events.append(a))

@@ -16,8 +16,11 @@ on that host; the ranks run ``python -I -S -c BOOT PROGRAM...`` (:func:`bootstra
 
 Frame (one ``write``, at most :data:`FRAME_MAX` bytes, so that it reaches mpirun unsplit):
 ``\\x1e RANK \\x1f KIND DATA \\n`` where KIND is ``l`` (DATA is a line, its newline removed), ``p`` (DATA
-is part of a line), ``s`` (started: ``PID HOSTNAME``) or ``x`` (exited: the return code, negative for a
-signal, as in :mod:`subprocess`). Anything else in mpirun's output is mpirun's own.
+is part of a line), ``s`` (started: ``PID HOSTNAME``) or ``x`` (exited: the return code, negative for
+a signal, as in :mod:`subprocess`). In DATA the bytes \\x1d and \\x1e are escaped (\\x1d D, \\x1d E): a
+frame start is always a frame start, so a frame that a reader upstream cut in two, followed by
+another rank's frame on the same line, costs only the cut frame (kept in mpirun's log). Anything
+else in mpirun's output is mpirun's own.
 """
 import os
 import select
@@ -41,6 +44,7 @@ PPN_VAR = "TFLAUNCH_PROCS_PER_NODE"  # the launcher's plan: fills in what a laun
 FRAME_MAX = 4000  # < PIPE_BUF (4096): a write of this size is never split or interleaved
 MARK = b"\x1e"
 SEP = b"\x1f"
+ESC = b"\x1d"  # in a frame's data: ESC D is ESC, ESC E is MARK
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 
@@ -84,27 +88,37 @@ def rank_info(env=None):
     return found
 
 
+def _escape(data):
+    """Output bytes as a frame carries them: no MARK inside, so a reader can always find frame starts."""
+    return data.replace(ESC, ESC + b"D").replace(MARK, ESC + b"E")
+
+
+def _unescape(data):
+    return data.replace(ESC + b"E", MARK).replace(ESC + b"D", ESC) if ESC in data else data
+
+
 def frames(rank, data, final=False):
     """``data`` (bytes of output) as frames; returns (frames, the unfinished line kept for later).
 
     A line longer than a frame is sent in parts; with ``final`` the unfinished rest is sent too."""
     head = MARK + str(rank).encode() + SEP
     room = FRAME_MAX - len(head) - 2
+    step = room // 2 if (ESC in data or MARK in data) else room  # escaping at most doubles a part
     out = []
     start = 0
     while True:
         end = data.find(b"\n", start)
         if end < 0:
             break
-        while end - start > room:
-            out.append(head + b"p" + data[start:start + room] + b"\n")
-            start += room
-        out.append(head + b"l" + data[start:end] + b"\n")
+        while end - start > step:
+            out.append(head + b"p" + _escape(data[start:start + step]) + b"\n")
+            start += step
+        out.append(head + b"l" + _escape(data[start:end]) + b"\n")
         start = end + 1
     rest = data[start:]
-    while len(rest) > room or (final and rest):
-        out.append(head + b"p" + rest[:room] + b"\n")
-        rest = rest[room:]
+    while len(rest) > step or (final and rest):
+        out.append(head + b"p" + _escape(rest[:step]) + b"\n")
+        rest = rest[step:]
     return out, rest
 
 
@@ -250,15 +264,20 @@ class Demux:
             self.pending[fd] = b""
 
     def _line(self, fd, line):
+        cut = line.find(MARK, 1)
+        if cut > 0:  # a frame cut by a reader upstream, then another rank's frame: keep that one whole
+            self.other(fd, line[:cut] + b"\n")
+            self._line(fd, line[cut:])
+            return
         if line.startswith(MARK):
             head, sep, body = line[1:].partition(SEP)
             if sep and head.isdigit() and body:
                 rank, kind, payload = int(head), body[:1], body[1:]
                 if kind == b"l":
-                    self.write(rank, fd, payload + b"\n")
+                    self.write(rank, fd, _unescape(payload) + b"\n")
                     return
                 if kind == b"p":
-                    self.write(rank, fd, payload)
+                    self.write(rank, fd, _unescape(payload))
                     return
                 if kind in (b"s", b"x"):
                     self.event(rank, kind.decode(), payload.decode("utf-8", "replace"))
