@@ -297,19 +297,29 @@ def test_mpi4py_example_under_open_mpi_and_mpich(flavour, netns_hosts, home):
 HOROVOD_VENV = REPO / ".venv-horovod"
 
 
-@pytest.mark.slow
-def test_horovod_example_trains_on_two_ranks(home):
-    """examples/horovod/train_hvd.py (TF 2.15.1 + Horovod 0.28.1: make horovod) with 2 ranks."""
+def _horovod_python() -> Path:
     if not (HOROVOD_VENV / ".horovod-ready").exists():
         if os.environ.get("TFLAUNCH_TEST_REQUIRE_HOSTS"):
             pytest.fail(f"{HOROVOD_VENV} missing: make test builds it (tests/infra/horovod_env.sh)")
         pytest.skip(f"{HOROVOD_VENV} missing: make horovod")
-    python = HOROVOD_VENV / "bin" / "python"
-    result, _ = run_cli(cli_env(home), "--backend", "mpi", "--mpirun", str(HOROVOD_VENV / "bin" / "mpirun"),
-                        "--python", str(python), "--procs-per-node", "2", "--source-dir",
+    return HOROVOD_VENV / "bin" / "python"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["local", "two hosts"])
+def test_horovod_example_trains_on_two_ranks(where, request, home):
+    """examples/horovod/train_hvd.py (TF 2.15.1 + Horovod 0.28.1: make horovod) with 2 ranks, on this
+    machine or on two hosts with their own addresses; the venv's own mpirun is found next to --python."""
+    python = _horovod_python()
+    hosts = ["--procs-per-node", "2"]
+    if where == "two hosts":
+        netns = request.getfixturevalue("netns_hosts")
+        hosts = [*_ssh(netns), "--hosts", "h1:1,h2:1", "--mpi-iface", _subnet(netns)]
+    result, _ = run_cli(cli_env(home), "--backend", "mpi", "--python", str(python), *hosts, "--source-dir",
                         str(REPO / "examples" / "horovod"), "train_hvd.py", "--", "--epochs", "2", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     run = home / "runs" / last_run(home)
+    assert json.loads((run / "mpi" / "launch.json").read_text())["argv"][0] == str(HOROVOD_VENV / "bin" / "mpirun")
     for r in range(2):
         assert f"rank {r}/2 trained " in (run / "tflaunch_logs" / f"rank-{r}.stdout").read_text()
     metrics = json.loads((run / "outputs" / "metrics.json").read_text())
@@ -332,3 +342,15 @@ def test_inside_a_slurm_allocation_the_dry_run_shows_mpirun_without_ssh_or_srun(
     argv = json.loads(cli("run", "--dry-run", "--json", "--backend", "mpi", "--mpirun", mpirun, "--mpi-launcher",
                           "srun", "--source-dir", str(ranked), "ranked.py", env=env, check=True).stdout)["launcher"]["argv"]
     assert argv[:6] == ["srun", "--mpi=pmix", "--nodes=2", "--ntasks=4", "--ntasks-per-node=2", "--nodelist=n1,n2"]
+
+
+def test_a_mapping_other_than_the_plan_is_reported(netns_hosts, ranked, cli, home):
+    """--mpi-arg can change mpirun's mapping (round-robin by node here): the run says that the ranks
+    did not land where tflaunch planned them."""
+    mpirun = system_mpirun()
+    result, _ = run_cli(cli_env(home), "--backend", "mpi", "--mpirun", mpirun, *_ssh(netns_hosts), "--hosts",
+                        "h1:2,h2:2", *_ompi_network(netns_hosts), "--mpi-arg=--map-by", "--mpi-arg=node",
+                        "--source-dir", str(ranked), "ranked.py", timeout=120)
+    assert result.returncode == 0, result.stderr
+    run = show(cli, last_run(home))
+    assert any("mpirun mapped the ranks differently" in w for w in run.get("warnings", [])), run

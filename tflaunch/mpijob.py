@@ -83,7 +83,8 @@ class MpiJob:
         self.launcher: HostRun | None = None
         self.rc: int | None = None  # mpirun's exit status
         self.demux = rank.Demux(self._write, self._other, self._rank_event)
-        self.rank_hosts: dict[int, str] = {}
+        self.rank_hosts: dict[int, str] = {}  # rank -> the host name it reported
+        self.misplaced = False
         self._log: Any = None
 
     # -- launch ----------------------------------------------------------------------------------------
@@ -199,6 +200,12 @@ class MpiJob:
             pid, _, host = text.partition(" ")
             self.rank_hosts[rank_] = host
             sup.record.event("process_started", index=rank_, pid=int(pid) if pid.isdigit() else None, host=host)
+            planned = next((run.hello.get("hostname") for run in sup.runs if run.name == p.host and run.hello), None)
+            if planned and host != planned and not self.misplaced:
+                self.misplaced = True  # e.g. a --mpi-arg that changes the mapping
+                sup.warnings.append(f"rank {rank_} runs on {host}, not on {p.host} ({planned}) as tflaunch planned: "
+                                    "mpirun mapped the ranks differently, so TFLAUNCH_NODE_RANK and the hosts "
+                                    "in processes.json follow the plan, not mpirun")
             return
         try:
             rc = int(text)
