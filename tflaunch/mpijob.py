@@ -81,11 +81,17 @@ class MpiJob:
     def __init__(self, sup: Supervisor) -> None:
         self.sup = sup
         self.launcher: HostRun | None = None
-        self.rc: int | None = None  # mpirun's exit status
         self.demux = rank.Demux(self._write, self._other, self._rank_event)
         self.rank_hosts: dict[int, str] = {}  # rank -> the host name it reported
         self.misplaced = False
         self._log: Any = None
+
+    log_path = MPIRUN_LOG  # mpirun's own messages, in the record
+
+    @staticmethod
+    def is_launcher(index: int) -> bool:
+        """Whether an agent process index is mpirun's (the ranks are 0..N-1)."""
+        return index == MPIRUN
 
     # -- launch ----------------------------------------------------------------------------------------
     def follow(self) -> None:
@@ -218,7 +224,6 @@ class MpiJob:
 
     def _mpirun_exited(self, run: HostRun, rc: int) -> None:
         sup = self.sup
-        self.rc = rc
         self.demux.close()
         sup.record.event("process_exited", index=MPIRUN, returncode=rc, host=run.name)
         if sup.stop_reason is not None:

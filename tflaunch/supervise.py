@@ -24,7 +24,7 @@ import sys
 import time
 
 from . import agent as agent_mod
-from . import fsio, mpijob, tail
+from . import fsio, tail
 from .collect import COLLECTED, merge_outputs
 from .errors import SpecError, TflaunchError
 from .gpus import host_gpus
@@ -148,7 +148,10 @@ class Supervisor:
         self._interrupts = 0
         self._followers: list[tail.Follower] = []
         self._relay_files: dict[tuple[int, int], Any] = {}
-        self.mpi: mpijob.MpiJob | None = mpijob.MpiJob(self) if self.backend == "mpi" else None
+        self.mpi: Any = None  # tflaunch.mpijob.MpiJob for an MPI job
+        if self.backend == "mpi":  # imported only for MPI jobs: not on every run's start-up
+            from .mpijob import MpiJob
+            self.mpi = MpiJob(self)
         scratch = self.definition.get("scratch")
         self.work_dir = os.path.join(scratch, record.id) if scratch else record.work_dir
 
@@ -680,7 +683,12 @@ class Supervisor:
     # -- finalize ------------------------------------------------------------------------------------
     def _stderr_tail(self, index: int) -> str:
         p = self.processes.get(index)
-        path = p.stderr if p else mpijob.MPIRUN_LOG if index == mpijob.MPIRUN else f"{LOG_DIR}/rank-{index}.stderr"
+        if p is not None:
+            path = p.stderr
+        elif self.mpi is not None and self.mpi.is_launcher(index):
+            path = self.mpi.log_path
+        else:
+            path = f"{LOG_DIR}/rank-{index}.stderr"
         data = tail.tail_bytes(self.record.path(path))
         lines = data.decode("utf-8", "replace").replace("\r", "\n").splitlines()
         return "\n".join(lines[-10:])
