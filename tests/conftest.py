@@ -154,6 +154,7 @@ import shutil  # noqa: E402
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 from tests.infra import hosts as infra_hosts  # noqa: E402
+from tests.infra import slurm as infra_slurm  # noqa: E402
 
 INFRA_ROOT = Path(f"/var/tmp/tflaunch-infra-{os.getpid()}")
 
@@ -215,3 +216,29 @@ def netns_hosts(tmp_path_factory):
     finally:
         hosts.stop()
         _remove_infra_workdir(workdir)
+
+
+@pytest.fixture(scope="session")
+def slurm(netns_hosts):
+    """A real Slurm cluster (tests/infra/slurm.py): slurmctld in the root namespace, slurmd on netns hosts
+    h1 and h2 (2 CPUs each, partition "debug").  Merge ``slurm.env`` (SLURM_CONF) into a subprocess's
+    environment, or run clients with ``slurm.command("srun", ...)``.  Stopped before netns_hosts."""
+    reason = infra_slurm.missing_requirements()
+    if reason:
+        _skip_or_fail(reason)
+    workdir = _infra_workdir("slurm")
+    cluster = infra_slurm.start_cluster(str(workdir), netns_hosts, names=("h1", "h2"))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        _remove_infra_workdir(workdir)
+
+
+@pytest.fixture
+def slurm_clean(slurm):
+    """The session's Slurm cluster; every job still queued or running is cancelled after the test."""
+    try:
+        yield slurm
+    finally:
+        slurm.cancel_all()

@@ -1,4 +1,5 @@
-"""Sanity checks of the real SSH test hosts (tests/infra/hosts.py) the launcher tests use."""
+"""Sanity checks of the real SSH test hosts (tests/infra/hosts.py) and the Slurm cluster on them
+(tests/infra/slurm.py) that the launcher tests use."""
 from __future__ import annotations
 
 import os
@@ -11,6 +12,7 @@ import pytest
 
 from conftest import INFRA_ROOT
 from tests.infra import hosts as infra_hosts
+from tests.infra import slurm as infra_slurm
 
 
 def ssh(hosts, name: str, command: str) -> subprocess.CompletedProcess:
@@ -85,3 +87,72 @@ def test_stop_removes_everything():
             INFRA_ROOT.rmdir()
         except OSError:
             pass
+
+
+# --- Slurm (tests/infra/slurm.py) -------------------------------------------------------------------------
+
+def test_slurm_srun_runs_tasks_on_both_nodes(slurm_clean):
+    assert slurm_clean.nodes == ["h1", "h2"] and slurm_clean.partition == "debug"
+    result = slurm_clean.command("srun", "-N2", "-n4", "hostname")
+    assert result.returncode == 0, result.stderr
+    assert sorted(result.stdout.split()) == ["h1", "h1", "h2", "h2"]
+
+
+def test_slurm_sbatch_job_completes(slurm_clean, tmp_path: Path):
+    result = slurm_clean.command("sbatch", "--parsable", f"--chdir={tmp_path}", f"--output={tmp_path}/out-%j.txt",
+                                 "--wrap", "hostname")
+    assert result.returncode == 0, result.stderr
+    job_id = result.stdout.strip().split(";")[0]
+    assert job_id.isdigit(), result.stdout
+    state = slurm_clean.wait_job(job_id, timeout=30)      # polls scontrol show job until a final state
+    record = slurm_clean.command("scontrol", "show", "job", job_id).stdout
+    assert state == "COMPLETED", record
+    assert "JobState=COMPLETED" in record and "ExitCode=0:0" in record
+    assert (tmp_path / f"out-{job_id}.txt").read_text() in ("h1\n", "h2\n")
+    assert job_id not in slurm_clean.jobs()                # squeue lists only unfinished jobs
+
+
+def test_slurm_task_environment(slurm_clean):
+    result = slurm_clean.command("srun", "-N2", "--ntasks-per-node=2", "env")
+    assert result.returncode == 0, result.stderr
+    values: dict = {}
+    for line in result.stdout.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.startswith("SLURM"):
+            values.setdefault(key, []).append(value)
+    assert values["SLURM_JOB_NODELIST"] == ["h[1-2]"] * 4
+    assert values["SLURM_TASKS_PER_NODE"] == ["2(x2)"] * 4
+    assert values["SLURM_NTASKS"] == ["4"] * 4
+    assert sorted(values["SLURM_PROCID"]) == ["0", "1", "2", "3"]
+    assert sorted(values["SLURM_LOCALID"]) == ["0", "0", "1", "1"]
+    assert sorted(values["SLURMD_NODENAME"]) == ["h1", "h1", "h2", "h2"]
+
+
+def test_slurm_cluster_stop_kills_daemons_and_jobs(slurm):
+    """A second cluster (own hosts, ports and workdir) beside the session's: stop() with a job running
+    leaves no slurmctld, slurmd or slurmstepd of it, and the session's cluster keeps working."""
+    workdir = INFRA_ROOT / "slurmstop"
+    shutil.rmtree(workdir, ignore_errors=True)
+    hosts = infra_hosts.start_netns(str(workdir / "net"), names=("s1", "s2"))
+    try:
+        cluster = infra_slurm.start_cluster(str(workdir / "slurm"), hosts, names=("s1", "s2"), cpus=1)
+        assert cluster.ctld_port != slurm.ctld_port
+        result = cluster.command("sbatch", "--parsable", f"--chdir={workdir}", "--output=/dev/null",
+                                 "--wrap", "sleep 300")
+        assert result.returncode == 0, result.stderr
+        job_id = result.stdout.strip()
+        assert cluster.wait_job(job_id, states=("RUNNING",), timeout=30) == "RUNNING"
+        stepds = cluster.stepd_pids()
+        assert stepds
+        tasks = [pid for stepd in stepds for pid in infra_hosts._descendants(stepd)]
+        assert tasks                        # the batch script and its sleep
+        daemons = [p.pid for p in cluster.procs.values()]
+        cluster.stop()
+        cluster.stop()       # idempotent
+        for pid in daemons + stepds + tasks:
+            assert not infra_hosts._alive(pid), pid
+        assert not cluster.stepd_pids()
+        assert sorted(slurm.command("srun", "-N2", "hostname").stdout.split()) == ["h1", "h2"]
+    finally:
+        hosts.stop()
+        shutil.rmtree(workdir, ignore_errors=True)

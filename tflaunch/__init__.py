@@ -20,7 +20,7 @@ from ._version import __version__
 _EXPORTS = {
     "Estimator": "spec", "TensorFlow": "spec", "MpiConfiguration": "spec", "TensorflowConfiguration": "spec",
     "MultiWorkerConfiguration": "spec",
-    "SSHTarget": "target", "Host": "hosts",
+    "SSHTarget": "target", "SlurmTarget": "target", "Host": "hosts",
     "Experiment": "api", "Run": "api", "Workspace": "api", "RunStatus": "api",
     "TflaunchError": "errors", "SpecError": "errors", "SnapshotError": "errors", "StoreError": "errors",
     "RunNotFoundError": "errors", "PathSafetyError": "errors", "RunFailedError": "errors",

@@ -71,13 +71,12 @@ class Experiment:
     def submit(self, config: Estimator, tags: dict[str, str] | None = None, *, grace: float | None = None,
                scratch: str | None = None) -> "Run":
         """Snapshot and start ``config`` in the background; return its :class:`Run` at once."""
-        from .submit import SubmitOptions, create_run, prepare
-        from .supervise import DEFAULT_GRACE, spawn_detached
+        from .submit import SubmitOptions, prepare, start
+        from .supervise import DEFAULT_GRACE
 
         options = SubmitOptions(experiment=self.name, home=self.workspace.home, tags=dict(tags or {}),
                                 grace=DEFAULT_GRACE if grace is None else grace, scratch=scratch)
-        record = create_run(prepare(config, options))
-        spawn_detached(record)
+        record = start(prepare(config, options))  # a SlurmTarget: sbatch, the run is Queued
         return Run(self, record.id)
 
     def get_runs(self) -> Iterator["Run"]:
@@ -144,9 +143,11 @@ class Run:
                 for path, kind, prefix in self._record.process_log_streams()]
 
     def cancel(self) -> None:
-        """Ask the run's launcher to stop it (SIGTERM, then SIGKILL after the grace period)."""
-        if self.get_status() not in TERMINAL:
-            self._record.request_cancel("canceled from the Python API")
+        """Ask the run's launcher to stop it (SIGTERM, then SIGKILL after the grace period); a run
+        submitted to Slurm is also ``scancel``-ed."""
+        from .submit import cancel_run
+
+        cancel_run(self._record, "canceled from the Python API")
 
     def get_file_names(self) -> list[str]:
         """Files of the run: ``outputs/...``, ``logs/...``, ``tflaunch_logs/...``."""

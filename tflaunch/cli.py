@@ -31,6 +31,8 @@ Examples:
   python -m tflaunch run --nodes 1 --procs-per-node 8 train.py
   python -m tflaunch run --hosts node1:4,node2:4 train.py
   python -m tflaunch run --hostfile hosts.txt --nodes 2 --procs-per-node 2 train.py
+  python -m tflaunch run --backend multiworker train.py          # inside sbatch/salloc: one srun step
+  python -m tflaunch run --slurm --partition gpu --time 02:00:00 --nodes 2 --procs-per-node 4 --detach train.py
 """
 
 
@@ -129,6 +131,24 @@ def build_parser() -> argparse.ArgumentParser:
                        help="hosts reached over ssh, e.g. node1:4,node2:4 (default: this machine, or the "
                             "Slurm/PBS allocation tflaunch runs in)")
     hosts.add_argument("--hostfile", metavar="FILE", help="hosts from a file of 'HOST slots=N' lines")
+    run.add_argument("--launcher", choices=("srun", "ssh"), default=None,
+                     help="inside a Slurm allocation: start the processes as one srun step (default), or over ssh")
+    slurm = run.add_argument_group("submitting to Slurm (--slurm)")
+    slurm.add_argument("--slurm", action="store_true",
+                       help="submit the run with sbatch (the batch script is written into the run record); "
+                            "the run is Queued until Slurm starts it; --nodes/--procs-per-node/--gpus-per-node "
+                            "say what to ask for")
+    slurm.add_argument("--partition", "-p", metavar="NAME", help="sbatch --partition")
+    slurm.add_argument("--time", "-t", metavar="LIMIT", help="sbatch --time (e.g. 30, 02:00:00, 1-00:00:00)")
+    slurm.add_argument("--account", "-A", metavar="NAME", help="sbatch --account")
+    slurm.add_argument("--qos", metavar="NAME", help="sbatch --qos")
+    slurm.add_argument("--job-name", metavar="NAME", help="sbatch --job-name (default: tflaunch-EXPERIMENT)")
+    slurm.add_argument("--signal", metavar="SIG@SECONDS", default=None,
+                       help="sent to every process this long before the time limit, to checkpoint (default: "
+                            "USR2@60; the script sees its name in $TFLAUNCH_CHECKPOINT_SIGNAL; 'none' for no "
+                            "signal; USR1 is refused: NCCL uses it)")
+    slurm.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
+                       help="any other sbatch option, as it is (repeatable; --sbatch-arg=--constraint=a100)")
     run.add_argument("--oversubscribe", action="store_true", help="allow more processes per host than slots")
     run.add_argument("--ssh-port", type=int, metavar="PORT", help="ssh port for every host")
     run.add_argument("--ssh-option", action="append", default=[], metavar="KEY=VALUE",
@@ -236,7 +256,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     options = SubmitOptions(experiment=args.experiment, home=getattr(args, "home", None), tags=dict(args.tag),
                             limits=limits, grace=args.grace, scratch=args.scratch)
     agents = {}
-    if not (args.dry_run or args.detach):  # their start-up (an ssh login) overlaps the snapshot
+    if not (args.dry_run or args.detach or args.slurm):  # their start-up (an ssh login) overlaps the snapshot
         agents = prestart_agents(estimator.resolved_target(), args.python or sys.executable)
     try:
         prepared = prepare(estimator, options)
@@ -247,6 +267,20 @@ def cmd_run(args: argparse.Namespace) -> int:
             else:
                 _print_plan(plan)
             return 0
+        if args.slurm:
+            from .submit import submit_slurm
+            record = submit_slurm(prepared)
+            job = (record.read_status(check_lease=False) or {}).get("slurm", {}).get("job_id")
+            if args.detach:
+                sys.stdout.write(record.id + "\n")
+                log.info("run %s: Slurm job %s, Queued (follow it with `tflaunch runs show %s`)", record.id, job,
+                         record.id)
+                return 0
+            log.info("run %s (experiment %s): submitted as Slurm job %s, record %s", record.id, args.experiment,
+                     job, record.dir)
+            final = _follow_submitted(record)
+            _report_end(final)
+            return exit_code_for(final)
         record = create_run(prepared)
         if args.detach:
             spawn_detached(record)
@@ -260,6 +294,47 @@ def cmd_run(args: argparse.Namespace) -> int:
     final = supervisor.run()
     _report_end(final)
     return exit_code_for(final)
+
+
+def _follow_submitted(record: Any) -> dict[str, Any]:
+    """An attached ``run --slurm``: report the run's states, stream its output once it runs, return its
+    final run object. Ctrl-C cancels the job (scancel); a second Ctrl-C leaves without waiting."""
+    from .store import TERMINAL
+    from .submit import cancel_run
+    from .tail import follow_files
+
+    shown: list[Any] = [None]
+    interrupts = 0
+
+    def state() -> dict[str, Any]:
+        status = record.read_status() or {}
+        info = status.get("slurm") or {}
+        queued = status.get("status") == "Queued"
+        key = (status.get("status"), info.get("reason") if queued else None)
+        if key != shown[0]:
+            shown[0] = key
+            detail = f" (Slurm job {info.get('job_id')}: {info.get('state')}, {info['reason']})" \
+                if queued and info.get("state") and info.get("reason") else ""
+            log.info("run %s: %s%s", record.id, status.get("status"), detail)
+        return status
+
+    def finished() -> bool:
+        return state().get("status") in TERMINAL
+
+    def files():
+        return [(path, sys.stdout if kind == "stdout" else sys.stderr, prefix)
+                for path, kind, prefix in record.process_log_streams()]
+
+    while True:
+        try:
+            follow_files(files, finished, interval=0.5)
+            return record.read_status() or {}
+        except KeyboardInterrupt:
+            interrupts += 1
+            if interrupts > 1:
+                raise
+            log.info("canceling run %s (scancel); Ctrl-C again to stop waiting", record.id)
+            cancel_run(record, "interrupted (Ctrl-C)")
 
 
 def _distributed(args: argparse.Namespace) -> Any:
@@ -306,11 +381,30 @@ def _compute_target(args: argparse.Namespace, distributed: Any = None) -> tuple[
     """The compute target the host options describe, and node_count / process_count_per_node with
     their defaults: every given host (or allocation node) and its slots; else one local process."""
     from .hosts import discover
-    from .target import SSHTarget
+    from .target import SlurmTarget, SSHTarget
 
     ssh = dict(ssh_port=args.ssh_port, ssh_options=args.ssh_option, ssh_config=args.ssh_config,
                connect_timeout=args.connect_timeout, oversubscribe=args.oversubscribe,
                keep_remote=args.keep_remote, remote_scratch=args.remote_scratch)
+    sbatch_only = [flag for flag, value in (("--partition", args.partition), ("--time", args.time),
+                                            ("--account", args.account), ("--qos", args.qos),
+                                            ("--job-name", args.job_name), ("--signal", args.signal),
+                                            ("--sbatch-arg", args.sbatch_arg or None)) if value is not None]
+    if args.slurm:
+        if args.hosts or args.hostfile:
+            raise SpecError("--slurm: Slurm chooses the hosts; leave out --hosts/--hostfile")
+        from .slurm import DEFAULT_SIGNAL
+        target: Any = SlurmTarget(partition=args.partition, time=args.time, account=args.account, qos=args.qos,
+                                  job_name=args.job_name, sbatch_args=args.sbatch_arg,
+                                  signal=DEFAULT_SIGNAL if args.signal is None else args.signal,
+                                  launcher=args.launcher or "srun")
+        nodes = args.nodes if args.nodes is not None else 1
+        ppn = args.procs_per_node if args.procs_per_node is not None else 1
+        if args.backend == "ps":
+            ppn = 1
+        return target, nodes, ppn
+    if sbatch_only:
+        raise SpecError(f"{', '.join(sbatch_only)}: only with --slurm (submitting the run with sbatch)")
     if args.hostfile:
         target: Any = SSHTarget.from_hostfile(args.hostfile, **ssh)
         hosts = target.hosts
@@ -319,7 +413,13 @@ def _compute_target(args: argparse.Namespace, distributed: Any = None) -> tuple[
         hosts = target.hosts
     else:
         found, source = discover()
-        target = SSHTarget(found, source=source, **ssh) if found else "local"
+        launcher = args.launcher
+        if launcher is not None and source != "SLURM_JOB_NODELIST":
+            raise SpecError("--launcher: only inside a Slurm allocation (SLURM_JOB_ID is not set) or with --slurm")
+        if found and launcher is None:
+            from shutil import which
+            launcher = "srun" if source == "SLURM_JOB_NODELIST" and which("srun") else "ssh"
+        target = SSHTarget(found, source=source, launcher=launcher or "ssh", **ssh) if found else "local"
         hosts = found or []
     nodes = args.nodes if args.nodes is not None else max(1, len(hosts))
     ppn = args.procs_per_node
@@ -359,6 +459,10 @@ def _print_plan(plan: dict[str, Any]) -> None:
     lines += [f"  note: {n}" for n in snap["notes"]]
     lines.append("hosts:      " + ", ".join(f"{h['name']} ({h['slots']} slots{', this machine' if h['local'] else ''})"
                                           for h in plan["hosts"]))
+    if plan.get("slurm"):
+        lines.append(f"slurm:      submitted with: {shlex.join(plan['slurm']['sbatch'])} "
+                     f"({plan['slurm']['note']}); the batch script:")
+        lines += [f"  | {line}" for line in plan["slurm"]["script"].rstrip("\n").splitlines()]
     launcher = plan.get("launcher")
     if launcher:
         mpi = launcher["mpi"]
@@ -435,6 +539,12 @@ def cmd_show(args: argparse.Namespace) -> int:
         f"source:      {run.get('source_directory')}",
         f"record:      {run.get('run_dir')}",
     ]
+    slurm = run.get("slurm") or {}
+    if slurm.get("job_id"):
+        state = ", ".join(str(slurm[k]) for k in ("state", "reason") if slurm.get(k))
+        how = "submitted by tflaunch" if slurm.get("submitted") else "run inside it"
+        lines.append(f"slurm job:   {slurm['job_id']} ({how}{'; ' + state if state else ''})"
+                     + (f"   script: {slurm['script']}" if slurm.get("script") else ""))
     if run.get("cancel_reason"):
         lines.append(f"canceled:    {run['cancel_reason']}")
     if error:
@@ -481,12 +591,12 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     from .store import TERMINAL
+    from .submit import cancel_run
     record = _store(args).run(args.run)
-    status = record.read_status() or {}
+    status = cancel_run(record, "canceled with `tflaunch runs cancel`")
     if status.get("status") in TERMINAL:
         sys.stdout.write(f"run {record.id} is already {status['status']}; nothing to cancel\n")
         return 0
-    record.request_cancel("canceled with `tflaunch runs cancel`")
     if not args.wait:
         sys.stdout.write(f"cancel requested for run {record.id} (status: {status.get('status')})\n")
         return 0

@@ -46,6 +46,8 @@ MARK = b"\x1e"
 SEP = b"\x1f"
 ESC = b"\x1d"  # in a frame's data: ESC D is ESC, ESC E is MARK
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+_IF_HANDLED = (signal.SIGUSR1, signal.SIGUSR2)  # forwarded only to a program that catches them
+TABLE = "ranks.json"  # optional, next to this file: what differs between ranks (srun steps)
 
 
 def identity(env=None):
@@ -137,10 +139,78 @@ def _write(fd, data):
             return
 
 
-def bootstrap(run_id):
-    """The ``-c`` program that runs this file as the wrapper of run ``run_id`` on any host, as any user."""
-    return ('import os,sys;d="/tmp/tflaunch-%%d/mpi-%s"%%os.getuid();sys.argv[0]=p=d+"/rank.py";'
-            'exec(compile(open(p).read(),p,"exec"))' % run_id)
+def bootstrap(run_id, directory=None):
+    """The ``-c`` program (one line) that runs this file as the wrapper of run ``run_id`` on any host,
+    as any user: from ``/tmp/tflaunch-UID/mpi-RUN_ID`` (written by each host's agent), or from
+    ``directory`` (one every node sees: an srun step's, in the run record)."""
+    if directory is None:
+        return ('import os,sys;d="/tmp/tflaunch-%%d/mpi-%s"%%os.getuid();sys.argv[0]=p=d+"/rank.py";'
+                'exec(compile(open(p).read(),p,"exec"))' % run_id)
+    return ('import os,sys;sys.argv[0]=p=%r;os.path.exists(p) or sys.exit("tflaunch rank wrapper: "+p+'
+            '" is not visible on "+os.uname().nodename+": the run record must be on a filesystem every node '
+            'sees (set TFLAUNCH_HOME), or use --launcher ssh");exec(compile(open(p).read(),p,"exec"))'
+            % os.path.join(directory, "rank.py"))
+
+
+def _comm(pid):
+    try:
+        with open("/proc/%d/comm" % pid) as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
+
+
+def handles(pid, signum):
+    """Whether process ``pid`` catches ``signum`` (``SigCgt`` in /proc; True where unknown)."""
+    try:
+        with open("/proc/%d/status" % pid) as fh:
+            for line in fh:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return True
+
+
+def apply_table(env, rank, path):
+    """Add rank ``rank``'s own variables from the launcher's table at ``path`` (if there is one) to
+    ``env``: ``{"cluster": JSON or null, "gpu_positions": bool, "ranks": {"R": {"env": {...}, "role",
+    "index", "ports": [...]}}}``. TF_CONFIG is built here from the cluster shared by all ranks; with
+    ``gpu_positions`` CUDA_VISIBLE_DEVICES holds positions in the GPUs Slurm gave the task. Returns a
+    problem to report, or None."""
+    import json
+    try:
+        with open(path) as fh:
+            table = json.load(fh)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        return "cannot read %s: %s" % (path, exc)
+    mine = table.get("ranks", {}).get(str(rank))
+    if mine is None:
+        return "not in the launcher's plan (%d ranks): did srun start more tasks than planned?" % len(
+            table.get("ranks", {}))
+    env.update(mine.get("env") or {})
+    if table.get("cluster") and "TF_CONFIG" not in (mine.get("env") or {}):
+        env["TF_CONFIG"] = ('{"cluster":%s,"task":{"type":%s,"index":%d},"environment":"cloud"}'
+                            % (table["cluster"], json.dumps(mine["role"]), mine["index"]))
+    if table.get("gpu_positions") and "CUDA_VISIBLE_DEVICES" in (mine.get("env") or {}):
+        given = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+        wanted = [g for g in env["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()]
+        if given and all(g.isdigit() and int(g) < len(given) for g in wanted):
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(given[int(g)] for g in wanted)
+    import socket
+    for port in mine.get("ports") or []:
+        probe = socket.socket()
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(("", int(port)))
+        except OSError as exc:
+            return ("port %s is in use on this node (%s): give --port-base to choose other ports"
+                    % (port, exc.strerror or exc))
+        finally:
+            probe.close()
+    return None
 
 
 def _fail(message):
@@ -165,12 +235,16 @@ def main(argv):
     host = os.uname().nodename
     here = os.path.dirname(os.path.abspath(sys.argv[0]))
     try:
-        with open(os.path.join(here, "cwd." + host)) as fh:
+        name = os.path.join(here, "cwd." + host)
+        with open(name if os.path.exists(name) else os.path.join(here, "cwd")) as fh:
             cwd = fh.read()
         os.chdir(cwd)
     except OSError as exc:
         return _fail("rank %d on %s: no working directory: %s" % (rank, host, exc))
     env["PWD"] = cwd
+    problem = apply_table(env, rank, os.path.join(here, TABLE))
+    if problem:
+        return _fail("rank %d on %s: %s" % (rank, host, problem))
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     try:
@@ -193,7 +267,13 @@ def main(argv):
     os.close(err_w)
     parent = os.getppid()
 
+    by_slurm = _comm(os.getppid()) == "slurmstepd"  # Slurm signals every process of its step itself
+
     def forward(signum, _frame):
+        if by_slurm and signum != signal.SIGHUP:
+            return
+        if signum in _IF_HANDLED and not handles(pid, signum):
+            return  # Slurm's checkpoint signal: fatal to a program that does not expect it
         try:
             os.kill(pid, signum)
         except OSError:

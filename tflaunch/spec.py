@@ -355,12 +355,13 @@ class Estimator:
             raise SpecError(f"arguments: must be a list, got {type(arguments).__name__}")
         self.arguments = list(arguments)
         self._argv += [_scalar_arg(f"arguments[{i}]", a) for i, a in enumerate(self.arguments)]
-        from .target import SSHTarget
+        from .target import SlurmTarget, SSHTarget
 
-        if compute_target is not None and not isinstance(compute_target, SSHTarget) and not (
+        if compute_target is not None and not isinstance(compute_target, (SSHTarget, SlurmTarget)) and not (
                 isinstance(compute_target, str) and compute_target.lower() == "local"):
-            raise _fail("compute_target", f"{compute_target!r} is not supported; give 'local' or SSHTarget(hosts=[...])")
-        self.compute_target = compute_target if isinstance(compute_target, SSHTarget) else "local"
+            raise _fail("compute_target", f"{compute_target!r} is not supported; give 'local', SSHTarget(hosts=[...]) "
+                                          "or SlurmTarget(...)")
+        self.compute_target = compute_target if isinstance(compute_target, (SSHTarget, SlurmTarget)) else "local"
         self.node_count = _positive_int("node_count", node_count)
         self.process_count_per_node = _positive_int("process_count_per_node", process_count_per_node)
         if distributed_training is not None and not isinstance(

@@ -22,7 +22,9 @@ Layout (every path inside a record is relative, so a home can be rsynced and rea
 Run ids (``20261123-101530-123-5f3a9c1e``) sort by creation time and carry 32 random bits, so
 concurrent submitters never need a global lock. A run whose launcher is gone (same machine: its pid
 is dead; elsewhere: no heartbeat within the lease timeout) is reported, and recorded, as Failed with
-reason ``launcher_lost``.
+reason ``launcher_lost``. A run inside a Slurm job has the job id in its lease (``slurm_job_id``):
+when Slurm says the job ended and the run recorded no end, the end is recorded with Slurm's reason
+(time limit, node failure, preemption, canceled; see :func:`tflaunch.slurm.final_fields`).
 """
 from __future__ import annotations
 
@@ -355,6 +357,7 @@ class RunRecord:
         self.id = run_id
         self.dir = directory or os.path.join(store.runs_dir, run_id)
         self._status: dict[str, Any] | None = None
+        self._slurm_cache: tuple[str, float, Any] | None = None  # (job id, when asked, scontrol's answer)
 
     def __repr__(self) -> str:
         return f"RunRecord({self.id!r})"
@@ -381,13 +384,63 @@ class RunRecord:
         return data if isinstance(data, dict) else None
 
     def read_status(self, *, check_lease: bool = True) -> dict[str, Any] | None:
-        """The run object; an unfinished run whose launcher is gone is recorded Failed first."""
+        """The run object; an unfinished run whose launcher is gone is recorded Failed first (a run in
+        a Slurm job: with Slurm's reason, once the job has ended)."""
         status = self._read_status_file()
         if status is None or not check_lease or status.get("status") in TERMINAL:
             return status
+        lease = self.lease()
+        if lease and lease.get("slurm_job_id"):
+            return self._check_slurm(status, lease)
         if self.launcher_state() == "dead":
             return self._mark_launcher_lost(status)
         return status
+
+    def _check_slurm(self, status: dict[str, Any], lease: dict[str, Any]) -> dict[str, Any]:
+        """Ask Slurm about the job holding the run's lease (at most every 2 s per record)."""
+        from . import slurm
+
+        job = str(lease["slurm_job_id"])
+        now = time.monotonic()
+        cached = self._slurm_cache
+        if cached is not None and cached[0] == job and now - cached[1] < 2.0:
+            info: Any = cached[2]
+        else:
+            try:
+                info = slurm.job_info(job)
+            except slurm.SlurmError as exc:  # Slurm cannot be asked from here: the heartbeat decides
+                log.debug("run %s: %s", self.id, exc)
+                if "pid" in lease and self.launcher_state() == "dead":
+                    return self._mark_launcher_lost(status)
+                return status
+            self._slurm_cache = (job, now, info)
+        tail_text = ""
+        fields = slurm.final_fields(info, job, None)
+        if fields is None:  # the job may still run
+            live = dict(status.get("slurm") or {}, job_id=job, state=slurm.job_state(info))
+            if info and info.get("Reason") not in (None, "None"):
+                live["reason"] = info["Reason"]
+            if "pid" in lease and slurm.job_state(info) == "RUNNING" and self.launcher_state() == "dead":
+                return self._mark_launcher_lost(status)  # the job goes on without tflaunch (killed inside it)
+            return dict(status, slurm=live)
+        current = self._read_status_file() or status  # tflaunch inside the job may just have finished
+        if current.get("status") in TERMINAL:
+            return current
+        output = os.path.join(self.dir, LOG_DIR, f"slurm-{job}.out")
+        from .tail import tail_bytes
+        tail_text = "\n".join(tail_bytes(output, 2000).decode("utf-8", "replace").strip().splitlines()[-10:])
+        fields = slurm.final_fields(info, job, self.cancel_requested(), tail_text)
+        final = dict(current)
+        final.update(fields or {}, ended=now_iso(), slurm=dict(current.get("slurm") or {}, job_id=job,
+                                                               state=slurm.job_state(info)))
+        try:
+            self.release_reserve()
+            fsio.atomic_write_json(self.path("status.json"), final)
+            self.event("status", status=final["status"], **({"error": final["error"]} if final.get("error") else {}))
+            os.unlink(self.path("lease.json"))
+        except OSError as exc:  # a read-only viewer still reports the truth
+            log.debug("could not record the end of %s: %s", self.id, exc)
+        return final
 
     def write_status(self, status: str | None = None, **fields: Any) -> dict[str, Any]:
         """Update ``status.json`` (launcher side); logs a status event when the status changes."""
@@ -426,14 +479,25 @@ class RunRecord:
             return False
 
     # -- lease ---------------------------------------------------------------------------------------
-    def write_lease(self, interval: float | None = None, timeout: float | None = None) -> None:
+    def write_lease(self, interval: float | None = None, timeout: float | None = None, *,
+                    slurm_job_id: str | None = None) -> None:
+        """Hold the run: this process's identity and a heartbeat (``slurm_job_id``: the Slurm job it
+        runs in, asked when the heartbeat stops)."""
         interval = interval or float(os.environ.get("TFLAUNCH_LEASE_INTERVAL", "2"))
         timeout = timeout or float(os.environ.get("TFLAUNCH_LEASE_TIMEOUT", "30"))
         pid = os.getpid()
         lease = {**local_identity(), "pid": pid, "pid_start": process_start_time(pid),
                  "heartbeat": time.time(), "interval": interval, "timeout": timeout}
+        if slurm_job_id:
+            lease["slurm_job_id"] = str(slurm_job_id)
         data = (fsio.json_dumps(lease) + "\n").encode("ascii")
         self._retry_when_full(lambda: fsio.atomic_write_bytes(self.path("lease.json"), data, fsync=False))
+
+    def lease_slurm_job(self, job_id: str) -> None:
+        """A submitted run is held by its Slurm job until tflaunch starts inside it."""
+        data = (fsio.json_dumps({"slurm_job_id": str(job_id), "submitted_by": local_identity()["host"]}) + "\n")
+        self._retry_when_full(lambda: fsio.atomic_write_bytes(self.path("lease.json"), data.encode("ascii"),
+                                                              fsync=False))
 
     def lease(self) -> dict[str, Any] | None:
         try:

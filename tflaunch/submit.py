@@ -19,8 +19,8 @@ from .launch.ssh import SshOptions, resolve_addresses
 from .plan import RunContext, plan, ports_needed
 from .probe import check_framework, resolve_python
 from .spec import Estimator, JobSpec
-from .store import CANCELED, FAILED, RunRecord, Store, now_iso, validate_experiment_name
-from .supervise import DEFAULT_GRACE
+from .store import CANCELED, FAILED, QUEUED, TERMINAL, RunRecord, Store, now_iso, validate_experiment_name
+from .supervise import DEFAULT_GRACE, in_job_command
 from .target import target_hosts
 from .tfconfig import TF_BACKENDS
 
@@ -28,7 +28,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
     from typing import Any
 
-__all__ = ["SubmitOptions", "Prepared", "prepare", "create_run", "dry_run"]
+__all__ = ["SubmitOptions", "Prepared", "prepare", "create_run", "dry_run", "submit_slurm", "start", "cancel_run"]
 
 
 @dataclass
@@ -78,6 +78,8 @@ def prepare(estimator: Estimator, options: SubmitOptions) -> Prepared:
         options.scratch = os.path.abspath(options.scratch)
         if not os.path.isdir(options.scratch):
             raise SpecError(f"scratch (--scratch): {options.scratch} is not a directory")
+    if (spec.compute_target or {}).get("kind") == "slurm":
+        check_slurm(spec)
     gpus = known_gpus(spec, target_hosts(spec.compute_target)[:spec.node_count])
     if (spec.distributed or {}).get("backend") == "mpi":
         check_mpi(spec)
@@ -111,6 +113,95 @@ def create_run(prepared: Prepared) -> RunRecord:
             pass
         raise SnapshotError(f"run {record.id}: {message}") from None
     return record
+
+
+def check_slurm(spec: JobSpec) -> None:
+    """A job to submit with sbatch: what Slurm must be asked for is known; sbatch is here."""
+    from .slurm import CHECKPOINT_SIGNAL_VAR, SlurmOptions, _command, signal_name
+
+    options = SlurmOptions.from_dict(spec.compute_target["slurm"])
+    if spec.use_gpu and not spec.gpus_per_node:
+        raise SpecError("--gpu with --slurm: give --gpus-per-node N, the GPUs to ask Slurm for on each node")
+    _command("sbatch")
+    if options.signal:
+        spec.environment_variables.setdefault(CHECKPOINT_SIGNAL_VAR, signal_name(options.signal) or "")
+
+
+def batch_script(spec: JobSpec, run_id: str, experiment: str, record_dir: str, home: str) -> str:
+    """The batch script of a run submitted with ``--slurm`` (see :func:`tflaunch.slurm.batch_script`)."""
+    from .slurm import SlurmOptions
+    from .slurm import batch_script as render
+
+    target = spec.compute_target or {}
+    ps = (spec.distributed or {}).get("backend") == "ps"
+    return render(run_id=run_id, experiment=experiment, record_dir=record_dir,
+                  options=SlurmOptions.from_dict(target.get("slurm")), nodes=spec.node_count,
+                  ntasks_per_node=None if ps else spec.process_count_per_node,
+                  ntasks=spec.world_size if ps else None,
+                  gpus_per_node=spec.gpus_per_node if spec.use_gpu else None,
+                  command=in_job_command(home, run_id))
+
+
+def submit_slurm(prepared: Prepared) -> RunRecord:
+    """Record the run, write its batch script into the record and ``sbatch`` it: the run is Queued,
+    leased by its Slurm job. A refused submission ends the run Failed with sbatch's message (and
+    raises SlurmError)."""
+    from . import fsio
+    from .slurm import OUTPUT, SCRIPT, SlurmError, submit
+
+    record = create_run(prepared)
+    script = batch_script(prepared.spec, record.id, prepared.options.experiment, record.dir, record.store.home)
+    path = record.path(SCRIPT)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fsio.atomic_write_bytes(path, script.encode("utf-8"))
+    os.chmod(path, 0o755)
+    try:
+        job = submit(path, record.dir)
+    except (SlurmError, KeyboardInterrupt) as exc:
+        record.release_reserve()
+        if isinstance(exc, KeyboardInterrupt):
+            record.write_status(CANCELED, ended=now_iso(), cancel_reason="interrupted while submitting to Slurm")
+        else:
+            record.write_status(FAILED, ended=now_iso(), error={"reason": "slurm_rejected", "message": str(exc)})
+        try:
+            os.unlink(record.path("lease.json"))
+        except OSError:
+            pass
+        raise
+    record.lease_slurm_job(job)
+    record.event("slurm_submitted", job_id=job, script=SCRIPT)
+    # tflaunch inside the job waits for Queued before it starts: this never overwrites its Running
+    record.write_status(QUEUED, slurm={"job_id": job, "submitted": True, "script": SCRIPT,
+                                       "output": OUTPUT.replace("%j", job)})
+    return record
+
+
+def start(prepared: Prepared) -> RunRecord:
+    """Record the run and start it in the background (a local supervisor, or a Slurm job)."""
+    if (prepared.spec.compute_target or {}).get("kind") == "slurm":
+        return submit_slurm(prepared)
+    from .supervise import spawn_detached
+
+    record = create_run(prepared)
+    spawn_detached(record)
+    return record
+
+
+def cancel_run(record: RunRecord, reason: str) -> dict[str, Any]:
+    """Ask for the run to stop (its launcher sees the request); a run submitted to Slurm is also
+    ``scancel``-ed (pending: it never starts; running: every task gets SIGTERM, then SIGKILL after
+    Slurm's KillWait). Returns the status before."""
+    status = record.read_status() or {}
+    if status.get("status") in TERMINAL:
+        return status
+    record.request_cancel(reason)
+    info = status.get("slurm") or {}
+    job = (record.lease() or {}).get("slurm_job_id") or info.get("job_id")
+    if info.get("submitted") and job:
+        from .slurm import cancel
+        cancel(str(job))
+        record.event("slurm_canceled", job_id=str(job))
+    return status
 
 
 def known_gpus(spec: JobSpec, hosts: list[Host]) -> dict[str, list[str]] | None:
@@ -165,6 +256,11 @@ def dry_run(prepared: Prepared) -> dict[str, Any]:
         addresses.update({h.name: socket.gethostname() for h in hosts if is_local(h.name)})
     processes = plan(spec, ctx, hosts, addresses=addresses, gpus=prepared.gpus)
     launcher = None
+    slurm_plan = None
+    if (spec.compute_target or {}).get("kind") == "slurm":
+        script = batch_script(spec, run_id, prepared.options.experiment, run_dir, store.home)
+        slurm_plan = {"script": script, "sbatch": ["sbatch", "--parsable", os.path.join(run_dir, "slurm", "job.sbatch")],
+                      "note": "hosts are placeholders until Slurm allocates the nodes"}
     if (spec.distributed or {}).get("backend") == "mpi":
         from .mpijob import launch_for
         launcher = launch_for(spec, processes, run_id, remote=bool(remote)).to_dict()
@@ -185,4 +281,5 @@ def dry_run(prepared: Prepared) -> dict[str, Any]:
         "addresses": addresses,
         "processes": [p.to_dict() for p in processes],
         "launcher": launcher,
+        "slurm": slurm_plan,
     }

@@ -38,7 +38,8 @@ from .snapshot import MANIFEST, materialize
 from .spec import JobSpec
 from .store import (CANCELED, COMPLETED, FAILED, FINALIZING, LOG_DIR, RUNNING, TERMINAL, RunRecord, Store,
                     now_iso)
-from .target import target_hosts
+from .slurm import in_allocation
+from .target import allocation_target, target_hosts
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
@@ -96,7 +97,9 @@ def prestart_agents(compute_target: dict[str, Any] | None, python: str | None = 
                     ) -> dict[str, AgentConnection]:
     """Start the agents of a run's hosts now (an ssh login takes ~0.2 s) so that it overlaps the snapshot."""
     ssh = SshOptions.from_dict((compute_target or {}).get("ssh"))
-    agents = {}
+    agents: dict[str, AgentConnection] = {}
+    if (compute_target or {}).get("launcher") == "srun" or (compute_target or {}).get("kind") == "slurm":
+        return agents  # one srun step, started by its own agent
     for host in target_hosts(compute_target):
         if host.name in agents:
             continue
@@ -117,6 +120,14 @@ class Supervisor:
         self.definition = record.definition()
         self.spec = JobSpec.from_dict(self.definition["spec"])
         self.target = self.spec.compute_target or {}
+        self.submitted = self.target.get("kind") == "slurm"  # by `run --slurm`: hosts come with the allocation
+        self._target_error: str | None = None
+        if self.submitted:
+            try:
+                ppn = 1 if (self.spec.distributed or {}).get("backend") == "ps" else self.spec.process_count_per_node
+                self.target = self.spec.compute_target = allocation_target(self.target, self.spec.node_count, ppn)
+            except SpecError as exc:
+                self._target_error = str(exc)
         self.hosts = target_hosts(self.spec.compute_target)[:self.spec.node_count]
         self.ssh = SshOptions.from_dict(self.target.get("ssh"))
         self.grace = float(self.definition.get("grace", DEFAULT_GRACE))
@@ -148,8 +159,14 @@ class Supervisor:
         self._interrupts = 0
         self._followers: list[tail.Follower] = []
         self._relay_files: dict[tuple[int, int], Any] = {}
-        self.mpi: Any = None  # tflaunch.mpijob.MpiJob for an MPI job
-        if self.backend == "mpi":  # imported only for MPI jobs: not on every run's start-up
+        # Inside a Slurm allocation with the srun launcher, one srun step starts every process and no
+        # agent runs on the other nodes (hosts come from the allocation, resolved when the job starts)
+        self.slurm_job = os.environ.get("SLURM_JOB_ID") if in_allocation(self.target) else None
+        if self.submitted and self.slurm_job is None:
+            self.slurm_job = (record.lease() or {}).get("slurm_job_id")
+        self.step = in_allocation(self.target) and self.target.get("launcher") == "srun"
+        self.mpi: Any = None  # tflaunch.mpijob.MpiJob: one launcher process (mpirun, or an srun step)
+        if self.backend == "mpi" or self.step:  # imported only for those: not on every run's start-up
             from .mpijob import MpiJob
             self.mpi = MpiJob(self)
         scratch = self.definition.get("scratch")
@@ -187,8 +204,40 @@ class Supervisor:
                 log.info("press Ctrl-C again to kill the run's processes now")
             else:
                 request = self.record.cancel_requested()  # `runs cancel` writes a request, then signals
-                self.cancel(str(request.get("reason")) if request else
-                            f"launcher received {signal.Signals(signum).name}")
+                if request:
+                    self.cancel(str(request.get("reason")))
+                    continue
+                ended = self._slurm_ending() if signum == signal.SIGTERM and self.slurm_job else None
+                if ended is not None:
+                    self._stop(*ended)
+                else:
+                    self.cancel(f"launcher received {signal.Signals(signum).name}")
+
+    def _slurm_ending(self, wait: float = 0.0) -> tuple[str, str] | None:
+        """Why Slurm is stopping this run's job (SIGTERM at the time limit, on preemption, scancel,
+        node failure): (stop reason, detail), or None when Slurm cannot tell (within ``wait`` s)."""
+        from . import slurm
+
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                info = slurm.job_info(str(self.slurm_job))
+            except slurm.SlurmError as exc:
+                log.debug("run %s: %s", self.record.id, exc)
+                return None
+            state = slurm.job_state(info)
+            if state in ("COMPLETING", "RUNNING"):  # the end state shows once the job is gone
+                state = slurm.REASON_STATES.get((info or {}).get("Reason", ""), state)
+            if state in slurm.ENDED or time.monotonic() >= deadline:
+                break
+            time.sleep(0.25)
+        fields = slurm.final_fields(dict(info or {}, JobState=state), str(self.slurm_job), None) \
+            if state in slurm.ENDED else None
+        if fields is None:
+            return None
+        if fields["status"] == CANCELED:
+            return "canceled", fields["cancel_reason"]
+        return fields["error"]["reason"], fields["error"]["message"]
 
     # -- stopping ------------------------------------------------------------------------------------
     def _stop(self, reason: str, detail: str) -> None:
@@ -215,7 +264,12 @@ class Supervisor:
         """Supervise the run and return its final run object."""
         saved = self._install_signals()
         try:
-            self.record.write_lease()
+            self.record.write_lease(slurm_job_id=self.slurm_job)
+            if self.slurm_job:
+                current = (self.record.read_status(check_lease=False) or {}).get("slurm") or {}
+                self.record.write_status(slurm={**current, "job_id": self.slurm_job, "submitted": self.submitted,
+                                                "launcher": self.target.get("launcher"),
+                                                "nodes": [h.name for h in self.hosts]})
             if self.on_lease is not None:
                 self.on_lease()
             try:
@@ -253,6 +307,8 @@ class Supervisor:
                           work_dir=self.work_dir, home=self.record.store.home)
 
     def _open_agents(self, log_file: Any) -> None:
+        if self.step:
+            return  # the launcher's own agent only (see MpiJob.launch)
         for node, host in enumerate(self.hosts):
             conn = self._prestarted.pop(host.name, None)
             if conn is None:
@@ -264,6 +320,8 @@ class Supervisor:
 
     def _prepare_and_launch(self) -> None:
         record = self.record
+        if self._target_error:
+            raise LaunchFailure(self._target_error)
         self._check_cancel()
         manifest = fsio.read_json(record.path(MANIFEST))
         materialize(manifest, record.store.home, self.work_dir)
@@ -543,20 +601,7 @@ class Supervisor:
             if self.stop_reason:  # stopped while starting
                 run.conn.terminate(0 if self.killed else self.grace)
         elif kind == "exited":
-            index, rc = int(event["index"]), int(event["returncode"])
-            self.returncodes[index] = rc
-            self.wind_down.pop(index, None)
-            self.record.event("process_exited", index=index, returncode=rc, host=run.name)
-            if self.stop_reason is not None or index in self.stopping:
-                pass
-            elif self.lead_done:  # after the chief: its outcome stands; a late failure is worth a warning
-                if rc != 0:
-                    self.warnings.append(f"{self._who(index, run.name)} {self._how(rc)} after the "
-                                         f"{self._role_text(0)} had ended")
-            elif rc != 0:
-                self._fail(run.name, index, rc)
-            elif index == 0 and self.backend in TF_BACKENDS:
-                self._lead_finished()
+            self._process_exited(run.name, int(event["index"]), int(event["returncode"]))
         elif kind == "spawn_failed":
             self._stop("launch_failed", f"could not start {self.spec.entry_script} on host {run.name}: "
                                         f"{event.get('error')}")
@@ -572,6 +617,22 @@ class Supervisor:
             run.cleaned = True
         elif kind == "error":
             run.error = f"{event.get('cmd')}: {event.get('error')}"
+
+    def _process_exited(self, host: str, index: int, rc: int) -> None:
+        """A process of the run ended with ``rc`` (negative: killed by that signal)."""
+        self.returncodes[index] = rc
+        self.wind_down.pop(index, None)
+        self.record.event("process_exited", index=index, returncode=rc, host=host)
+        if self.stop_reason is not None or index in self.stopping:
+            pass
+        elif self.lead_done:  # after the chief: its outcome stands; a late failure is worth a warning
+            if rc != 0:
+                self.warnings.append(f"{self._who(index, host)} {self._how(rc)} after the "
+                                     f"{self._role_text(0)} had ended")
+        elif rc != 0:
+            self._fail(host, index, rc)
+        elif index == 0 and self.backend in TF_BACKENDS:
+            self._lead_finished()
 
     def _role_text(self, rank: int) -> str:
         p = self.processes.get(rank)
@@ -594,6 +655,13 @@ class Supervisor:
         self.failure = {"index": index, "rank": index, "host": host, "returncode": rc}
         if p is not None and self.backend in TF_BACKENDS:
             self.failure.update(role=p.role, task_index=p.index)
+        if self.slurm_job and rc in (-signal.SIGTERM, -signal.SIGKILL, 128 + signal.SIGTERM):
+            # Slurm stops the job's tasks itself (runs cancel + scancel, time limit, preemption): say why
+            request = self.record.cancel_requested()
+            ended = ("canceled", str(request.get("reason"))) if request else self._slurm_ending(wait=1.0)
+            if ended is not None:
+                self._stop(*ended)
+                return
         self._stop("signal" if rc < 0 else "exit_code", f"{self._who(index, host)} {self._how(rc)}")
 
     def _lead_finished(self) -> None:
@@ -615,6 +683,13 @@ class Supervisor:
         self._wind_down(now)
 
     def _wind_down(self, now: float) -> None:
+        if self.step and self.mpi is not None and self.mpi.launcher is not None:
+            # one srun step: its tasks stop together, once the last of them is due
+            if self.wind_down and all(at <= now for at in self.wind_down.values()):
+                self.stopping.update(self.wind_down)
+                self.wind_down.clear()
+                self.mpi.launcher.conn.terminate(self.grace)
+            return
         due = [rank for rank, at in self.wind_down.items() if at <= now]
         if not due:
             return
@@ -664,7 +739,7 @@ class Supervisor:
 
     def _heartbeat(self) -> None:
         try:
-            self.record.write_lease()
+            self.record.write_lease(slurm_job_id=self.slurm_job)
         except OSError as exc:
             log.warning("run %s: cannot renew the lease: %s", self.record.id, exc)
         current = self.record.read_status(check_lease=False) or {}
@@ -848,22 +923,59 @@ def spawn_detached(record: RunRecord, timeout: float = 60.0) -> int:
     return proc.pid
 
 
+def in_job_command(home: str, run_id: str) -> list[str]:
+    """What a batch script runs for a run submitted with ``--slurm``: this tflaunch, as the job's
+    supervisor (the same interpreter and package path: a cluster's login and compute nodes share them)."""
+    return [sys.executable, "-I", "-S", "-c", _DETACHED_BOOT, _package_root(), "--home", home, "--slurm", run_id]
+
+
+def _wait_for_submitter(record: RunRecord, timeout: float = 60.0) -> None:
+    """A job can start before ``sbatch`` has returned to the submitter: let it record Queued first."""
+    from .store import PREPARING
+
+    deadline = time.monotonic() + timeout
+    while (record.read_status(check_lease=False) or {}).get("status") == PREPARING and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def _read_with_timeout(fd: int, timeout: float) -> bytes:
     ready, _, _ = select.select([fd], [], [], timeout)
     return os.read(fd, 64) if ready else b""
 
 
 def detached_main(argv: list[str]) -> int:
-    """Entry point of the background supervisor (``--home H --ready-fd N RUN_ID``)."""
+    """Entry point of the background supervisor (``--home H --ready-fd N RUN_ID``), and of a Slurm
+    job's (``--home H --slurm RUN_ID``: its exit status is the run's, so Slurm's job state agrees)."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="tflaunch-supervisor")
     parser.add_argument("--home", required=True)
-    parser.add_argument("--ready-fd", type=int, required=True)
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--ready-fd", type=int)
+    group.add_argument("--slurm", action="store_true")
     parser.add_argument("run_id")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s supervisor %(levelname)s %(message)s")
-    record = Store(args.home).run(args.run_id)
+    try:
+        record = Store(args.home).run(args.run_id)
+    except TflaunchError as exc:
+        log.error("%s", exc)
+        return 1
+    if args.slurm:
+        from .store import exit_code_for
+
+        for sig in (signal.SIGUSR1, signal.SIGUSR2):  # a --signal meant for the tasks must not kill us
+            signal.signal(sig, lambda *_: None)
+        _wait_for_submitter(record)
+        log.info("run %s starts in Slurm job %s on %s", record.id, os.environ.get("SLURM_JOB_ID"),
+                 os.environ.get("SLURM_JOB_NODELIST"))
+        try:
+            final = Supervisor(record, stream=False).run()
+        except Exception:
+            log.exception("supervisor for run %s failed", args.run_id)
+            return 1
+        log.info("run %s %s", record.id, final.get("status"))
+        return exit_code_for(final)
 
     def ready() -> None:
         os.write(args.ready_fd, b"ready\n")

@@ -1,8 +1,11 @@
 """Compute targets: where a job's processes run (``compute_target=`` of an estimator).
 
-``"local"`` (or ``None``) is this machine, or the hosts of the Slurm/PBS allocation tflaunch runs in;
-:class:`SSHTarget` is a list of hosts reached with the OpenSSH client. :func:`resolve_target` turns
-either into the recorded form (``JobSpec.compute_target``): the hosts the job uses, how to reach them.
+``"local"`` (or ``None``) is this machine, or the hosts of the Slurm/PBS allocation tflaunch runs in
+(inside Slurm the processes start as one ``srun`` step); :class:`SSHTarget` is a list of hosts reached
+with the OpenSSH client; :class:`SlurmTarget` is an allocation still to be asked for with ``sbatch``.
+:func:`resolve_target` turns any of them into the recorded form (``JobSpec.compute_target``): the
+hosts the job uses, how to reach them (:func:`allocation_target` fills in a submitted job's hosts
+once it runs).
 """
 from __future__ import annotations
 
@@ -17,7 +20,9 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
     from typing import Any
 
-__all__ = ["SSHTarget", "resolve_target"]
+__all__ = ["SSHTarget", "SlurmTarget", "resolve_target", "allocation_target", "LAUNCHERS"]
+
+LAUNCHERS = ("srun", "ssh")  # how processes start inside a Slurm allocation (default srun)
 
 
 class SSHTarget:
@@ -34,7 +39,8 @@ class SSHTarget:
     def __init__(self, hosts: Sequence[str | Host] | str, *, ssh_port: int | None = None,
                  ssh_options: Sequence[str] = (), ssh_config: str | os.PathLike | None = None,
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, oversubscribe: bool = False,
-                 keep_remote: bool = False, remote_scratch: str | None = None, source: str = "hosts") -> None:
+                 keep_remote: bool = False, remote_scratch: str | None = None, source: str = "hosts",
+                 launcher: str = "ssh") -> None:
         if isinstance(hosts, str):
             parsed = parse_hosts(hosts, source)
         elif isinstance(hosts, Sequence) and hosts:
@@ -69,6 +75,10 @@ class SSHTarget:
         self.keep_remote = bool(keep_remote)
         self.remote_scratch = remote_scratch
         self.source = source
+        if launcher not in LAUNCHERS or (launcher == "srun" and source != "SLURM_JOB_NODELIST"):
+            raise SpecError(f"launcher (--launcher): {launcher!r}: srun only for the hosts of a Slurm allocation, "
+                            "ssh otherwise")
+        self.launcher = launcher
 
     @classmethod
     def from_hostfile(cls, path: str | os.PathLike, **kwargs: Any) -> SSHTarget:
@@ -92,17 +102,53 @@ def resolve_target(target: Any, node_count: int, procs_per_node: int,
                              source=target.source)
         return {"kind": "ssh", "source": target.source, "hosts": [[h.name, h.slots] for h in hosts],
                 "ssh": target.ssh.to_dict(), "keep_remote": target.keep_remote,
-                "remote_scratch": target.remote_scratch, "oversubscribe": target.oversubscribe}
+                "remote_scratch": target.remote_scratch, "oversubscribe": target.oversubscribe,
+                "launcher": target.launcher}
+    if isinstance(target, SlurmTarget):
+        slots = max(procs_per_node, -(-world // node_count))
+        return {"kind": "slurm", "source": "sbatch", "hosts": [[f"(slurm node {i + 1})", slots] for i in range(node_count)],
+                "ssh": SshOptions().to_dict(), "keep_remote": False, "remote_scratch": None, "oversubscribe": False,
+                "launcher": target.options.launcher, "slurm": target.options.to_dict()}
     if target is not None and not (isinstance(target, str) and target.lower() == "local"):
         raise SpecError(f"compute_target (--compute-target): {target!r} is not supported; "
-                        "give 'local' or an SSHTarget(hosts=[...])")
+                        "give 'local', an SSHTarget(hosts=[...]) or a SlurmTarget(...)")
     found, source = discover(env)
     hosts = select_hosts(found, node_count, procs_per_node, source=source)
     if found is None:
         hosts = [Host(h.name, max(h.slots, world)) for h in hosts]
     return {"kind": "local" if found is None else "ssh", "source": source,
             "hosts": [[h.name, h.slots] for h in hosts], "ssh": SshOptions().to_dict(), "keep_remote": False,
-            "remote_scratch": None, "oversubscribe": False}
+            "remote_scratch": None, "oversubscribe": False,
+            "launcher": "srun" if source == "SLURM_JOB_NODELIST" else "ssh"}
+
+
+class SlurmTarget:
+    """An allocation to ask Slurm for: the run is submitted with ``sbatch`` (``run --slurm``) and
+    starts when Slurm gives it nodes. Keyword arguments are :class:`tflaunch.slurm.SlurmOptions`
+    (``partition``, ``time``, ``account``, ``qos``, ``job_name``, ``signal``, ``sbatch_args``,
+    ``launcher``); ``node_count``/``process_count_per_node``/``gpus_per_node`` come from the estimator."""
+
+    def __init__(self, **options: Any) -> None:
+        from .slurm import SlurmOptions
+
+        try:
+            self.options = SlurmOptions(**options)
+        except TypeError as exc:
+            raise SpecError(f"SlurmTarget: {exc}") from None
+
+    def __repr__(self) -> str:
+        return f"SlurmTarget({self.options.to_dict()!r})"
+
+
+def allocation_target(target: Mapping[str, Any], node_count: int, procs_per_node: int,
+                      env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """A submitted job's compute target once it runs: the hosts of the allocation it is in."""
+    found, source = discover(env)
+    if source != "SLURM_JOB_NODELIST":
+        raise SpecError("this run was submitted to Slurm, but this process is not inside a Slurm allocation "
+                        "(SLURM_JOB_ID is not set)")
+    hosts = select_hosts(found, node_count, procs_per_node, source=source)
+    return {**target, "kind": "ssh", "source": source, "hosts": [[h.name, h.slots] for h in hosts]}
 
 
 def target_hosts(compute_target: Mapping[str, Any] | None) -> list[Host]:
