@@ -26,8 +26,9 @@ demo: $(VENV)/.demo-installed
 	    --data-folder "$(CURDIR)/data/mnist" --epochs 10
 	$(PY) -m tflaunch runs list --experiment tf-mnist --limit 5
 
-# tests/infra/setup.sh installs sshd/iproute2/openmpi-bin/g++ when run as root (real ssh hosts and the
-# system mpirun for the tests), else warns; mpi-envs and horovod build the other MPIs and Horovod.
+# tests/infra/setup.sh installs sshd/iproute2/openmpi-bin/g++ and Slurm + munge when run as root (real ssh
+# hosts, the system mpirun and a two-node Slurm for the tests), else warns; mpi-envs and horovod build
+# the other MPIs and Horovod.
 test: $(VENV)/.test-installed
 	sh tests/infra/setup.sh
 	$(MAKE) mpi-envs horovod
@@ -70,6 +71,7 @@ bench: $(VENV)/.test-installed bench/.venv-mlflow/bin/python mpi-envs horovod
 	$(PY) bench/ps_example.py
 	$(PY) bench/mpi_launch.py
 	$(PY) bench/horovod_example.py
+	$(PY) bench/slurm_submit.py
 
 clean:
 	rm -rf build dist .pytest_cache

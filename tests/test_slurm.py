@@ -259,6 +259,7 @@ def _cli(home, *args, env=None, cwd=None):
     (["--partition", "gpu"], "--partition: only with --slurm"),
     (["--sbatch-arg=--exclusive"], "--sbatch-arg: only with --slurm"),
     (["--launcher", "srun"], "--launcher: only inside a Slurm allocation"),
+    (["--launcher", "ssh", "--hosts", "a:1"], "--launcher: only for the hosts of a Slurm allocation"),
     (["--slurm", "--hosts", "a:1"], "--slurm: Slurm chooses the hosts"),
     (["--slurm", "--time", "2h"], "--time: '2h' is not a Slurm time limit"),
     (["--slurm", "--signal", "USR1@30"], "NCCL"),
@@ -307,3 +308,20 @@ def test_cli_dry_run_shows_the_batch_script(tmp_path):
 def shutil_which(name):
     import shutil
     return shutil.which(name)
+
+
+def test_cli_inside_allocation_takes_gpus_from_slurm(tmp_path):
+    """--gpu in an allocation: SLURM_GPUS_ON_NODE GPUs per node, split between the node's processes
+    (positions in the devices Slurm gives the step); no GPU here, so only planned (--dry-run)."""
+    if not shutil_which("srun"):
+        pytest.skip("needs srun on PATH (tests/infra/setup.sh installs slurm-client)")
+    import json
+    (tmp_path / "t.py").write_text("print(1)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(ALLOCATION, SLURM_GPUS_ON_NODE="2")
+    result = _cli(tmp_path / "home", "run", "--gpu", "--dry-run", "--json", "t.py", env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["compute_target"]["launcher"] == "srun"
+    assert [(p["host"], p["env"]["CUDA_VISIBLE_DEVICES"]) for p in out["processes"]] == [
+        ("gpu01", "0"), ("gpu01", "1"), ("gpu02", "0"), ("gpu02", "1")]

@@ -123,17 +123,31 @@ def slurm_addr(slurm, node):
     return out.split("NodeAddr=")[1].split()[0]
 
 
-def test_inside_sbatch_ps_job_and_ssh_launcher(cluster, slurm, netns_hosts, home):
-    """Uneven layout (chief, 2 workers, 1 ps over 2 nodes: srun's arbitrary distribution), and the
+MPI_RANK = """\
+import json, os, socket
+print(json.dumps({"rank": int(os.environ["TFLAUNCH_RANK"]), "ompi": os.environ.get("OMPI_COMM_WORLD_RANK"),
+                  "host": socket.gethostname(), "step": None, "tf": None}), flush=True)
+"""
+
+
+def test_inside_sbatch_ps_mpi_and_ssh_launcher(cluster, slurm, netns_hosts, home):
+    """Uneven layout (chief, 2 workers, 1 ps over 2 nodes: srun's arbitrary distribution); an MPI job
+    whose mpirun starts its daemons with Slurm (no ssh: the rank wrapper is in the record); and the
     same allocation with --launcher ssh (processes over ssh, not Slurm tasks)."""
     project, env = cluster
+    (project / "mpi_rank.py").write_text(MPI_RANK)
     ps = f"{sys.executable} -m tflaunch run --backend ps --workers 2 --ps 1 --chief --grace 2 train.py"
+    mpi = f"{sys.executable} -m tflaunch run --backend mpi --mpirun /usr/bin/mpirun --procs-per-node 2 mpi_rank.py"
     ssh = (f"{sys.executable} -m tflaunch run --launcher ssh --ssh-config {netns_hosts.config} "
            f"--procs-per-node 1 train.py")
-    job = _sbatch(slurm, env, project, f"cd {project} && {ps} && {ssh}", "--nodes=2", "--ntasks=4")
-    assert slurm.wait_job(job) == "COMPLETED", (project / f"slurm-{job}.out").read_text()
+    job = _sbatch(slurm, env, project, f"cd {project} && {ps} && {mpi} && {ssh}", "--nodes=2", "--ntasks=4")
+    assert slurm.wait_job(job, timeout=60) == "COMPLETED", (project / f"slurm-{job}.out").read_text()
     runs = json.loads(_tfl(env, "runs", "list", "--json", cwd=project).stdout)
-    ssh_run, ps_run = (show(_runner(env, project), r["id"]) for r in runs[:2])
+    ssh_run, mpi_run, ps_run = (show(_runner(env, project), r["id"]) for r in runs[:3])
+    assert mpi_run["status"] == "Completed"
+    assert [(r["rank"], r["ompi"], r["host"]) for r in _ranks(Path(mpi_run["run_dir"]))] == [
+        (0, "0", "h1"), (1, "1", "h1"), (2, "2", "h2"), (3, "3", "h2")]
+    assert not (Path(mpi_run["run_dir"]) / "launch" / "ssh").exists()  # mpirun used Slurm, not ssh
     assert ps_run["status"] == "Completed" and ssh_run["status"] == "Completed"
     ranks = _ranks(Path(ps_run["run_dir"]))
     assert [(r["tf"]["type"], r["tf"]["index"]) for r in ranks] == [("chief", 0), ("worker", 0), ("worker", 1),
@@ -258,5 +272,5 @@ def test_time_limit_fails_the_run_after_the_checkpoint_signal(cluster, slurm):
     assert "checkpoint on SIGUSR2" in result.stdout, result.stdout + result.stderr
     run_id = json.loads(_tfl(env, "runs", "list", "--json", cwd=project).stdout)[0]["id"]
     run = show(_runner(env, project), run_id)
-    assert run["status"] == "Failed" and run["error"]["reason"] == "time_limit", run
+    assert run["status"] == "Failed" and run["error"]["reason"] == "time_limit", run["error"]
     assert "time limit" in run["error"]["message"] and "TimeLimit=00:01:00" in run["error"]["message"]

@@ -241,6 +241,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise SpecError("--detach and --dry-run exclude each other")
     distributed = _distributed(args)
     target, nodes, ppn = _compute_target(args, distributed)
+    if args.gpu and args.gpus_per_node is None and getattr(target, "launcher", None) == "srun":
+        from .slurm import gpus_per_node
+        args.gpus_per_node = gpus_per_node(os.environ)  # the allocation's GPUs per node
     kwargs: dict[str, Any] = dict(
         entry_script=args.entry, arguments=script_args, node_count=nodes, compute_target=target,
         process_count_per_node=ppn, use_gpu=args.gpu, environment_variables=dict(args.env),
@@ -405,6 +408,9 @@ def _compute_target(args: argparse.Namespace, distributed: Any = None) -> tuple[
         return target, nodes, ppn
     if sbatch_only:
         raise SpecError(f"{', '.join(sbatch_only)}: only with --slurm (submitting the run with sbatch)")
+    if args.launcher is not None and (args.hosts or args.hostfile):
+        raise SpecError("--launcher: only for the hosts of a Slurm allocation; --hosts/--hostfile hosts are "
+                        "reached over ssh")
     if args.hostfile:
         target: Any = SSHTarget.from_hostfile(args.hostfile, **ssh)
         hosts = target.hosts

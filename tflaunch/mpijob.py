@@ -223,19 +223,27 @@ class MpiJob:
         return {"index": MPIRUN, "argv": launch.argv, "cwd": self.sup.work_dir, "env": env,
                 "stdout": None, "stderr": None}
 
+    def spawn_launcher(self) -> HostRun:
+        """Start this machine's agent for an srun step (early: its start-up overlaps the preparations)."""
+        from .supervise import HostRun
+
+        if self.launcher is None:
+            sup = self.sup
+            here = next((h.name for h in sup.hosts if is_local(h.name)), "(launcher)")
+            with open(sup.record.path(LOG_DIR, "launcher.log"), "ab") as agent_log:
+                self.launcher = HostRun(here, 0, AgentConnection(spawn_agent(agent_log), "localhost"))
+            self.launcher.launcher_only = True
+            sup.runs.append(self.launcher)
+        return self.launcher
+
     def _launch_step(self) -> None:
         """Inside a Slurm allocation: plan with the allocation's nodes, write the rank wrapper and its
         table where every node sees them, start the one launcher from this machine's agent."""
-        from .supervise import ORPHAN_GRACE, HostRun, LaunchFailure
+        from .supervise import ORPHAN_GRACE, LaunchFailure
 
         sup = self.sup
         spec, hosts = sup.spec, sup.hosts
-        here = next((h.name for h in hosts if is_local(h.name)), "(launcher)")
-        with open(sup.record.path(LOG_DIR, "launcher.log"), "ab") as agent_log:
-            local = HostRun(here, 0, AgentConnection(spawn_agent(agent_log), "localhost"))
-        local.launcher_only = True
-        sup.runs.append(local)
-        self.launcher = local
+        local = self.spawn_launcher()
         files_dir = sup.record.path(STEP_FILES)
         try:
             needed = ports_needed(spec, hosts)
@@ -245,10 +253,11 @@ class MpiJob:
                 addresses = slurm.node_addresses([h.name for h in hosts])
             gpus = None
             if spec.use_gpu:
-                if not spec.gpus_per_node:
+                count = spec.gpus_per_node or slurm.gpus_per_node(os.environ)
+                if not count:
                     raise SpecError("--gpu inside Slurm: the allocation has no GPUs (SLURM_GPUS_ON_NODE is not "
                                     "set): ask for them (--gpus-per-node) or give --gpus-per-node N")
-                gpus = {h.name: [str(i) for i in range(spec.gpus_per_node)] for h in hosts}
+                gpus = {h.name: [str(i) for i in range(count)] for h in hosts}
             processes = plan(spec, sup._context(), hosts, ports=ports, addresses=addresses, gpus=gpus,
                              machines={h.name: h.name for h in hosts})
             if sup.backend == "mpi":

@@ -246,7 +246,7 @@ def job_info(job_id: str) -> dict[str, str] | None:
     result = _run([_command("scontrol"), "-o", "show", "job", str(job_id)])
     text = (result.stdout or "").strip()
     if result.returncode != 0 or not text:
-        message = (result.stderr or result.stdout or "").strip()
+        message = (result.stderr or result.stdout or "").strip() or f"exit status {result.returncode}"
         if "Invalid job id" in message:
             return None
         raise SlurmError(f"scontrol show job {job_id}: {_first_error(message)}")

@@ -207,7 +207,7 @@ class Supervisor:
                 if request:
                     self.cancel(str(request.get("reason")))
                     continue
-                ended = self._slurm_ending() if signum == signal.SIGTERM and self.slurm_job else None
+                ended = self._slurm_ending(wait=1.0) if signum == signal.SIGTERM and self.slurm_job else None
                 if ended is not None:
                     self._stop(*ended)
                 else:
@@ -222,8 +222,11 @@ class Supervisor:
         while True:
             try:
                 info = slurm.job_info(str(self.slurm_job))
-            except slurm.SlurmError as exc:
-                log.debug("run %s: %s", self.record.id, exc)
+            except slurm.SlurmError as exc:  # scontrol itself may catch the SIGTERM meant for the job
+                if time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    continue
+                log.warning("run %s: cannot ask Slurm why the job is stopping: %s", self.record.id, exc)
                 return None
             state = slurm.job_state(info)
             if state in ("COMPLETING", "RUNNING"):  # the end state shows once the job is gone
@@ -231,6 +234,8 @@ class Supervisor:
             if state in slurm.ENDED or time.monotonic() >= deadline:
                 break
             time.sleep(0.25)
+        log.debug("run %s: Slurm reports job %s as %s (Reason=%s)", self.record.id, self.slurm_job,
+                  (info or {}).get("JobState"), (info or {}).get("Reason"))
         fields = slurm.final_fields(dict(info or {}, JobState=state), str(self.slurm_job), None) \
             if state in slurm.ENDED else None
         if fields is None:
@@ -322,6 +327,8 @@ class Supervisor:
         record = self.record
         if self._target_error:
             raise LaunchFailure(self._target_error)
+        if self.step:
+            self.mpi.spawn_launcher()
         self._check_cancel()
         manifest = fsio.read_json(record.path(MANIFEST))
         materialize(manifest, record.store.home, self.work_dir)
