@@ -22,6 +22,10 @@ print(json.dumps({"rank": int(os.environ["TFLAUNCH_RANK"]), "world": int(os.envi
                   "cluster": json.loads(os.environ["TF_CONFIG"])["cluster"] if tf else None}), flush=True)
 os.makedirs("outputs", exist_ok=True)
 open("outputs/rank-%s.txt" % os.environ["TFLAUNCH_RANK"], "w").write(socket.gethostname())
+if tf and tf["type"] == "chief":  # a ps job ends when its chief does: let every task start and report first
+    deadline = time.time() + 30
+    while len(os.listdir("outputs")) < int(os.environ["TFLAUNCH_WORLD_SIZE"]) and time.time() < deadline:
+        time.sleep(0.05)
 code = int(os.environ.get("FAIL_RANK_" + os.environ["TFLAUNCH_RANK"], "0"))
 if code:
     print("rank %s fails" % os.environ["TFLAUNCH_RANK"], file=sys.stderr, flush=True)

@@ -28,7 +28,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
     from typing import Any, Mapping, Sequence
 
-__all__ = ["SlurmError", "SlurmOptions", "batch_script", "submit", "job_info", "cancel", "parse_record",
+__all__ = ["SlurmError", "SlurmOptions", "batch_script", "submit", "require", "job_info", "cancel", "parse_record",
            "step_argv", "step_ports", "gpus_per_node", "node_addresses", "final_fields", "ENDED", "ACTIVE",
            "in_allocation", "DEFAULT_SIGNAL", "CHECKPOINT_SIGNAL_VAR"]
 
@@ -72,6 +72,11 @@ def in_allocation(target: Mapping[str, Any] | None) -> bool:
     """Whether a recorded compute target is (or will be) a Slurm allocation."""
     target = target or {}
     return target.get("kind") == "slurm" or target.get("source") == "SLURM_JOB_NODELIST"
+
+
+def require(name: str) -> str:
+    """The path of Slurm client ``name``; SlurmError saying where to get it when it is not on PATH."""
+    return _command(name)
 
 
 def _command(name: str) -> str:
@@ -208,7 +213,7 @@ def batch_script(*, run_id: str, experiment: str, record_dir: str, options: Slur
     return "\n".join(lines)
 
 
-def submit(script_path: str, cwd: str) -> str:
+def submit(script_path: str) -> str:
     """``sbatch --parsable SCRIPT``; the job id, or SlurmError with sbatch's own message."""
     result = _run([_command("sbatch"), "--parsable", script_path], timeout=60)
     if result.returncode != 0:

@@ -414,7 +414,6 @@ class RunRecord:
                     return self._mark_launcher_lost(status)
                 return status
             self._slurm_cache = (job, now, info)
-        tail_text = ""
         fields = slurm.final_fields(info, job, None)
         if fields is None:  # the job may still run
             live = dict(status.get("slurm") or {}, job_id=job, state=slurm.job_state(info))

@@ -117,12 +117,12 @@ def create_run(prepared: Prepared) -> RunRecord:
 
 def check_slurm(spec: JobSpec) -> None:
     """A job to submit with sbatch: what Slurm must be asked for is known; sbatch is here."""
-    from .slurm import CHECKPOINT_SIGNAL_VAR, SlurmOptions, _command, signal_name
+    from .slurm import CHECKPOINT_SIGNAL_VAR, SlurmOptions, require, signal_name
 
     options = SlurmOptions.from_dict(spec.compute_target["slurm"])
     if spec.use_gpu and not spec.gpus_per_node:
         raise SpecError("--gpu with --slurm: give --gpus-per-node N, the GPUs to ask Slurm for on each node")
-    _command("sbatch")
+    require("sbatch")
     if options.signal:
         spec.environment_variables.setdefault(CHECKPOINT_SIGNAL_VAR, signal_name(options.signal) or "")
 
@@ -156,7 +156,7 @@ def submit_slurm(prepared: Prepared) -> RunRecord:
     fsio.atomic_write_bytes(path, script.encode("utf-8"))
     os.chmod(path, 0o755)
     try:
-        job = submit(path, record.dir)
+        job = submit(path)
     except (SlurmError, KeyboardInterrupt) as exc:
         record.release_reserve()
         if isinstance(exc, KeyboardInterrupt):
