@@ -76,10 +76,6 @@ def in_allocation(target: Mapping[str, Any] | None) -> bool:
 
 def require(name: str) -> str:
     """The path of Slurm client ``name``; SlurmError saying where to get it when it is not on PATH."""
-    return _command(name)
-
-
-def _command(name: str) -> str:
     path = shutil.which(name)
     if path is None:
         raise SlurmError(f"{name} not found on PATH: run this where Slurm's client commands are installed "
@@ -215,7 +211,7 @@ def batch_script(*, run_id: str, experiment: str, record_dir: str, options: Slur
 
 def submit(script_path: str) -> str:
     """``sbatch --parsable SCRIPT``; the job id, or SlurmError with sbatch's own message."""
-    result = _run([_command("sbatch"), "--parsable", script_path], timeout=60)
+    result = _run([require("sbatch"), "--parsable", script_path], timeout=60)
     if result.returncode != 0:
         raise SlurmError(f"sbatch refused the job: {_first_error(result.stderr or result.stdout)}")
     job = result.stdout.strip().split(";")[0].strip()
@@ -226,7 +222,7 @@ def submit(script_path: str) -> str:
 
 def cancel(job_id: str) -> None:
     """``scancel JOB`` (SIGTERM to every task, SIGKILL after Slurm's KillWait)."""
-    result = _run([_command("scancel"), str(job_id)])
+    result = _run([require("scancel"), str(job_id)])
     if result.returncode != 0:
         raise SlurmError(f"scancel {job_id}: {_first_error(result.stderr or result.stdout)}")
 
@@ -248,7 +244,7 @@ def parse_record(line: str) -> dict[str, str]:
 def job_info(job_id: str) -> dict[str, str] | None:
     """``scontrol show job`` as a dict, None when Slurm no longer knows the job; SlurmError when Slurm
     cannot be asked (no scontrol here, slurmctld down)."""
-    result = _run([_command("scontrol"), "-o", "show", "job", str(job_id)])
+    result = _run([require("scontrol"), "-o", "show", "job", str(job_id)])
     text = (result.stdout or "").strip()
     if result.returncode != 0 or not text:
         message = (result.stderr or result.stdout or "").strip() or f"exit status {result.returncode}"
@@ -269,7 +265,7 @@ def node_addresses(names: Sequence[str]) -> dict[str, str]:
     """Each node's NodeAddr (how the other nodes reach it), from ``scontrol show node``."""
     if not names:
         return {}
-    result = _run([_command("scontrol"), "-o", "show", "node", ",".join(names)])
+    result = _run([require("scontrol"), "-o", "show", "node", ",".join(names)])
     if result.returncode != 0:
         raise SlurmError(f"scontrol show node: {_first_error(result.stderr or result.stdout)}")
     found = {}

@@ -353,12 +353,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _popen(cmd: List[str], log: Path) -> subprocess.Popen:
+def _popen(cmd: List[str], log: Path, env: Optional[Dict[str, str]] = None) -> subprocess.Popen:
     with open(log, "ab") as f:
         # start_new_session = setsid: the daemon leads its own process group (pgid == pid), and
-        # nsenter/unshare/sh exec in place, so the pid recorded is sshd's.
-        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=f, start_new_session=True,
-                                close_fds=True)
+        # nsenter/unshare/sh exec in place, so the pid recorded is the daemon's.
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=f, env=env,
+                                start_new_session=True, close_fds=True)
 
 
 def _log_tail(log: Path, n: int = 20) -> str:

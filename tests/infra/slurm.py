@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Set
 
-from tests.infra.hosts import SshHosts
+from tests.infra.hosts import SshHosts, _descendants, _log_tail, _popen, _signal_group
 
 SLURMCTLD = "/usr/sbin/slurmctld"
 SLURMD = "/usr/sbin/slurmd"
@@ -335,13 +335,6 @@ def _free_ports(n: int) -> List[int]:
             s.close()
 
 
-def _popen(cmd: List[str], log: Path, env: Dict[str, str]) -> subprocess.Popen:
-    with open(log, "ab") as f:
-        # start_new_session = setsid; nsenter, unshare and sh exec in place, so the pid is the daemon's.
-        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=f, env=env,
-                                start_new_session=True, close_fds=True)
-
-
 def _ensure_munged(wd: Path) -> Optional[subprocess.Popen]:
     """Start munged (as user munge, foreground, own session) unless one runs and answers; returns it
     if started.  A munged that is still starting (or shutting down) is given a few seconds."""
@@ -419,13 +412,6 @@ def _logs(cluster: SlurmCluster) -> str:
     return "\n".join(f"--- {f}:\n{_log_tail(f)}" for f in files if f.exists())
 
 
-def _log_tail(log: Path, n: int = 20) -> str:
-    try:
-        return "\n".join(log.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return "(no log)"
-
-
 def _terminate(procs: List[subprocess.Popen]) -> None:
     """SIGTERM each process group, wait STOP_TIMEOUT s, SIGKILL what is left, reap."""
     live = [p for p in procs if p.poll() is None]
@@ -445,13 +431,6 @@ def _terminate(procs: List[subprocess.Popen]) -> None:
             pass
 
 
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 def _pids_named(comm: str) -> List[int]:
     """Live (not zombie) processes whose comm is ``comm``."""
     out = []
@@ -468,34 +447,15 @@ def _pids_named(comm: str) -> List[int]:
     return out
 
 
-def _children_map() -> Dict[int, List[int]]:
-    children: Dict[int, List[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    return children
-
-
 def _kill_tree(pids: Iterable[int]) -> None:
     """SIGKILL the processes and all their descendants (collected first), and wait up to 2 s."""
     roots = [p for p in pids if p != os.getpid()]
     if not roots:
         return
-    children = _children_map()
     victims: Set[int] = set()
-    todo = list(roots)
-    while todo:
-        pid = todo.pop()
-        if pid in victims or pid == os.getpid():
-            continue
-        victims.add(pid)
-        todo.extend(children.get(pid, []))
+    for root in roots:
+        victims.update([root, *_descendants(root)])
+    victims.discard(os.getpid())
     for pid in victims:
         try:
             os.kill(pid, signal.SIGKILL)
