@@ -17,7 +17,7 @@ $(VENV)/.demo-installed: setup.cfg pyproject.toml examples/mnist/requirements.tx
 	touch $@
 
 $(VENV)/.test-installed: setup.cfg pyproject.toml examples/mnist/requirements.txt | $(PY)
-	$(PIP) -e '.[dev,tf-cpu]' -r examples/mnist/requirements.txt
+	$(PIP) -e '.[dev,tf-cpu,onnx]' -r examples/mnist/requirements.txt
 	touch $@
 
 demo: $(VENV)/.demo-installed
@@ -72,6 +72,7 @@ bench: $(VENV)/.test-installed bench/.venv-mlflow/bin/python mpi-envs horovod
 	$(PY) bench/mpi_launch.py
 	$(PY) bench/horovod_example.py
 	$(PY) bench/slurm_submit.py
+	$(PY) bench/metrics_cli.py
 
 clean:
 	rm -rf build dist .pytest_cache

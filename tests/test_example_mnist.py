@@ -4,9 +4,12 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import os
+import signal
 import struct
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -63,3 +66,70 @@ def test_example_trains_through_tflaunch(tmp_path, home):
     assert (record / "outputs" / "model.keras").stat().st_size > 10_000
     assert len((record / "logs" / "training.csv").read_text().splitlines()) == 5    # header + 4 epochs
     assert "test_accuracy=" in (record / "tflaunch_logs" / "rank-0.stdout").read_text()
+
+    # tracking: MetricsCallback's epoch metrics, run.log, tags and properties
+    assert run["metrics"]["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
+    assert run["tags"]["dataset"] == "data"
+    logged = json.loads(subprocess.run([sys.executable, "-m", "tflaunch", "runs", "metrics", run["id"], "--json"],
+                                       env=cli_env(home), capture_output=True, text=True, check=True).stdout)
+    by_name = {m["name"]: m for m in logged["metrics"]}
+    assert {"accuracy", "loss", "val_accuracy", "val_loss", "test_loss"} <= set(by_name)
+    assert by_name["accuracy"]["points"]["step"] == [0, 1, 2, 3]
+
+    # TensorBoard over the run's logs/, under a readable run name
+    check_tensorboard(home, run["id"], f"tf-mnist/{run['id'][-8:]}")
+
+    # ONNX: the run's Keras 3 model, checked against TensorFlow with onnxruntime, registered
+    pytest.importorskip("tf2onnx")
+    tfl = [sys.executable, "-m", "tflaunch"]
+    out = subprocess.run([*tfl, "export-onnx", f"{run['id']}:outputs/model.keras", "-o", str(tmp_path / "m.onnx"),
+                          "--register", "tf-dnn-mnist-onnx", "--json"], env=cli_env(home), capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    assert result["max_abs_diff"] < 1e-4 and result["method"] == "saved_model" and result["registered"]["version"] == 1
+    import onnxruntime
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"))
+    assert session.get_inputs()[0].shape[-1] == 784
+    shown = json.loads(subprocess.run([*tfl, "models", "show", "tf-dnn-mnist-onnx:1", "--json"], env=cli_env(home),
+                                      capture_output=True, text=True, check=True).stdout)
+    assert shown["properties"]["onnx_max_abs_diff"] == result["max_abs_diff"]
+    assert shown["source_run"]["id"] == run["id"] and shown["files"][0]["path"] == "m.onnx"
+    bad = subprocess.run([*tfl, "export-onnx", f"{run['id']}:outputs/metrics.json", "-o", str(tmp_path / "x.onnx")],
+                         env=cli_env(home), capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "not a Keras model" in bad.stderr, bad.stderr
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def check_tensorboard(home, run_id: str, name: str) -> None:
+    pytest.importorskip("tensorboard")
+    import re
+    import urllib.request
+
+    proc = subprocess.Popen([sys.executable, "-m", "tflaunch", "tensorboard", run_id, "--port", "0"],
+                            env=cli_env(home), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        seen = ""
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            seen += line
+            found = re.search(r"http://[^:/\s]+:(\d+)/", line)
+            if found:
+                port = int(found.group(1))
+                break
+        else:
+            raise AssertionError(f"tensorboard did not start: {seen}")
+        assert "port" in locals(), f"tensorboard did not start: {seen}"
+        runs = []
+        while time.monotonic() < deadline and not runs:
+            with urllib.request.urlopen(f"http://localhost:{port}/data/runs", timeout=10) as resp:
+                runs = json.loads(resp.read())
+            time.sleep(0.5)
+        assert f"{name}/tensorboard/train" in runs and f"{name}/tensorboard/validation" in runs, runs
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)

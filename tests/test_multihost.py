@@ -41,6 +41,8 @@ if mode == "ok":
         fh.write(f"rank {rank}")
     with open(f"outputs/rank-{rank}.txt", "w") as fh:
         fh.write(os.uname().nodename)
+    from tflaunch import Run
+    Run.get_context().log("host", os.uname().nodename)
     sys.exit(0)
 time.sleep(120)
 """
@@ -243,6 +245,11 @@ def test_ssh_host_without_shared_filesystem(netns_hosts, ranked, cli, home, tmp_
     assert (outputs / "shared.txt").read_text() in ("rank 0", "rank 1")
     assert (record / "hosts" / "h1" / "outputs" / "shared.txt").read_text() in ("rank 2", "rank 3")
     assert any("outputs/shared.txt" in w for w in run["warnings"])
+    # metrics: h1 sees the record and writes into it, h3 keeps them with ./logs, which come back
+    assert sorted(os.listdir(record / "logs" / ".tflaunch-metrics")) == sorted(
+        n for n in os.listdir(record / "logs" / ".tflaunch-metrics") if n.startswith(("rank-0.", "rank-1.")))
+    points = json.loads(cli("runs", "metrics", run["id"], "--json", check=True).stdout)["metrics"][0]["points"]
+    assert sorted(zip(points["rank"], points["value"])) == [(0, "h3"), (1, "h3"), (2, "h1"), (3, "h1")]
     assert "[rank 1] rank 1 of 4 up" in result.stdout
     assert (record / "tflaunch_logs" / "rank-1.stdout").read_text() == "rank 1 of 4 up\n"  # relayed
     leftovers = subprocess.run(["ssh", "-F", netns_hosts.config, "h3", f"ls /tmp/tflaunch-{os.getuid()}"],

@@ -87,7 +87,7 @@ def test_listing_cache_rebuilds_from_run_directories(tmp_path):
     first = store.list_runs()
     assert [r["id"] for r in first] == sorted((r.id for r in recs), reverse=True)
     index = open(store.index_path).read().splitlines()
-    assert index[0] == "tflaunch-runs-index 1"
+    assert index[0] == "tflaunch-runs-index 2"
     assert {line.split("\t")[0] for line in index[1:]} == {r.id for r in recs[:3]}  # only finished runs
     as_json = json.loads(store.list_runs_json())
     assert [(r["id"], r["status"]) for r in as_json] == [(r["id"], r["status"]) for r in first]

@@ -24,14 +24,18 @@ _EXPORTS = {
     "Experiment": "api", "Run": "api", "Workspace": "api", "RunStatus": "api",
     "TflaunchError": "errors", "SpecError": "errors", "SnapshotError": "errors", "StoreError": "errors",
     "RunNotFoundError": "errors", "PathSafetyError": "errors", "RunFailedError": "errors",
-    "rank_info": "rank",
+    "rank_info": "rank", "ModelNotFoundError": "errors", "ExportError": "errors", "Model": "registry", "OfflineRun": "tracking",
 }
+_SUBMODULES = {"keras", "onnx", "registry", "metrics", "tracking", "report"}
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
+    if name in _SUBMODULES:  # tflaunch.keras.MetricsCallback after a bare `import tflaunch`
+        from importlib import import_module
+        return import_module(f"tflaunch.{name}")
     if module is None:
         raise AttributeError(f"module 'tflaunch' has no attribute {name!r}")
     from importlib import import_module

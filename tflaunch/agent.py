@@ -261,6 +261,16 @@ def _output_fd(path):
     return w, r
 
 
+def add_pythonpath(env, cwd):
+    """Append ``TFLAUNCH_PYTHONPATH`` (tflaunch for the script's imports) to PYTHONPATH; a host without the
+    shared filesystem has the copy that came with the job's files (``cwd/.tflaunch-lib``)."""
+    lib = env.get("TFLAUNCH_PYTHONPATH")
+    if lib and not os.path.exists(lib):
+        lib = os.path.join(cwd, ".tflaunch-lib")
+    if lib and os.path.exists(lib):
+        env["PYTHONPATH"] = env["PYTHONPATH"] + os.pathsep + lib if env.get("PYTHONPATH") else lib
+
+
 def spawn(argv, cwd, env, stdout_path, stderr_path):
     """fork + exec ``argv`` in a session of its own, stdin from /dev/null; return (pid, relayed fds).
 
@@ -403,6 +413,7 @@ class Agent:
         for p in specs:
             env = dict(os.environ)
             env.update(p.get("env", {}))
+            add_pythonpath(env, p["cwd"])
             env[TOKEN_VAR] = self.token
             env[AGENT_VAR] = self.agent_id
             try:

@@ -14,6 +14,7 @@ from .errors import RunFailedError, SpecError
 from .spec import Estimator
 from .store import TERMINAL, RunRecord, Store
 from .tail import follow_files, write_text
+from . import metrics as metrics_mod
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
@@ -92,6 +93,27 @@ class Run:
         self.experiment = experiment
         self._record: RunRecord = experiment._store.run(run_id)
         self.id = self._record.id
+        self._writer: Any = None
+        self._in_job = False
+
+    @classmethod
+    def get_context(cls, allow_offline: bool = True) -> Any:
+        """The run this script runs in (``run.log(...)`` from any rank); outside tflaunch an
+        :class:`~tflaunch.tracking.OfflineRun` that prints instead (``allow_offline=False``: an error)."""
+        from .tracking import get_context
+
+        return get_context(allow_offline)
+
+    @classmethod
+    def _in_script(cls, experiment: Experiment, run_id: str, writer: Any) -> "Run":
+        """The job's own run, inside the job: the record may not be visible from this host."""
+        run = cls.__new__(cls)
+        run.experiment = experiment
+        run._record = RunRecord(experiment._store, run_id, os.environ.get("TFLAUNCH_RUN_DIR") or None)
+        run.id = run_id
+        run._writer = writer
+        run._in_job = True
+        return run
 
     def __repr__(self) -> str:
         return f"Run(id={self.id!r}, experiment={self.experiment.name!r}, status={self.get_status()!r})"
@@ -168,3 +190,101 @@ class Run:
                 written.append(store_mod.download(self._record, name, os.path.join(root, *name.split("/"))))
         return written
 
+
+    # -- tracking (mirrors azureml.core.Run) ----------------------------------------------------------
+    def _log_writer(self) -> Any:
+        if self._writer is None:  # logging to a run from outside its job (a driver, a notebook)
+            self._writer = metrics_mod.MetricsWriter(self._record.path(metrics_mod.METRICS_DIR), None)
+        return self._writer
+
+    def log(self, name: str, value: Any, description: str = "", step: int | None = None) -> None:
+        """Log a number, string, boolean or None as metric ``name`` (``step``: default one more than
+        this process's last step of ``name``)."""
+        self._log_writer().log(name, value, step)
+
+    def log_list(self, name: str, value: list, description: str = "") -> None:
+        """Log a list of values as metric ``name``."""
+        if not isinstance(value, (list, tuple)):
+            raise SpecError(f"log_list({name!r}): value must be a list, got {type(value).__name__}")
+        self._log_writer().log(name, list(value))
+
+    def log_row(self, name: str, description: str | None = None, **kwargs: Any) -> None:
+        """Log one row (columns as keyword arguments) of table metric ``name``."""
+        self._log_writer().log(name, dict(kwargs))
+
+    def tag(self, key: str, value: Any = None) -> None:
+        """Set tag ``key`` (``value`` defaults to ``""``); a later tag of the same key wins."""
+        self._log_writer().prop("tag", key, "" if value is None else str(value))
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        if not isinstance(tags, dict):
+            raise SpecError(f"set_tags: tags must be a dict, got {type(tags).__name__}")
+        for key, value in tags.items():
+            self.tag(key, value)
+
+    def add_properties(self, properties: dict[str, Any]) -> None:
+        """Add properties: unlike tags, a property keeps its first value."""
+        if not isinstance(properties, dict):
+            raise SpecError(f"add_properties: properties must be a dict, got {type(properties).__name__}")
+        for key, value in properties.items():
+            self._log_writer().prop("property", key, metrics_mod._scalar(value, key))
+
+    def get_tags(self) -> dict[str, Any]:
+        """Tags given at submission, then those the script set."""
+        status = self._record.read_status(check_lease=False) or {}
+        script_tags, _ = metrics_mod.properties_and_tags(self._record.dir)
+        return {**(status.get("tags") or {}), **script_tags}
+
+    def get_properties(self) -> dict[str, Any]:
+        return metrics_mod.properties_and_tags(self._record.dir)[1]
+
+    def get_metrics(self, name: str | None = None) -> dict[str, Any]:
+        """``{name: value}`` as the reference SDK returns it: a metric logged once is its value, logged
+        several times a list (every rank's points, lowest rank first), ``log_list`` a list and ``log_row``
+        a dict of columns."""
+        out: dict[str, Any] = {}
+        for key, series in metrics_mod.load(self._record.dir).items():
+            if name is not None and key != name:
+                continue
+            kind = metrics_mod.kind_of(series)
+            if kind == "row":
+                table: dict[str, list] = {}
+                for row in series.value:
+                    for column, value in (row.items() if isinstance(row, dict) else ()):
+                        table.setdefault(column, []).append(value)
+                out[key] = table
+            elif kind == "list":
+                out[key] = [v for chunk in series.value for v in (chunk if isinstance(chunk, list) else [chunk])]
+            else:
+                out[key] = series.value[0] if len(series.value) == 1 else list(series.value)
+        return out
+
+    def register_model(self, model_name: str, model_path: str, tags: dict[str, str] | None = None,
+                       properties: dict[str, Any] | None = None, description: str | None = None) -> Any:
+        """Register the run's file or directory ``model_path`` (``outputs/model``) as a new version of
+        model ``model_name``; returns the :class:`~tflaunch.registry.Model`. Inside the job, before the
+        outputs are collected, the path is taken from the script's working directory."""
+        from . import registry
+
+        if self._in_job:
+            local = _job_local_path(model_path)
+            if local is not None:
+                return registry.register(self.experiment.workspace.home, model_name, local, tags=tags,
+                                         properties=properties, description=description,
+                                         source_run={"id": self.id, "experiment": self.experiment.name,
+                                                     "path": model_path})
+        return registry.register_from_run(self._record, model_name, model_path, tags=tags,
+                                          properties=properties, description=description)
+
+
+def _job_local_path(model_path: str) -> str | None:
+    """``model_path`` under the script's working directory, if it is there and does not lead out of it."""
+    from .errors import PathSafetyError
+
+    if not isinstance(model_path, str) or not model_path or os.path.isabs(model_path):
+        raise PathSafetyError(f"{model_path!r}: give a path relative to the run, such as outputs/model")
+    root = os.path.realpath(os.getcwd())
+    target = os.path.realpath(os.path.join(root, model_path))
+    if target != root and not target.startswith(root + os.sep):
+        raise PathSafetyError(f"{model_path!r} leads outside the run's working directory")
+    return target if os.path.exists(target) else None

@@ -185,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", "-e", metavar="NAME", help="only this experiment")
     p.add_argument("--status", action="append", metavar="STATUS", help="only runs in this status (repeatable)")
     p.add_argument("--limit", type=int, default=0, metavar="N", help="at most N runs (default: all)")
+    p.add_argument("--metric", action="append", default=[], metavar="NAME",
+                   help="show the latest value of this metric (repeatable)")
     p.add_argument("--json", action="store_true", help="print a JSON array of run objects")
     p.set_defaults(func=cmd_list)
 
@@ -213,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN")
     p.add_argument("--wait", action="store_true", help="wait until the run has ended")
     p.set_defaults(func=cmd_cancel)
+
+    from .cli_tracking import add_commands, add_runs_commands
+    add_runs_commands(sub, common)
+    add_commands(commands, common, _key_value, _Parser)
     return parser
 
 
@@ -512,12 +518,16 @@ def cmd_list(args: argparse.Namespace) -> int:
         sys.stdout.write(store.list_runs_json(args.experiment, args.status, limit) + "\n")
         return 0
     runs = store.list_runs(args.experiment, args.status, limit)
-    rows = [("ID", "EXPERIMENT", "STATUS", "CREATED (UTC)", "DURATION", "EXIT")]
+    rows = [("ID", "EXPERIMENT", "STATUS", "CREATED (UTC)", "DURATION", "EXIT", *[m.upper() for m in args.metric])]
+    if args.metric:
+        from .metrics import format_value
     for r in runs:
         code = r.get("exit_code")
+        latest = r.get("metrics") or {}
         rows.append((r["id"], r.get("experiment", ""), r.get("status", ""), _fmt_time(r.get("created")),
                      _fmt_duration(r.get("duration_seconds")),
-                     str(code) if code is not None else (r.get("signal") or "-")))
+                     str(code) if code is not None else (r.get("signal") or "-"),
+                     *[format_value(latest.get(m)) for m in args.metric]))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         sys.stdout.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() + "\n")
@@ -551,6 +561,20 @@ def cmd_show(args: argparse.Namespace) -> int:
         how = "submitted by tflaunch" if slurm.get("submitted") else "run inside it"
         lines.append(f"slurm job:   {slurm['job_id']} ({how}{'; ' + state if state else ''})"
                      + (f"   script: {slurm['script']}" if slurm.get("script") else ""))
+    git = run.get("git") or {}
+    if git.get("status") == "ok":
+        lines.append(f"git:         {git.get('commit') or '(no commit)'}"
+                     + (f" ({git['branch']})" if git.get("branch") else " (detached)")
+                     + (f", uncommitted changes in {git['patch']}" if git.get("patch")
+                        else ", uncommitted changes" if git.get("dirty") else "")
+                     + (f"   remote: {git['remote']}" if git.get("remote") else ""))
+    elif git.get("status") == "unknown":
+        lines.append(f"git:         unknown ({git.get('reason')})")
+    if run.get("metrics"):
+        from .metrics import format_value
+        shown = list(run["metrics"].items())
+        lines.append("metrics:     " + ", ".join(f"{k}={format_value(v)}" for k, v in shown[:8])
+                     + (f" (+{len(shown) - 8} more: `tflaunch runs metrics {run['id'][-8:]}`)" if len(shown) > 8 else ""))
     if run.get("cancel_reason"):
         lines.append(f"canceled:    {run['cancel_reason']}")
     if error:

@@ -34,6 +34,17 @@ class RunNotFoundError(StoreError, LookupError):
     exit_code = 2
 
 
+class ModelNotFoundError(StoreError, LookupError):
+    """No registered model has the given name (or version)."""
+
+    exit_code = 2
+
+
+class ExportError(TflaunchError):
+    """A model could not be exported to ONNX: conversion failed, the check against TensorFlow failed, or the
+    interpreter lacks TensorFlow/tf2onnx/onnxruntime."""
+
+
 class PathSafetyError(TflaunchError):
     """A requested path escapes the run record (``..``, absolute path, symlink out of the run)."""
 

@@ -34,6 +34,7 @@ class RunContext:
     run_dir: str
     work_dir: str
     home: str
+    pythonpath: str | None = None  # tflaunch for the script's imports (see tflaunch.pylib)
 
 
 @dataclass
@@ -139,6 +140,8 @@ def plan(spec: JobSpec, ctx: RunContext, hosts: Sequence[Host] | None = None, *,
         "TFLAUNCH_EXPERIMENT": ctx.experiment,
         "TFLAUNCH_WORLD_SIZE": str(world),
     }
+    if ctx.pythonpath:
+        common["TFLAUNCH_PYTHONPATH"] = ctx.pythonpath
     cluster = ""
     task_ports: dict[int, int | str] = {}
     if kind in TF_BACKENDS:

@@ -172,6 +172,16 @@ def handles(pid, signum):
     return True
 
 
+def add_pythonpath(env, cwd):
+    """Append ``TFLAUNCH_PYTHONPATH`` (tflaunch for the script's imports) to PYTHONPATH; a host without the
+    shared filesystem has the copy that came with the job's files (``cwd/.tflaunch-lib``)."""
+    lib = env.get("TFLAUNCH_PYTHONPATH")
+    if lib and not os.path.exists(lib):
+        lib = os.path.join(cwd, ".tflaunch-lib")
+    if lib and os.path.exists(lib):
+        env["PYTHONPATH"] = env["PYTHONPATH"] + os.pathsep + lib if env.get("PYTHONPATH") else lib
+
+
 def apply_table(env, rank, path):
     """Add rank ``rank``'s own variables from the launcher's table at ``path`` (if there is one) to
     ``env``: ``{"cluster": JSON or null, "gpu_positions": bool, "ranks": {"R": {"env": {...}, "role",
@@ -245,6 +255,7 @@ def main(argv):
     problem = apply_table(env, rank, os.path.join(here, TABLE))
     if problem:
         return _fail("rank %d on %s: %s" % (rank, host, problem))
+    add_pythonpath(env, cwd)
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     try:

@@ -62,7 +62,7 @@ EXPERIMENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$")
 LOG_DIR = "tflaunch_logs"
 RESERVE_BYTES = 256 * 1024
 USER_FILE_DIRS = ("outputs", "logs", LOG_DIR, "hosts")  # hosts/: see tflaunch.collect
-_INDEX_HEADER = "tflaunch-runs-index 1"
+_INDEX_HEADER = "tflaunch-runs-index 2"  # 2: run objects carry "metrics"
 
 
 def resolve_home(home: str | os.PathLike | None = None) -> str:
@@ -312,11 +312,12 @@ class Store:
         for run_id in self.run_ids():
             row = cached.get(run_id)
             if row is None:
-                run = RunRecord(self, run_id).read_status()
+                record = RunRecord(self, run_id)
+                run = record.read_status()
                 if run is None:
                     continue
                 row = (str(run.get("experiment", "")), str(run.get("status", "")),
-                       fsio.json_dumps(with_duration(run)))
+                       fsio.json_dumps(with_duration(with_tracking(record, run))))
                 changed = changed or row[1] in TERMINAL
             if row[1] in TERMINAL:
                 fresh[run_id] = row
@@ -694,6 +695,25 @@ def with_duration(run: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def with_tracking(record: RunRecord, run: dict[str, Any]) -> dict[str, Any]:
+    """The run object plus what its script logged: ``metrics`` (the latest value of each scalar metric),
+    its tags merged over the submitted ones, and ``properties`` when it set any."""
+    from . import metrics
+
+    out = dict(run)
+    try:
+        out["metrics"] = metrics.latest(record.dir)
+        tags, properties = metrics.properties_and_tags(record.dir)
+    except (OSError, ValueError) as exc:
+        log.warning("run %s: cannot read its metrics: %s", record.id, exc)
+        return out
+    if tags:
+        out["tags"] = {**(run.get("tags") or {}), **tags}
+    if properties:
+        out["properties"] = properties
+    return out
+
+
 def describe(record: RunRecord) -> dict[str, Any]:
     """Everything ``runs show --json`` prints: the run object plus what was run and where."""
     status = record.read_status()
@@ -701,7 +721,7 @@ def describe(record: RunRecord) -> dict[str, Any]:
         raise StoreError(f"run {record.id}: status.json is missing or unreadable")
     definition = record.definition()
     spec = definition.get("spec", {})
-    out = with_duration(status)
+    out = with_duration(with_tracking(record, status))
     out.update({
         "arguments": spec.get("arguments", []),
         "source_directory": spec.get("source_directory"),
@@ -710,6 +730,7 @@ def describe(record: RunRecord) -> dict[str, Any]:
         "use_gpu": spec.get("use_gpu"),
         "timeout": spec.get("max_run_duration_seconds"),
         "framework": definition.get("environment"),
+        "git": definition.get("git"),
         "run_dir": record.dir,
     })
     return out

@@ -6,12 +6,14 @@ process (``tflaunch run``) or in the background (:func:`tflaunch.supervise.spawn
 """
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import socket
 import sys
 from dataclasses import dataclass, field
 
-from . import __version__, snapshot
+from . import __version__, fsio, gitinfo, snapshot
 from .errors import SnapshotError, SpecError
 from .gpus import host_gpus
 from .hosts import Host, is_local
@@ -29,6 +31,8 @@ if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
     from typing import Any
 
 __all__ = ["SubmitOptions", "Prepared", "prepare", "create_run", "dry_run", "submit_slurm", "start", "cancel_run"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -90,6 +94,9 @@ def prepare(estimator: Estimator, options: SubmitOptions) -> Prepared:
 def create_run(prepared: Prepared) -> RunRecord:
     """Record the run (status Preparing) and store its snapshot."""
     options = prepared.options
+    git, patch = gitinfo.collect(prepared.spec.source_directory)
+    if patch is not None:
+        git["patch_sha256"] = hashlib.sha256(patch).hexdigest()
     definition = {
         "spec": prepared.spec.to_dict(),
         "grace": float(options.grace),
@@ -97,8 +104,14 @@ def create_run(prepared: Prepared) -> RunRecord:
         "tflaunch_version": __version__,
         "submitted_from": {"python": sys.version.split()[0], "platform": _platform(), "cwd": os.getcwd()},
         "environment": prepared.environment,
+        "git": git,
     }
     record = prepared.store.create_run(options.experiment, definition, tags=options.tags)
+    if patch is not None:
+        try:
+            fsio.atomic_write_bytes(record.path(gitinfo.PATCH_NAME), patch)
+        except OSError as exc:
+            log.warning("run %s: cannot store the uncommitted changes as %s: %s", record.id, gitinfo.PATCH_NAME, exc)
     try:
         snapshot.store(prepared.scan, prepared.store.home, record.dir)
     except KeyboardInterrupt:

@@ -308,8 +308,11 @@ class Supervisor:
             self._restore_signals(saved)
 
     def _context(self) -> RunContext:
+        from .pylib import library_path
+
         return RunContext(run_id=self.record.id, experiment=self.definition["experiment"], run_dir=self.record.dir,
-                          work_dir=self.work_dir, home=self.record.store.home)
+                          work_dir=self.work_dir, home=self.record.store.home,
+                          pythonpath=library_path(self.record.store.home))
 
     def _open_agents(self, log_file: Any) -> None:
         if self.step:
@@ -464,10 +467,15 @@ class Supervisor:
         import tarfile
         import threading
 
+        from .pylib import library_path
+
         path = self.record.path(".upload.tar")
+        lib = library_path(self.record.store.home)
         with tarfile.open(path, "w") as tar:
             for entry in sorted(os.listdir(self.work_dir)):
                 tar.add(os.path.join(self.work_dir, entry), arcname=entry)
+            if lib and os.path.isdir(lib):  # tflaunch for the script's imports (see tflaunch.pylib)
+                tar.add(lib, arcname=".tflaunch-lib")
 
         def send(run: HostRun) -> None:
             with open(path, "rb") as fh:
@@ -867,6 +875,11 @@ class Supervisor:
             record.event("warning", message=warning)
         if self.warnings:
             outcome["warnings"] = self.warnings
+        try:  # parse the script's metrics once now, so the first `runs metrics` reads only the cache
+            from .metrics import load
+            load(record.dir)
+        except (OSError, ValueError) as exc:
+            log.warning("run %s: cannot read its metrics: %s", record.id, exc)
         outcome["ended"] = now_iso()
         record.release_reserve()
         current = record.read_status(check_lease=False) or {}

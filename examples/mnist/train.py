@@ -1,8 +1,10 @@
 """Train a Keras classifier on MNIST-format data (the classic Azure ML ``tf_mnist.py`` sample).
 
 Reads the four gzipped IDX files of MNIST from ``--data-folder`` (the real ones, or those written
-by ``make_data.py``), trains a two-hidden-layer network, logs accuracy per epoch to ``./logs`` and
-writes the model to ``./outputs``; tflaunch keeps both in the run record::
+by ``make_data.py``), trains a two-hidden-layer network, logs loss and accuracy per epoch to the run's
+history (``Run.get_context()``, ``tflaunch.keras.MetricsCallback``), to ``./logs/training.csv`` and as
+TensorBoard summaries under ``./logs/tensorboard``, and writes the model to ``./outputs``; tflaunch keeps
+all of it in the run record::
 
     python -m tflaunch run -e tf-mnist --source-dir examples/mnist train.py -- \\
         --data-folder "$PWD/data/mnist" --batch-size 50 --learning-rate 0.01
@@ -69,6 +71,13 @@ def main() -> int:
     import tensorflow as tf
     from tensorflow import keras
 
+    import tflaunch.keras
+    from tflaunch import Run
+
+    run = Run.get_context()  # under tflaunch: this run's history; under plain python: prints
+    run.set_tags({"dataset": os.path.basename(os.path.abspath(args.data_folder))})
+    run.add_properties({"learning_rate": args.learning_rate, "batch_size": args.batch_size})
+
     keras.utils.set_random_seed(args.seed)
     model = keras.Sequential([
         keras.Input(shape=(x_train.shape[1],)),
@@ -82,9 +91,13 @@ def main() -> int:
     os.makedirs("logs", exist_ok=True)
     model.fit(x_train, y_train, batch_size=args.batch_size, epochs=args.epochs,
               validation_data=(x_test, y_test), verbose=2,
-              callbacks=[keras.callbacks.CSVLogger("logs/training.csv")])
+              callbacks=[keras.callbacks.CSVLogger("logs/training.csv"),
+                         tflaunch.keras.MetricsCallback(run),                  # epoch metrics -> run history
+                         keras.callbacks.TensorBoard(log_dir="logs/tensorboard")])  # `tflaunch tensorboard RUN`
     loss, accuracy = model.evaluate(x_test, y_test, verbose=0)
     print(f"test_loss={loss:.4f} test_accuracy={accuracy:.4f}")
+    run.log("test_loss", loss)
+    run.log("test_accuracy", accuracy)
     model.save("outputs/model.keras")
     with open("outputs/metrics.json", "w") as fh:
         json.dump({"test_loss": float(loss), "test_accuracy": float(accuracy), "epochs": args.epochs,

@@ -1,7 +1,8 @@
 #!/bin/sh
 # Build a virtualenv with a working Horovod: TensorFlow 2.15.1 (the last Keras-2 release, the newest
 # Horovod 0.28.1 compiles against), Open MPI from its PyPI wheel (mpirun/mpicc land in VENV/bin),
-# mpi4py, and the pins TF 2.15 needs (numpy<2, protobuf<5, ml-dtypes~=0.3.1).
+# mpi4py, the pins TF 2.15 needs (numpy<2, protobuf<5, ml-dtypes~=0.3.1), and tf2onnx + onnxruntime for
+# tflaunch.onnx (with onnx<1.17: a plain install upgrades numpy and protobuf, which breaks TF 2.15).
 #
 # Usage:  sh tests/infra/horovod_env.sh VENV_DIR
 #
@@ -11,12 +12,14 @@
 #
 # Compiling Horovod takes about 5 minutes on 2 cores, so the wheel is built once per
 # (Horovod, TensorFlow, Python) version into the cache, outside the clone, and only installed after.
-# When VENV_DIR/.horovod-ready exists the script does nothing; delete that file (or the venv) to redo.
+# When VENV_DIR/.horovod-ready exists the script only adds the ONNX packages if VENV_DIR/.onnx-ready is
+# missing (a venv built before they were part of it); delete those files (or the venv) to redo.
 set -eu
 
 HOROVOD_VERSION=0.28.1
 TF_VERSION=2.15.1
 PINS='numpy<2 protobuf<5 ml-dtypes~=0.3.1'
+ONNX_PACKAGES='onnx<1.17 tf2onnx onnxruntime'
 
 if [ $# -ne 1 ] || [ -z "$1" ]; then
     echo "usage: sh $0 VENV_DIR" >&2
@@ -24,12 +27,30 @@ if [ $# -ne 1 ] || [ -z "$1" ]; then
 fi
 VENV=$1
 STAMP=$VENV/.horovod-ready
-if [ -f "$STAMP" ]; then
-    echo "horovod_env.sh: $VENV ready ($(cat "$STAMP")); remove $STAMP to rebuild"
-    exit 0
-fi
+ONNX_STAMP=$VENV/.onnx-ready
 
 log() { echo "horovod_env.sh: $*"; }
+
+# tf2onnx, onnxruntime and onnx with TF 2.15's pins (the same install command keeps them), then check that
+# nothing conflicts and that TensorFlow still imports next to them.
+install_onnx() {
+    py=$1/bin/python
+    log "installing $ONNX_PACKAGES with the pins"
+    # shellcheck disable=SC2086  # word lists without spaces or glob characters
+    "$py" -m pip install --disable-pip-version-check "tensorflow-cpu==$TF_VERSION" $PINS $ONNX_PACKAGES
+    "$py" -m pip check || { echo "horovod_env.sh: pip check failed after installing $ONNX_PACKAGES" >&2; exit 1; }
+    versions=$(TF_CPP_MIN_LOG_LEVEL=2 "$py" -c "import tensorflow as tf, tf2onnx, onnxruntime as ort, numpy as np
+print('tensorflow', tf.__version__, 'tf2onnx', tf2onnx.__version__, 'onnxruntime', ort.__version__, 'numpy', np.__version__)") ||
+        { echo "horovod_env.sh: TensorFlow, tf2onnx or onnxruntime does not import (see above)" >&2; exit 1; }
+    echo "$versions" > "$1/.onnx-ready"
+    log "onnx ready: $versions"
+}
+
+if [ -f "$STAMP" ]; then
+    [ -f "$ONNX_STAMP" ] || install_onnx "$VENV"
+    echo "horovod_env.sh: $VENV ready ($(cat "$STAMP"); $(cat "$ONNX_STAMP")); remove $STAMP to rebuild"
+    exit 0
+fi
 
 if [ ! -x "$VENV/bin/python" ]; then
     log "creating $VENV with ${PYTHON:-python3}"
@@ -94,5 +115,6 @@ if [ "$SIZE" != 1 ]; then
     echo "horovod_env.sh: check failed: hvd.size() printed '$SIZE', expected 1" >&2
     exit 1
 fi
+install_onnx "$VENV"
 echo "horovod $HOROVOD_VERSION, tensorflow $TF_VERSION, $PYTAG, wheel $WHEEL" > "$STAMP"
 log "ready: $VENV (hvd.size() = $SIZE); mpirun is $VENV/bin/mpirun"
