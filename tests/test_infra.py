@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -142,9 +143,14 @@ def test_slurm_cluster_stop_kills_daemons_and_jobs(slurm):
         assert result.returncode == 0, result.stderr
         job_id = result.stdout.strip()
         assert cluster.wait_job(job_id, states=("RUNNING",), timeout=30) == "RUNNING"
-        stepds = cluster.stepd_pids()
+        deadline = time.monotonic() + 15    # RUNNING comes before slurmstepd has started the batch script
+        while True:
+            stepds = cluster.stepd_pids()
+            tasks = [pid for stepd in stepds for pid in infra_hosts._descendants(stepd)]
+            if (stepds and tasks) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         assert stepds
-        tasks = [pid for stepd in stepds for pid in infra_hosts._descendants(stepd)]
         assert tasks                        # the batch script and its sleep
         daemons = [p.pid for p in cluster.procs.values()]
         cluster.stop()

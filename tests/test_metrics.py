@@ -212,3 +212,14 @@ def test_tensorboard_command_and_its_errors(project, cli, home, tmp_path):
                              capture_output=True, text=True)
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1, missing.stderr
     assert "tensorboard is not installed: pip install 'tflaunch[tf]'" in missing.stderr
+
+
+def test_latest_value_is_the_latest_in_time_across_ranks(tmp_path):
+    import time
+    first, second = MetricsWriter(str(tmp_path / "metrics"), 0), MetricsWriter(str(tmp_path / "metrics"), 1)
+    for i in range(100):
+        second.log("loss", 10 + i)
+    time.sleep(0.01)
+    first.log("loss", 1)  # rank 0 logs last, though its points are read first
+    s = summary(load(str(tmp_path))["loss"])
+    assert (s["last"], s["rank"], s["count"], s["min"], s["max"]) == (1, 0, 101, 1, 109)

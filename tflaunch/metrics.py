@@ -145,7 +145,7 @@ class Series:
     """One metric's points in columns (same length): ``value``, ``step``, ``time``, ``rank``, in the order
     of the writers' ranks, then as each wrote them."""
 
-    __slots__ = ("name", "value", "step", "time", "rank")
+    __slots__ = ("name", "value", "step", "time", "rank", "ends")
 
     def __init__(self, name: str, value: list | None = None, step: list | None = None, time: list | None = None,
                  rank: list | None = None) -> None:
@@ -154,6 +154,7 @@ class Series:
         self.step = step if step is not None else []
         self.time = time if time is not None else []
         self.rank = rank if rank is not None else []
+        self.ends = [len(self.value)] if self.value else []  # where each writer's points end (in time order)
 
     def __len__(self) -> int:
         return len(self.value)
@@ -295,6 +296,7 @@ def load(run_dir: str, *, cache: bool = True) -> dict[str, Series]:
                 series.step += cols[1]
                 series.time += cols[2]
                 series.rank += cols[3]
+                series.ends.append(len(series.value))
     return {name: merged[name] for name in sorted(merged)}
 
 
@@ -312,10 +314,10 @@ def summary(series: Series) -> dict[str, Any]:
     """count, last value (the latest by time), its step/time/rank, min and max of the finite numbers,
     how many values are not finite, which ranks logged it and its kind."""
     values, times = series.value, series.time
-    last_i = len(values) - 1
-    if last_i > 0 and any(times[i] is not None and times[last_i] is not None and times[i] > times[last_i]
-                          for i in range(max(0, last_i - 64), last_i)):
-        last_i = max(range(len(values)), key=lambda i: (times[i] or 0.0, i))  # ranks out of time order
+    ends = series.ends or ([len(values)] if values else [])
+    # each writer appends in time order: the latest point is the latest of the writers' last points
+    last_i = max((end - 1 for end in ends), key=lambda i: (times[i] if isinstance(times[i], (int, float)) else 0.0, i),
+                 default=-1)
     try:  # the common case, all finite numbers, at C speed: their sum is finite
         total = sum(values)
         fast = total - total == 0.0
@@ -385,17 +387,6 @@ def json_safe_column(values: list) -> list:
 
 def is_nonfinite_string(value: Any) -> bool:
     return isinstance(value, str) and value in _NONFINITE
-
-
-def as_float(value: Any) -> float | None:
-    """A plotted / compared number: finite or not, None for anything that is not a number."""
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    if is_nonfinite_string(value):
-        return float(value.replace("Infinity", "inf"))
-    return None
 
 
 def format_value(value: Any) -> str:
