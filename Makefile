@@ -24,7 +24,7 @@ demo: $(VENV)/.demo-installed
 	$(PY) examples/mnist/make_data.py --out data/mnist
 	$(PY) -m tflaunch run --experiment tf-mnist --source-dir examples/mnist train.py -- \
 	    --data-folder "$(CURDIR)/data/mnist" --epochs 10
-	$(PY) -m tflaunch runs list --experiment tf-mnist --limit 5
+	$(PY) -m tflaunch runs list --experiment tf-mnist --limit 5 --metric test_accuracy
 
 # tests/infra/setup.sh installs sshd/iproute2/openmpi-bin/g++ and Slurm + munge when run as root (real ssh
 # hosts, the system mpirun and a two-node Slurm for the tests), else warns; mpi-envs and horovod build

@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from . import __version__
+from . import __version__, textfmt
 from .errors import SpecError, TflaunchError
 
 TYPE_CHECKING = False
@@ -497,20 +497,6 @@ def _print_plan(plan: dict[str, Any]) -> None:
     sys.stdout.write("\n".join(lines) + "\n")
 
 
-def _fmt_time(value: str | None) -> str:
-    return value[:19].replace("T", " ") if value else "-"
-
-
-def _fmt_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 120:
-        return f"{seconds:.1f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f}m"
-    return f"{seconds / 3600:.1f}h"
-
-
 def cmd_list(args: argparse.Namespace) -> int:
     store = _store(args)
     limit = args.limit if args.limit and args.limit > 0 else None
@@ -519,18 +505,14 @@ def cmd_list(args: argparse.Namespace) -> int:
         return 0
     runs = store.list_runs(args.experiment, args.status, limit)
     rows = [("ID", "EXPERIMENT", "STATUS", "CREATED (UTC)", "DURATION", "EXIT", *[m.upper() for m in args.metric])]
-    if args.metric:
-        from .metrics import format_value
     for r in runs:
         code = r.get("exit_code")
         latest = r.get("metrics") or {}
-        rows.append((r["id"], r.get("experiment", ""), r.get("status", ""), _fmt_time(r.get("created")),
-                     _fmt_duration(r.get("duration_seconds")),
+        rows.append((r["id"], r.get("experiment", ""), r.get("status", ""), textfmt.timestamp(r.get("created")),
+                     textfmt.duration(r.get("duration_seconds")),
                      str(code) if code is not None else (r.get("signal") or "-"),
-                     *[format_value(latest.get(m)) for m in args.metric]))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        sys.stdout.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() + "\n")
+                     *[textfmt.value(latest.get(m)) for m in args.metric]))
+    sys.stdout.write(textfmt.table(rows))
     return 0
 
 
@@ -546,10 +528,10 @@ def cmd_show(args: argparse.Namespace) -> int:
         f"id:          {run['id']}",
         f"experiment:  {run.get('experiment')}",
         f"status:      {run.get('status')}" + (f" ({error.get('reason')})" if error else ""),
-        f"created:     {_fmt_time(run.get('created'))}",
-        f"started:     {_fmt_time(run.get('started'))}",
-        f"ended:       {_fmt_time(run.get('ended'))}",
-        f"duration:    {_fmt_duration(run.get('duration_seconds'))}",
+        f"created:     {textfmt.timestamp(run.get('created'))}",
+        f"started:     {textfmt.timestamp(run.get('started'))}",
+        f"ended:       {textfmt.timestamp(run.get('ended'))}",
+        f"duration:    {textfmt.duration(run.get('duration_seconds'))}",
         f"exit code:   {run.get('exit_code') if run.get('exit_code') is not None else (run.get('signal') or '-')}",
         f"command:     {shlex.join([run.get('entry_script') or '?', *run.get('arguments', [])])}",
         f"source:      {run.get('source_directory')}",
@@ -571,9 +553,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     elif git.get("status") == "unknown":
         lines.append(f"git:         unknown ({git.get('reason')})")
     if run.get("metrics"):
-        from .metrics import format_value
         shown = list(run["metrics"].items())
-        lines.append("metrics:     " + ", ".join(f"{k}={format_value(v)}" for k, v in shown[:8])
+        lines.append("metrics:     " + ", ".join(f"{k}={textfmt.value(v)}" for k, v in shown[:8])
                      + (f" (+{len(shown) - 8} more: `tflaunch runs metrics {run['id'][-8:]}`)" if len(shown) > 8 else ""))
     if run.get("cancel_reason"):
         lines.append(f"canceled:    {run['cancel_reason']}")

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 
+from . import textfmt
 from .errors import SpecError, TflaunchError
 
 TYPE_CHECKING = False
@@ -23,12 +24,6 @@ def _store(args: argparse.Namespace) -> Any:
 
 def _dump(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-
-
-def _table(rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        sys.stdout.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() + "\n")
 
 
 # -- runs metrics / diff / report ------------------------------------------------------------------------
@@ -82,14 +77,14 @@ def cmd_metrics(args: argparse.Namespace) -> int:
         sys.stdout.write(f"run {record.id} logged no metrics\n")
         return 0
     rows = [("NAME", "KIND", "COUNT", "LAST", "STEP", "MIN", "MAX", "RANKS")]
-    fmt = metrics.format_value
+    fmt = textfmt.value
     for s in summaries:
         ranks = s["ranks"]
         rank_text = "-" if not ranks else str(ranks[0]) if len(ranks) == 1 else f"{len(ranks)} ({ranks[0]}-{ranks[-1]})"
         count = str(s["count"]) + (f" ({s['nonfinite']} non-finite)" if s["nonfinite"] else "")
         rows.append((s["name"], s["kind"], count, fmt(s["last"]), fmt(s["step"]), fmt(s["min"]), fmt(s["max"]),
                      rank_text))
-    _table(rows)
+    sys.stdout.write(textfmt.table(rows))
     return 0
 
 
@@ -123,11 +118,12 @@ def _is_number(text: str) -> bool:
         return False
 
 
-def comparable(record: Any) -> dict[str, dict[str, Any]]:
-    """A run as sections of flat key -> value, for ``runs diff`` and the report's params table."""
+def comparable(record: Any, run: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """A run as sections of flat key -> value, for ``runs diff`` and the report's params table (``run``:
+    its :func:`~tflaunch.store.describe`, when the caller has it already)."""
     from .store import describe
 
-    run = describe(record)
+    run = run if run is not None else describe(record)
     definition = record.definition()
     spec = definition.get("spec", {})
     git = run.get("git") or {}
@@ -163,8 +159,6 @@ def _snapshot_id(record: Any) -> Any:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from .metrics import format_value
-
     store = _store(args)
     a, b = store.run(args.run_a), store.run(args.run_b)
     left, right = comparable(a), comparable(b)
@@ -188,8 +182,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
         sys.stdout.write(f"no differences ({len(same)} values compared)\n")
         return 0
     rows = [("SECTION", "KEY", "A", "B")]
-    rows += [(r["section"], r["key"], format_value(r["a"]), format_value(r["b"])) for r in shown]
-    _table(rows)
+    rows += [(r["section"], r["key"], textfmt.value(r["a"]), textfmt.value(r["b"])) for r in shown]
+    sys.stdout.write(textfmt.table(rows))
     if not args.all:
         sys.stdout.write(f"({len(same)} values the same; --all shows them)\n")
     return 0
@@ -210,7 +204,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     for record in records:
         run = describe(record)
         params = {f"{s}.{k}" if s != "params" else k: "" if v is None else str(v)
-                  for s, values in comparable(record).items() if s in ("params", "git") for k, v in values.items()}
+                  for s, values in comparable(record, run).items() if s in ("params", "git")
+                  for k, v in values.items()}
         params["command"] = " ".join([run.get("entry_script") or "?", *run.get("arguments", [])])
         charts = {}
         for name, series in metrics.load(record.dir).items():
@@ -350,11 +345,8 @@ def cmd_tensorboard(args: argparse.Namespace) -> int:
 
 # -- models -----------------------------------------------------------------------------------------------
 def _model_line(model: Any) -> tuple[str, ...]:
-    from .metrics import format_value
-
     tags = ",".join(f"{k}={v}" for k, v in sorted(model.tags.items()))
-    return (model.name, str(model.version), (model.created_time or "")[:19].replace("T", " "),
-            format_value(model.size), model.run_id or "-", tags or "-")
+    return (model.name, str(model.version), textfmt.timestamp(model.created_time), str(model.size), model.run_id or "-", tags or "-")
 
 
 def cmd_models_register(args: argparse.Namespace) -> int:
@@ -381,7 +373,8 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     if args.json:
         _dump([m.to_dict() for m in models])
         return 0
-    _table([("NAME", "VERSION", "CREATED (UTC)", "BYTES", "RUN", "TAGS"), *[_model_line(m) for m in models]])
+    sys.stdout.write(textfmt.table([("NAME", "VERSION", "CREATED (UTC)", "BYTES", "RUN", "TAGS"),
+                                    *[_model_line(m) for m in models]]))
     return 0
 
 
@@ -399,7 +392,7 @@ def cmd_models_show(args: argparse.Namespace) -> int:
         _dump(data)
         return 0
     lines = [f"model:       {model.name}:{model.version}",
-             f"created:     {(model.created_time or '')[:19].replace('T', ' ')}",
+             f"created:     {textfmt.timestamp(model.created_time)}",
              f"description: {model.description or '-'}",
              f"source run:  {model.run_id or '-'}" + (f" ({model.experiment})" if model.experiment else ""),
              f"tags:        {json.dumps(model.tags, ensure_ascii=False)}",

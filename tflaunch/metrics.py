@@ -22,7 +22,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import math
 import marshal
 import os
 import threading
@@ -44,7 +43,6 @@ METRICS_DIR = "metrics"
 FALLBACK_DIR = os.path.join("logs", ".tflaunch-metrics")
 _CACHE = ".cache-1.marshal"
 _CACHE_FORMAT = 1
-_NONFINITE = {"NaN", "Infinity", "-Infinity"}
 
 
 # -- writing (in the script) ------------------------------------------------------------------------------
@@ -383,23 +381,3 @@ def json_safe_column(values: list) -> list:
     if all(_finite(v) for v in values):
         return values
     return [json_safe(v) for v in values]
-
-
-def is_nonfinite_string(value: Any) -> bool:
-    return isinstance(value, str) and value in _NONFINITE
-
-
-def format_value(value: Any) -> str:
-    """A value for a table cell: floats to 6 significant digits."""
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        return f"{value:.6g}"
-    if value is None:
-        return "-"
-    if is_nonfinite_string(value):
-        return {"NaN": "nan", "Infinity": "inf", "-Infinity": "-inf"}[value]
-    if isinstance(value, (list, dict)):
-        text = json.dumps(json_safe(value), ensure_ascii=False)
-        return text if len(text) <= 40 else text[:37] + "..."
-    return str(value)

@@ -22,6 +22,7 @@ import sys
 from html import escape as _html_escape
 from itertools import compress, islice
 
+from . import textfmt
 from ._version import __version__
 from .errors import SpecError
 
@@ -141,20 +142,6 @@ def _swatch(style: tuple[str, ...]) -> str:
             f"<line x1=\"1\" y1=\"5\" x2=\"21\" y2=\"5\" stroke=\"{colour}\" stroke-width=\"4\"{dash_attr}/></svg>")
 
 
-def _fmt_duration(seconds: Any) -> str:
-    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not math.isfinite(seconds):
-        return "-"
-    if seconds < 120:
-        return f"{seconds:.1f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f}m"
-    return f"{seconds / 3600:.1f}h"
-
-
-def _fmt_time(value: Any) -> str:
-    return str(value)[:19].replace("T", " ") if value else "-"
-
-
 def _fmt_value(value: float) -> str:
     """A statistic for the table: integers as they are, floats with 6 significant digits."""
     if isinstance(value, int):
@@ -174,8 +161,8 @@ def _runs_table(runs: list[dict], styles: list[tuple[str, str, str]]) -> str:
         rows.append(
             f"<tr><td>{_swatch(style)}</td><td class=\"mono\">{_id_with_label(run, style[2])}</td>"
             f"<td>{_esc(run.get('experiment') or '-')}</td><td>{badge}</td>"
-            f"<td>{_esc(_fmt_time(run.get('created')))}</td>"
-            f"<td class=\"num\">{_fmt_duration(run.get('duration_seconds'))}</td></tr>\n")
+            f"<td>{_esc(textfmt.timestamp(run.get('created')))}</td>"
+            f"<td class=\"num\">{textfmt.duration(run.get('duration_seconds'))}</td></tr>\n")
     return ("<div class=\"scroll\"><table class=\"runs\"><thead><tr><th></th><th>run</th><th>experiment</th>"
             "<th>status</th><th>created</th><th>duration</th></tr></thead><tbody>\n"
             + "".join(rows) + "</tbody></table></div>\n")
