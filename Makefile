@@ -68,11 +68,16 @@ bench: $(VENV)/.test-installed bench/.venv-mlflow/bin/python mpi-envs horovod
 	$(PY) bench/fail_fast.py
 	$(PY) bench/log_pump.py --ssh
 	$(PY) bench/plan_tf_config.py
+	$(PY) bench/dry_run_hosts.py
+	$(PY) bench/scale_checks.py
 	$(PY) bench/ps_example.py
 	$(PY) bench/mpi_launch.py
 	$(PY) bench/horovod_example.py
 	$(PY) bench/slurm_submit.py
 	$(PY) bench/metrics_cli.py
+	$(PY) bench/env_build.py
+	$(PY) bench/env_run.py
+	$(PY) bench/doctor.py
 
 clean:
 	rm -rf build dist .pytest_cache

@@ -117,6 +117,16 @@ def wait_status(cli, run_id: str, statuses: set[str], timeout: float = 60) -> di
         time.sleep(0.1)
 
 
+def process_exits(run: dict | Path) -> dict[int, int]:
+    """{rank: returncode} of a run's processes (``run``: a ``runs show --json`` object or the record's
+    directory), in the order the launcher saw them end (its events.jsonl). A negative returncode is the
+    signal that ended it: -15 (SIGTERM) or -9 (SIGKILL, after the grace) for a process tflaunch stopped;
+    rank -1 is an MPI job's mpirun."""
+    record = Path(run["run_dir"]) if isinstance(run, dict) else Path(run)
+    events = [json.loads(line) for line in (record / "events.jsonl").read_text().splitlines()]
+    return {e["index"]: e["returncode"] for e in events if e.get("event") == "process_exited"}
+
+
 def pids_with_token(token: str) -> list[int]:
     """Processes whose environment carries TFLAUNCH_RUN_ID=token (how tflaunch finds a run's processes)."""
     sys.path.insert(0, str(REPO))

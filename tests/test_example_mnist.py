@@ -133,3 +133,34 @@ def check_tensorboard(home, run_id: str, name: str) -> None:
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_reference_tutorial_flow_with_the_data_downloaded(tmp_path, home):
+    """examples/mnist/submit.py: Workspace.from_config (a config.json in the working directory naming the
+    home), Dataset.File.from_files(...).as_named_input('mnist').as_download() as --data-folder, the
+    TensorFlow estimator, get_portal_url and register_model, for real."""
+    pytest.importorskip("tensorflow")
+    pytest.importorskip("sklearn")
+    data = tmp_path / "data"
+    subprocess.run([sys.executable, str(EXAMPLE / "make_data.py"), "--out", str(data)], check=True,
+                   capture_output=True)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "config.json").write_text(json.dumps({"home": str(home)}))
+    env = cli_env(tmp_path / "not-this-home")  # config.json decides
+    result = subprocess.run([sys.executable, str(EXAMPLE / "submit.py"), "--data", str(data), "--epochs", "2"],
+                            cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "registered tf-dnn-mnist version 1" in result.stdout and "report: file://" in result.stdout
+    run_dir = next((home / "runs").iterdir())
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "Completed"
+    (row,) = status["inputs"]
+    assert (row["name"], row["mode"], row["files"]) == ("mnist", "download", 4) and len(row["sha256"]) == 64
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    copy = next(e for e in events if e["event"] == "data_downloaded")["hosts"]["localhost"]
+    stdout = (run_dir / "tflaunch_logs" / "rank-0.stdout").read_text()
+    assert copy != str(data) and not os.path.exists(copy)  # read from the copy, removed afterwards
+    assert json.loads((run_dir / "outputs" / "metrics.json").read_text())["test_accuracy"] > 0.5, stdout[-2000:]
+    assert (run_dir / "report.html").exists()

@@ -21,6 +21,7 @@ sys.path.insert(0, sys.argv[1])
 from tflaunch.store import Store, RUNNING, COMPLETED, now_iso
 store = Store(sys.argv[2])
 big = {"payload": "x" * 200_000}
+print("writing", flush=True)  # killed at a random moment from here on, however long start-up took
 while True:
     rec = store.create_run("crash", {"spec": {"entry_script": "t.py"}, **big})
     for i in range(5):
@@ -50,7 +51,8 @@ def test_sigkill_during_writes_leaves_no_partial_json(tmp_path):
     home = tmp_path / "home"
     rng = random.Random(7)
     for _ in range(25):
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(REPO), str(home)])
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(REPO), str(home)], stdout=subprocess.PIPE)
+        assert proc.stdout.readline() == b"writing\n"
         time.sleep(rng.uniform(0.02, 0.25))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -64,9 +66,15 @@ def test_sigkill_of_real_launches_leaves_no_partial_json(tmp_path, project):
     home = tmp_path / "home2"
     env = {**os.environ, "TFLAUNCH_HOME": str(home), "PYTHONPATH": str(REPO)}
     rng = random.Random(11)
-    for _ in range(20):
+    for i in range(20):
+        before = len(list((home / "runs").glob("2*"))) if (home / "runs").is_dir() else 0
         proc = subprocess.Popen([sys.executable, "-m", "tflaunch", "run", "--source-dir", str(src), "train.py"],
                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if i % 2:  # every other one once its record exists (however slow start-up is), so that some write
+            deadline = time.monotonic() + 30
+            while proc.poll() is None and time.monotonic() < deadline and (
+                    not (home / "runs").is_dir() or len(list((home / "runs").glob("2*"))) == before):
+                time.sleep(0.01)
         time.sleep(rng.uniform(0.0, 0.4))
         proc.send_signal(signal.SIGKILL)
         proc.wait()

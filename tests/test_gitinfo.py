@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
+from conftest import pids_with_token, wait_no_processes
 from tflaunch import gitinfo
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
@@ -216,15 +217,21 @@ def test_git_failing_or_hanging(tmp_path: Path) -> None:
     failing = tmp_path / "failing-git"
     failing.write_text("#!/bin/sh\necho 'hint: noise' >&2\necho 'fatal: index file corrupt' >&2\nexit 128\n")
     hanging = tmp_path / "hanging-git"
-    hanging.write_text("#!/bin/sh\nsleep 30\n")
+    token = f"hanging-git-{os.urandom(4).hex()}"  # carried by the shell's children (how they are found)
+    hanging.write_text(f"#!/bin/sh\nexport TFLAUNCH_RUN_ID={token}\nsleep 600 </dev/null >/dev/null 2>&1 &\nsleep 30\n")
     for script in (failing, hanging):
         script.chmod(0o755)
     assert gitinfo.collect(str(repo), git=str(failing)) == (
         {"status": "unknown", "reason": "git rev-parse failed: fatal: index file corrupt"}, None)
-    started = time.monotonic()
-    assert gitinfo.collect(str(repo), git=str(hanging), timeout=0.3) == (
-        {"status": "unknown", "reason": "git rev-parse timed out"}, None)
-    assert time.monotonic() - started < 3  # the shell's sleep child was killed with it
+    try:
+        assert gitinfo.collect(str(repo), git=str(hanging), timeout=0.3) == (
+            {"status": "unknown", "reason": "git rev-parse timed out"}, None)
+        # the shell's children were killed with it: the sleep holding git's stdout (else collect would only
+        # return when it ends) and the one in the background (else alive for 600 s)
+        wait_no_processes(token, 20)
+    finally:
+        for pid in pids_with_token(token):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_read_only_and_other_owner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

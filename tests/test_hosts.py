@@ -1,8 +1,6 @@
 """Hosts: --hosts, hostfiles, Slurm nodelists and counts, PBS node files, locality, selection."""
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from tflaunch import hosts as H
@@ -163,10 +161,8 @@ def test_expand_nodelist_errors(text, message):
     assert got.startswith(f"SLURM_JOB_NODELIST {text!r}: ") and message in got
 
 
-def test_expand_a_thousand_nodes_fast():
-    start = time.perf_counter()
+def test_expand_a_thousand_nodes():  # its speed: bench/scale_checks.py
     names = expand_nodelist("n[0001-1000]")
-    assert time.perf_counter() - start < 0.5
     assert len(names) == len(set(names)) == 1000
     assert names[0] == "n0001" and names[-1] == "n1000" and all(len(n) == 5 for n in names)
 

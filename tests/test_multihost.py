@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli_env, last_run, last_run_when, pids_with_token, run_cli, show, wait_no_processes
+from conftest import cli_env, last_run, last_run_when, pids_with_token, process_exits, run_cli, show, wait_no_processes
 
 RANKED = """\
 import os, sys, time
@@ -32,7 +33,10 @@ if mode == "fail" and rank == 2:
 if mode == "stubborn":
     import signal
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if rank == 1:
+    open(os.path.join(marks, f"ignoring-{rank}"), "w").close()
+    if rank == 1:  # fails once every rank ignores SIGTERM, however slowly they started
+        while len([n for n in os.listdir(marks) if n.startswith("ignoring-")]) < int(os.environ["TFLAUNCH_WORLD_SIZE"]):
+            time.sleep(0.05)
         time.sleep(1)
         sys.exit(5)
 if mode == "ok":
@@ -76,10 +80,13 @@ def test_eight_local_processes_prefix_and_log_files(ranked, cli, home):
 
 def test_fail_fast_names_the_failing_rank(ranked, cli, home):
     src, marks, env = ranked
-    result, took = run_cli(env, "--source-dir", str(src), "--procs-per-node", "4", "ranked.py", "fail")
+    result, _ = run_cli(env, "--source-dir", str(src), "--procs-per-node", "4", "ranked.py", "fail")
     assert result.returncode == 3, result.stderr
-    assert took < 1 + 2 + 1.5, took  # 1 s of work, 2 s to notice and stop (+ interpreter start-up here)
     run = show(cli, last_run(home))
+    # fail fast: rank 2 ended first, then tflaunch stopped the others (SIGTERM) in their 120 s sleep
+    # (run_cli's 60 s timeout catches a launcher that waits for them)
+    exits = process_exits(run)
+    assert next(iter(exits)) == 2 and exits == {2: 3, 0: -15, 1: -15, 3: -15}, exits
     error = run["error"]
     assert run["status"] == "Failed" and run["exit_code"] == 3
     assert (error["reason"], error["rank"], error["host"]) == ("exit_code", 2, "localhost")
@@ -90,26 +97,25 @@ def test_fail_fast_names_the_failing_rank(ranked, cli, home):
 
 def test_a_rank_that_ignores_sigterm_is_killed_after_the_grace(ranked, cli, home):
     src, marks, env = ranked
-    result, took = run_cli(env, "--source-dir", str(src), "--procs-per-node", "3", "--grace", "1",
+    result, _ = run_cli(env, "--source-dir", str(src), "--procs-per-node", "3", "--grace", "1",
                         "ranked.py", "stubborn")
     assert result.returncode == 5
-    assert took < 1 + 1 + 3, took
     run = show(cli, last_run(home))
     assert run["error"]["rank"] == 1  # the ranks killed by the teardown are not the cause
+    exits = process_exits(run)  # SIGTERM ignored: SIGKILLed after the grace, not at their 120 s sleep's end
+    assert next(iter(exits)) == 1 and exits == {1: 5, 0: -9, 2: -9}, exits
     wait_no_processes(run["id"], timeout=1)
 
 
-def test_dry_run_plans_a_thousand_hosts_quickly(project, cli, tmp_path):
+def test_dry_run_plans_a_thousand_hosts(project, cli, tmp_path):  # its speed: bench/dry_run_hosts.py
     src = project(**{"train.py": ""})
     hostfile = tmp_path / "hosts.txt"
     hostfile.write_text("".join(f"node{i:04d} slots=8\n" for i in range(1000)))
-    start = time.monotonic()
     result = cli("run", "--source-dir", str(src), "--hostfile", str(hostfile), "--dry-run", "--json", "train.py",
                  check=True)
-    took = time.monotonic() - start
     plan = json.loads(result.stdout)
     procs = plan["processes"]
-    assert len(procs) == 8000 and took < 5  # the planner alone: see test_plan
+    assert len(procs) == 8000
     p = procs[8 * 517 + 3]
     assert (p["host"], p["rank"], p["local_rank"], p["role"], p["index"]) == ("node0517", 4139, 3, "worker", 4139)
     assert p["env"]["TFLAUNCH_WORLD_SIZE"] == "8000" and p["env"]["TFLAUNCH_COORDINATOR"] == "node0000:PORT"
@@ -127,11 +133,12 @@ def test_slot_check(project, cli, tmp_path):
 # -- over ssh ------------------------------------------------------------------------------------------
 def test_ssh_fail_fast_across_hosts(netns_hosts, ranked, cli, home):
     src, marks, env = ranked
-    result, took = run_cli(env, "--source-dir", str(src), *_ssh(netns_hosts), "--hosts", "h1:2,h2:2",
+    result, _ = run_cli(env, "--source-dir", str(src), *_ssh(netns_hosts), "--hosts", "h1:2,h2:2",
                         "ranked.py", "fail")
     assert result.returncode == 3, result.stderr
-    assert took < 1 + 3 + 2, took
     run = show(cli, last_run(home))
+    exits = process_exits(run)  # rank 2 first, then the others, stopped in their 120 s sleep
+    assert next(iter(exits)) == 2 and exits == {2: 3, 0: -15, 1: -15, 3: -15}, exits
     assert (run["error"]["rank"], run["error"]["host"]) == (2, "h2")
     assert "rank 2 gives up" in run["error"]["stderr_tail"]
     wait_no_processes(run["id"], timeout=2)
@@ -187,15 +194,17 @@ def test_ssh_two_runs_cancel_one(netns_hosts, ranked, cli, home, tmp_path):
 def test_ssh_unreachable_host(netns_hosts, project, cli, home):
     src = project(**{"train.py": "print('never')\n"})
     unreachable = netns_hosts.addresses["h1"].rsplit(".", 1)[0] + ".99"
-    start = time.monotonic()
     result = cli("run", "--source-dir", str(src), *_ssh(netns_hosts), "--connect-timeout", "2",
                  "--hosts", f"h1,{unreachable}", "train.py")
-    took = time.monotonic() - start
-    assert result.returncode == 1 and took < 2 + 3, (took, result.stderr)
+    assert result.returncode == 1, result.stderr
     assert unreachable in result.stderr.splitlines()[-1]
     run = show(cli, last_run(home))
     assert run["status"] == "Failed" and run["error"]["reason"] == "launch_failed"
-    assert unreachable in run["error"]["message"]
+    # ssh's own failure (its ConnectTimeout, or ARP's "no route" once the address is known dead), reported
+    # as soon as ssh ended, not tflaunch's hello deadline ("did not answer within 22 s")
+    host = re.escape(unreachable)
+    assert re.fullmatch(rf"cannot start the tflaunch agent on host {host}: ssh: connect to host {host} port 22: "
+                        r"(Connection timed out|No route to host)", run["error"]["message"]), run["error"]
     stray = subprocess.run(["pgrep", "-f", f"ssh .*{unreachable}"], capture_output=True, text=True).stdout
     assert not stray.strip()
     wait_no_processes(run["id"], timeout=2)

@@ -4,16 +4,16 @@ Python without the libraries, a crashing or hanging worker and a failed check le
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
-import time
 import zipfile
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, pids_with_token, wait_no_processes
 from tflaunch import onnx
 from tflaunch.errors import SpecError, TflaunchError
 
@@ -201,11 +201,17 @@ def test_worker_crash_and_timeout(tmp_path, private_tmp):
     with pytest.raises(onnx.ExportError, match=r"exited with status 3 without a result: noise \| Fatal Python "
                                                r"error: boom$"):
         onnx.export(str(model), str(tmp_path / "m.onnx"), python=crash)
-    hang = _fake_python(tmp_path, "sleep 60 & sleep 60")  # a child in its group is stopped too
-    start = time.monotonic()
-    with pytest.raises(onnx.ExportError, match=r"took longer than 0.5 s and was stopped"):
-        onnx.export(str(model), str(tmp_path / "m.onnx"), python=hang, timeout=0.5)
-    assert time.monotonic() - start < 10
+    token = f"hanging-worker-{os.urandom(4).hex()}"  # carried by its children (how they are found)
+    hang = _fake_python(tmp_path, f"export TFLAUNCH_RUN_ID={token}; sleep 600 </dev/null >/dev/null 2>&1 & sleep 60")
+    try:
+        with pytest.raises(onnx.ExportError, match=r"took longer than 0.5 s and was stopped"):
+            onnx.export(str(model), str(tmp_path / "m.onnx"), python=hang, timeout=0.5)
+        # the children in its group are stopped too: the sleep holding its pipes (else export would only
+        # return when it ends) and the one in the background (else alive for 600 s)
+        wait_no_processes(token, 20)
+    finally:
+        for pid in pids_with_token(token):
+            os.kill(pid, signal.SIGKILL)
     with pytest.raises(onnx.ExportError, match=r"cannot run the interpreter .*nonexistent"):
         onnx.export(str(model), str(tmp_path / "m.onnx"), python=str(tmp_path / "nonexistent"))
     assert sorted(os.listdir(tmp_path)) == ["fakepython", "saved", "scratch"] and os.listdir(private_tmp) == []

@@ -286,13 +286,10 @@ def test_sigkill_while_registering_leaves_nothing_half_done(home, tmp_path):
 
 
 @pytest.mark.slow
-def test_list_over_a_thousand_versions_is_fast(home, tmp_path):
+def test_list_over_a_thousand_versions(home, tmp_path):  # its speed: bench/scale_checks.py
     src = tmp_path / "model.keras"
     src.write_bytes(b"m")
     for i in range(1000):
         register(home, f"m{i % 4}", src, tags={"i": str(i)})
-    start = time.monotonic()
     models = Model.list(home)
-    elapsed = time.monotonic() - start
     assert len(models) == 1000 and [m.version for m in models[:3]] == [1, 2, 3] and models[-1].id == "m3:250"
-    assert elapsed < 1.0, f"Model.list took {elapsed:.2f} s"

@@ -9,7 +9,6 @@ import re
 import shutil
 import struct
 import subprocess
-import time
 import zlib
 from collections import Counter
 from html.parser import HTMLParser
@@ -214,16 +213,13 @@ def test_unsorted_steps_are_sorted_and_last_is_the_last_step():
     assert re.findall(r'<td class="num">([^<]*)</td>', html)[1:] == ["30", "0.5", "30", "3", "4"]
 
 
-def test_a_million_point_series_is_downsampled_fast_keeping_its_spikes():
+def test_a_million_point_series_is_downsampled_keeping_its_spikes():  # its speed: bench/scale_checks.py
     n = 1_000_000
     rng = random.Random(3)
     values = [math.sin(i / 20000) + rng.random() * 0.1 for i in range(n)]
     values[123_457], values[777_777] = 1000.0, -500.0
     run = {"id": "big", "metrics": {"m": {"steps": list(range(n)), "values": values}}}
-    start = time.perf_counter()
     html = report.render([run], max_points=1000)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 5, elapsed  # about 0.15 s on a developer machine
     assert len(html) < 60_000
     page = Page(html)
     (line, _), = page.find("polyline")

@@ -198,8 +198,11 @@ def test_step_launch_uneven_ps_job_uses_a_hostfile():
     counts = {}
     for p in processes:
         counts[p.host] = counts.get(p.host, 0) + 1
-    assert counts == {"gpu01": 3, "gpu02": 1}
+    assert counts == {"gpu01": 2, "gpu02": 2}  # chief, worker 1 | worker 0, ps 0 (a ps takes no slot)
+    assert [p.host for p in processes] == ["gpu01", "gpu02", "gpu01", "gpu02"]  # rank order comes back to a node
     assert "--distribution=arbitrary" in launch.argv
+    assert "--nodes=2" in launch.argv and "--ntasks=4" in launch.argv
+    assert "--nodelist=gpu01,gpu02,gpu01,gpu02" in launch.argv  # arbitrary: a node per task, in rank order
     assert launch.env["SLURM_HOSTFILE"] == "/r/launch/hostfile"
     assert launch.files["hostfile"][0] == "".join(f"{p.host}\n" for p in processes)
 

@@ -278,3 +278,43 @@ def test_time_limit_fails_the_run_after_the_checkpoint_signal(cluster, slurm):
     run = show(_runner(env, project), run_id)
     assert run["status"] == "Failed" and run["error"]["reason"] == "time_limit", run["error"]
     assert "time limit" in run["error"]["message"] and "TimeLimit=00:01:00" in run["error"]["message"]
+
+
+PREPARED = """\
+import json, os, socket, sys
+import tfl_beta
+print(json.dumps({"rank": int(os.environ["TFLAUNCH_RANK"]), "host": socket.gethostname(), "python": sys.executable,
+                  "stage": os.environ.get("STAGE"), "argv": sys.argv[1:],
+                  "data": sorted(os.listdir(sys.argv[1])), "beta": tfl_beta.__version__}), flush=True)
+"""
+
+
+def test_submitted_with_an_environment_setup_lines_and_a_mounted_input(cluster, slurm, tmp_path):
+    """run --slurm --pip ... --setup ... --data NAME=PATH: the environment is built on the login node before
+    sbatch (the nodes need no index), each task runs the --setup lines itself (an srun step has no agents),
+    and {data:NAME} is the input's path on every node."""
+    from tests.infra.wheels import make_wheel
+
+    project, env = cluster
+    (project / "prepared.py").write_text(PREPARED)
+    house = tmp_path / "wheels"
+    make_wheel(house, "tfl-alpha", "1.0")
+    make_wheel(house, "tfl-beta", "2.0", requires=["tfl-alpha"])
+    data = tmp_path / "shared-data"
+    data.mkdir()
+    (data / "part-0").write_text("x")
+    result = _tfl(env, "run", "--slurm", "--nodes", "2", "--procs-per-node", "1", "--time", "5", "--pip", "tfl-beta",
+                  "--no-index", "--find-links", str(house), "--setup", 'export STAGE="$(hostname)-set"',
+                  "--data", f"shards={data}", "prepared.py", "--", "{data:shards}", cwd=project, timeout=300)
+    assert result.returncode == 0, result.stderr
+    run_id = json.loads(_tfl(env, "runs", "list", "--json", cwd=project).stdout)[0]["id"]
+    run = show(_runner(env, project), run_id)
+    ranks = _ranks(Path(run["run_dir"]))
+    assert [r["host"] for r in ranks] == ["h1", "h2"]
+    for r in ranks:
+        assert r["python"] == run["environment"]["python"] and r["beta"] == "2.0"
+        assert r["stage"] == f"{r['host']}-set" and r["argv"] == [str(data)] and r["data"] == ["part-0"]
+    events = [e["event"] for e in map(json.loads, (Path(run["run_dir"]) / "events.jsonl").read_text().splitlines())]
+    assert events.index("environment") < events.index("slurm_submitted")
+    bad = _tfl(env, "run", "--slurm", "--data", f"shards={data}:download", "prepared.py", cwd=project)
+    assert bad.returncode == 2 and "as_download() (--data NAME=PATH:download) with Slurm's srun launcher" in bad.stderr

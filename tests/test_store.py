@@ -13,7 +13,7 @@ import pytest
 
 from tflaunch import PathSafetyError, RunNotFoundError, SpecError, StoreError
 from tflaunch.store import (COMPLETED, FAILED, PREPARING, RUN_ID_RE, Store, exit_code_for, now_iso,
-                            with_duration)
+                            parse_iso, with_duration)
 
 
 def _definition():
@@ -120,6 +120,33 @@ def test_dead_launcher_on_this_machine_means_failed(tmp_path):
     assert [e["status"] for e in rec.events() if e["event"] == "status"] == [PREPARING, FAILED]
 
 
+def test_launcher_lost_after_its_last_heartbeat_never_ends_before_it_started(tmp_path):
+    # A launcher writes its lease (heartbeat) at creation and goes Running later, between two heartbeats;
+    # it dies before the next one: its last heartbeat predates started.
+    store = Store(tmp_path / "home")
+    proc = subprocess.Popen([sys.executable, "-c",
+                             "import sys, time; sys.path.insert(0, sys.argv[1]);"
+                             "from tflaunch.store import Store, now_iso;"
+                             "r = Store(sys.argv[2]).create_run('e', {'spec': {}});"
+                             "time.sleep(0.5); r.write_status('Running', started=now_iso());"
+                             "print(r.id, flush=True); time.sleep(60)",
+                             os.path.dirname(os.path.dirname(os.path.abspath(__file__))), store.home],
+                            stdout=subprocess.PIPE, text=True)
+    run_id = proc.stdout.readline().strip()
+    rec = store.run(run_id)
+    proc.kill()
+    proc.wait()
+    before = rec.read_status(check_lease=False)
+    assert before["status"] == "Running" and rec.lease()["heartbeat"] < parse_iso(before["started"])
+    status = rec.read_status()
+    assert status["status"] == FAILED and status["error"]["reason"] == "launcher_lost"
+    ended = parse_iso(status["ended"])
+    assert ended >= parse_iso(status["started"]) and ended >= parse_iso(status["created"]), status
+    assert json.loads(open(rec.path("status.json")).read())["ended"] == status["ended"]  # as recorded
+    assert with_duration(status)["duration_seconds"] >= 0
+    assert store.list_runs()[0]["duration_seconds"] >= 0
+
+
 def test_lease_of_another_host_expires_by_heartbeat(tmp_path):
     store = Store(tmp_path / "home")
     rec = store.create_run("e", _definition())
@@ -167,3 +194,5 @@ def test_exit_codes(run, code):
 def test_duration():
     run = {"status": "Completed", "started": "2026-11-23T10:00:00.000Z", "ended": "2026-11-23T10:00:02.500Z"}
     assert with_duration(run)["duration_seconds"] == 2.5
+    backwards = dict(run, ended="2026-11-23T09:59:59.900Z")  # a record written before ended was kept >= started
+    assert with_duration(backwards)["duration_seconds"] == 0

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli_env, pids_with_token, show, wait_for_file, wait_no_processes, wait_status
+from conftest import cli_env, pids_with_token, process_exits, show, wait_for_file, wait_no_processes, wait_status
 
 SLEEPER = """
 import os, signal, sys, time
@@ -73,10 +73,11 @@ def test_second_ctrl_c_kills_at_once(sleeper, cli):
     os.killpg(proc.pid, signal.SIGINT)
     time.sleep(0.5)
     assert proc.poll() is None                   # still in its 60 s grace
-    started = time.monotonic()
     os.killpg(proc.pid, signal.SIGINT)
-    assert proc.wait(10) == 130 and time.monotonic() - started < 3
-    assert show(cli, run_id)["status"] == "Canceled"
+    assert proc.wait(30) == 130                  # well within the 60 s grace (and the 60 s sleep)
+    run = show(cli, run_id)
+    assert run["status"] == "Canceled"
+    assert process_exits(run) == {0: -9}         # SIGKILLed, not ended by its own sleep
     wait_no_processes(run_id, 1)
 
 
@@ -91,11 +92,11 @@ def test_sigterm_to_launcher_cancels(sleeper, cli):
 
 def test_timeout_kills_a_process_that_ignores_sigterm(sleeper, cli):
     src, marks, env = sleeper
-    started = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "tflaunch", "run", "--source-dir", str(src), "--timeout", "1",
                              "--grace", "1", "sleep.py", "60", "--ignore-term"], env=env, capture_output=True,
-                            text=True, timeout=30)
-    assert result.returncode == 124 and time.monotonic() - started < 10
+                            text=True, timeout=30)  # catches a launcher that waits for the 60 s sleep
+    assert result.returncode == 124
+    assert "sleeping" in result.stdout and "woke up" not in result.stdout  # stopped in its sleep
     run = json.loads(cli("runs", "list", "--json").stdout)[0]
     assert run["status"] == "Failed" and run["error"]["reason"] == "timeout" and run["signal"] == "SIGKILL"
     wait_no_processes(run["id"], 1)
@@ -128,11 +129,10 @@ def test_sigkill_of_the_launcher(sleeper, cli, detached):
     os.kill(pid, signal.SIGKILL)
     if not detached:
         launcher.wait(5)
-    took = wait_no_processes(run_id, 5)
+    wait_no_processes(run_id, 30)  # stopped by the agent, well before their 60 s sleep ends
     run = show(cli, run_id)
     assert run["status"] == "Failed" and run["error"]["reason"] == "launcher_lost", run
-    assert took < 5
-    assert (run_dir / "outputs" / "checkpoint.txt").read_text() == "saved"   # collected after the loss
+    assert (run_dir / "outputs" / "checkpoint.txt").read_text() == "saved"   # SIGTERM; collected after the loss
 
 
 def test_leftover_and_escaped_descendants_are_killed(project, cli, home):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 
 import pytest
 
@@ -95,14 +94,23 @@ def test_ps_placement_spreads_chief_and_ps_over_nodes():
 def test_ps_placement_respects_uneven_slots_and_is_deterministic():
     spec = _spec(["big:6", "small:1", "mid:2"], nodes=3, dist=TensorflowConfiguration(5, 3, chief=True))
     tasks = place(spec)
-    counts = [sum(t.node == n for t in tasks) for n in range(3)]
-    assert counts == [6, 1, 2]
+    counts = [sum(t.node == n and t.role != "ps" for t in tasks) for n in range(3)]
+    assert counts == [3, 1, 2]  # chief, workers: one slot each, round-robin, full hosts skipped
+    assert [t.node for t in tasks if t.role == "ps"] == [2, 1, 0]  # ps take no slot, from the last node back
     assert place(spec) == tasks
+
+
+def test_reference_ps_example_fits_two_single_slot_hosts():
+    """node_count=2, worker_count=2, parameter_server_count=1 on two hosts of one slot each (the
+    reference's example): a ps shares a node with a worker instead of needing a slot of its own."""
+    spec = _spec(["h1", "h2"], nodes=2, dist=TensorflowConfiguration(worker_count=2, parameter_server_count=1))
+    where = [(t.role, t.index, t.node, t.local_rank) for t in place(spec)]
+    assert where == [("worker", 0, 0, 0), ("worker", 1, 1, 0), ("ps", 0, 1, 1)]
 
 
 @pytest.mark.parametrize("hosts,nodes,dist,fragment", [
     (["a:1", "b:1"], 2, TensorflowConfiguration(3, 1, chief=True),
-     "1 chief, 3 workers, 1 ps need 5 slots but 2 hosts (a:1, b:1) have 2"),
+     "1 chief, 3 workers, 1 ps need 4 slots (ps tasks take none) but 2 hosts (a:1, b:1) have 2"),
     (["a:4", "b:4", "c:4"], 3, TensorflowConfiguration(1, 1), "--nodes 3: the job has only 2 processes"),
     (["a:2"], 1, MultiWorkerConfiguration(evaluator=True), "the evaluator needs a free slot"),
 ])
@@ -116,7 +124,7 @@ def test_jobs_that_do_not_fit_are_refused(hosts, nodes, dist, fragment):
 def test_oversubscribe_lets_tasks_exceed_slots():
     spec = _spec(["a:1", "b:1"], nodes=2, dist=TensorflowConfiguration(3, 1, chief=True),
                  target={"oversubscribe": True})
-    assert [sum(t.node == n for t in place(spec)) for n in (0, 1)] == [3, 2]
+    assert [sum(t.node == n for t in place(spec)) for n in (0, 1)] == [2, 3]
 
 
 @pytest.mark.parametrize("kwargs,fragment", [
@@ -138,7 +146,7 @@ def test_port_base_gives_fixed_ports_per_host_and_needs_no_reservation():
     hosts = [Host("a", 4), Host("b", 4)]
     assert ports_needed(spec, hosts) == {}
     procs = plan(spec, CTX, hosts)
-    assert sorted((p.host, p.port) for p in procs) == [("a", 2222), ("a", 2223), ("a", 2224), ("b", 2222), ("b", 2223)]
+    assert sorted((p.host, p.port) for p in procs) == [("a", 2222), ("a", 2223), ("b", 2222), ("b", 2223), ("b", 2224)]
     with pytest.raises(SpecError, match="needs ports up to 65536"):
         _spec(["a:4"], dist=TensorflowConfiguration(1, 1, port_base=65535))
 
@@ -161,14 +169,12 @@ def test_tf_config_over_the_linux_limit_is_refused():
     assert TF_CONFIG_LIMIT < 131072
 
 
-def test_plan_for_1000_hosts_x_8_slots_is_fast_and_shares_the_cluster():
+def test_plan_for_1000_hosts_x_8_slots_shares_the_cluster():  # its speed: bench/plan_tf_config.py
     names = [f"n{i:04d}:8" for i in range(1000)]
     spec = _spec(names, nodes=1000, dist=TensorflowConfiguration(7989, 10, chief=True))
     hosts = [Host(f"n{i:04d}", 8) for i in range(1000)]
     ports = {h.name: list(range(20000, 20008)) for h in hosts}
-    start = time.perf_counter()
     procs = plan(spec, CTX, hosts, ports=ports)
-    elapsed = time.perf_counter() - start
     assert len(procs) == 8000 and len({p.tf_cluster for p in procs}) == 1
     assert len({id(p.tf_cluster) for p in procs}) == 1  # one string, not 8,000 copies
     sample = random.Random(0).sample(procs, 20)
@@ -176,7 +182,6 @@ def test_plan_for_1000_hosts_x_8_slots_is_fast_and_shares_the_cluster():
         config = json.loads(p.environment()["TF_CONFIG"])
         assert config["task"] == {"type": p.role, "index": p.index}
         assert len(config["cluster"]["worker"]) == 7989 and len(config["cluster"]["ps"]) == 10
-    assert elapsed < 5  # the benchmark (bench/plan_tf_config.py) holds the < 1 s goal
 
 
 def test_user_tf_config_wins():

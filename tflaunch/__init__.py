@@ -24,9 +24,10 @@ _EXPORTS = {
     "Experiment": "api", "Run": "api", "Workspace": "api", "RunStatus": "api",
     "TflaunchError": "errors", "SpecError": "errors", "SnapshotError": "errors", "StoreError": "errors",
     "RunNotFoundError": "errors", "PathSafetyError": "errors", "RunFailedError": "errors",
+    "Datastore": "data", "Dataset": "data", "DataReference": "data", "FileDataset": "data",
     "rank_info": "rank", "ModelNotFoundError": "errors", "ExportError": "errors", "Model": "registry", "OfflineRun": "tracking",
 }
-_SUBMODULES = {"keras", "onnx", "registry", "metrics", "tracking", "report"}
+_SUBMODULES = {"keras", "onnx", "registry", "metrics", "tracking", "report", "data", "envs", "config"}
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 

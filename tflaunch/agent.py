@@ -26,12 +26,25 @@ object per line; a command with ``"n": N`` is followed by N raw bytes. stdout: e
   where the streams are file paths (appended to) or null (relayed as ``output`` events)
 - commands: ``start {processes}``, ``terminate {grace, indices (optional: only these processes)}``,
   ``kill``, ``data`` + bytes (a tar upload),
-  ``unpack {dest}``, ``collect {dir, names}``, ``cleanup``, ``rank_cwd {cwd}`` (where this host's ranks
-  run), ``sweep {grace}`` (stop every process of the run on this host now)
-- events: ``hello {hostname, pid, shared, scratch, ports, python, gpus: {visible, found, error}}``, ``started {index, pid}``,
+  ``unpack {dest, owned (optional: remove dest when the agent ends)}``, ``collect {dir, names}``,
+  ``cleanup``, ``rank_cwd {cwd, info}`` (where this host's ranks run, and what else they need: ``info``
+  ``{"python", "data"}``, with the ``--setup`` changes added: see tflaunch.rank), ``sweep {grace}`` (stop every
+  process of the run on this host now), ``exec {id, argv, cwd, env, capture_env, owns}`` (a helper
+  process before the job's: a ``--setup`` shell, an environment build, a data copy; its output comes
+  back as ``exec_output`` events; ``capture_env``: the environment it leaves in ``$TFLAUNCH_ENV_OUT``
+  (JSON) is what the later processes of this host start from; ``owns``: a path it creates that the agent
+  removes when it ends, unless ``keep``), ``remove {paths}`` (remove owned paths now)
+- setup may also carry ``home_probe`` (like ``probe``, for the home: hello says ``home_shared``),
+  ``paths`` (hello says which of them exist here: ``{path: "dir" | "file" | null}``) and ``keep`` (keep
+  owned paths at the end)
+- events: ``hello {hostname, pid, shared, home_shared, scratch, ports, python, executable, paths, gpus: {visible,
+  found, error}}``, ``exec_output {id, fd}`` + bytes, ``exec_done {id, returncode}``, ``removed``, ``started {index, pid}``,
   ``spawn_failed {index, error}``, ``output {index, fd}`` + bytes, ``exited {index, pid, returncode}``,
   ``done``, ``unpacked``, ``data`` + bytes then ``collected {bytes}``, ``cleaned``, ``rank_ready {dir}``,
   ``swept {count}``, ``error {cmd, error}``
+- setup ``report`` (optional; ``{python, packages, mpirun, gpus, home, scratch, timeout}``, see
+  :func:`host_report`): the hello then carries ``report``, this host as the job would find it (the job's
+  Python and package versions from metadata, mpirun's raw ``--version``, GPUs, free disk, the clock)
 """
 import json
 import os
@@ -162,6 +175,133 @@ def find_gpus(env=None):
     if out.returncode != 0:
         report["error"] = "nvidia-smi -L exited with %d: %s" % (
             out.returncode, out.stderr.decode("utf-8", "replace").strip()[-200:])
+    return report
+
+
+def host_report(request):
+    """This host as a job would find it: the answer to a setup's ``report`` (see
+    :func:`tflaunch.doctor.report_request`), sent back in the hello as ``report``. Never raises.
+
+    Request: ``python`` (the job's interpreter), ``packages`` (distribution names), ``mpirun`` (None:
+    not asked; a path; or a bare name, looked up next to the job's Python, then on PATH, then next to
+    this interpreter), ``gpus`` (bool), ``home`` and ``scratch`` (directories; scratch defaults to
+    $TMPDIR or /tmp), ``timeout`` (for the interpreter, default 60 s). Report: ``python {path, version,
+    executable, error}``; ``packages {name: {version, distribution} | null (not importable)}`` or null when
+    the interpreter could not be asked; ``mpirun {path, output (of --version, raw), returncode, error}`` or
+    null; ``gpus`` (:func:`find_gpus`) or null; ``disk {home, scratch: {path, visible, free_bytes,
+    total_bytes}}``; ``time`` (this host's clock once the report is complete); ``error``.
+
+    The job's interpreter runs WITH its site-packages in a subprocess (this agent runs with -I -S) and
+    reads package metadata only: nothing is imported. The code is compiled only when a report is asked
+    for, so that an agent that is not asked starts as fast as before."""
+    program = r'''
+import subprocess
+python = request.get("python") or sys.executable
+report = {"python": {"path": python, "version": None, "executable": None, "error": None}, "packages": None,
+          "mpirun": None, "gpus": None, "disk": {}, "time": None, "error": None}
+metadata_probe = """
+import json, os, sys
+out = {"version": sys.version.split()[0], "executable": sys.executable, "packages": {}}
+try:
+    import importlib.util
+    from importlib import metadata
+except ImportError:
+    metadata = None
+TF = ("tensorflow", "tensorflow-cpu", "tensorflow-gpu", "tensorflow-intel", "tensorflow-macos",
+      "tensorflow-aarch64", "tensorflow-rocm", "intel-tensorflow", "tf-nightly", "tf-nightly-cpu")
+for name in json.loads(sys.argv[1]):
+    module = name.replace("-", "_")
+    try:
+        spec = importlib.util.find_spec(module)
+    except Exception:
+        spec = None
+    if spec is None:
+        out["packages"][name] = None
+        continue
+    found = None
+    for dist_name in (TF if module == "tensorflow" else (name, module)) if metadata else ():
+        try:
+            dist = metadata.distribution(dist_name)
+        except Exception:
+            continue
+        item = {"version": dist.version, "distribution": dist.metadata["Name"] or dist_name}
+        try:
+            where = os.path.realpath(str(dist.locate_file(module + "/__init__.py")))
+            if spec.origin and where == os.path.realpath(spec.origin):
+                found = item
+                break
+        except Exception:
+            pass
+        found = found or item
+    out["packages"][name] = found or {"version": "unknown", "distribution": None}
+sys.stdout.write(json.dumps(out) + "\\n")
+"""
+probe = None
+try:  # started first: it runs while mpirun and nvidia-smi answer
+    probe = subprocess.Popen([python, "-c", metadata_probe, json.dumps(list(request.get("packages") or ()))],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/")
+except OSError as exc:
+    report["python"]["error"] = "cannot run %s: %s" % (python, exc.strerror or exc)
+want = request.get("mpirun")
+if want:
+    path_dirs = os.environ.get("PATH", os.defpath).split(os.pathsep)
+    if "/" in want:
+        candidates = [want]
+    else:
+        candidates = [os.path.join(d or ".", want)
+                      for d in [os.path.dirname(python)] + path_dirs + [os.path.dirname(sys.executable)]]
+    found = next((c for c in candidates if os.path.isfile(c) and os.access(c, os.X_OK)), None)
+    mpi = report["mpirun"] = {"path": found and os.path.abspath(found), "output": None, "returncode": None,
+                              "error": None}
+    if found is None:
+        mpi["error"] = ("%s is not an executable file" % want if "/" in want
+                        else "no %s next to %s or on PATH" % (want, python))
+    else:
+        env = dict(os.environ, PATH=os.pathsep.join([os.path.dirname(mpi["path"])] + path_dirs))
+        try:
+            done = subprocess.run([mpi["path"], "--version"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, env=env, timeout=30, check=False)
+            mpi["output"] = done.stdout.decode("utf-8", "replace")[:8000]
+            mpi["returncode"] = done.returncode
+        except (OSError, subprocess.SubprocessError) as exc:
+            mpi["error"] = "%s --version: %s" % (mpi["path"], getattr(exc, "strerror", None) or exc)
+if request.get("gpus"):
+    report["gpus"] = find_gpus()
+for key, path in (("home", request.get("home")),
+                  ("scratch", request.get("scratch") or os.environ.get("TMPDIR") or "/tmp")):
+    if path:
+        entry = report["disk"][key] = {"path": path, "visible": False, "free_bytes": None, "total_bytes": None}
+        try:
+            st = os.statvfs(path)
+            entry.update(visible=True, free_bytes=st.f_bavail * st.f_frsize, total_bytes=st.f_blocks * st.f_frsize)
+        except OSError:
+            pass
+if probe is not None:
+    limit = float(request.get("timeout") or 60)
+    try:
+        out, err = probe.communicate(timeout=limit)
+        lines = out.decode("utf-8", "replace").strip().splitlines()
+        if probe.returncode == 0 and lines:
+            answer = json.loads(lines[-1])
+            report["python"].update(version=answer["version"], executable=answer["executable"])
+            report["packages"] = answer["packages"]
+        else:
+            last = err.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no output"]
+            report["python"]["error"] = "%s exited with status %s: %s" % (python, probe.returncode, last[0][-300:])
+    except subprocess.TimeoutExpired:
+        probe.kill()
+        probe.wait()
+        report["python"]["error"] = "%s did not answer within %g s" % (python, limit)
+    except (ValueError, KeyError, TypeError) as exc:
+        report["python"]["error"] = "%s gave an unreadable answer: %s" % (python, exc)
+'''
+    scope = dict(globals(), request=request)  # one namespace: the program's comprehensions see its names
+    try:
+        exec(compile(program, "tflaunch-report", "exec"), scope)
+        report = scope["report"]
+    except Exception as exc:  # a report that went wrong still says why; the agent goes on
+        report = dict(scope.get("report") or {}, error="%s: %s" % (type(exc).__name__, exc))
+    report["time"] = time.time()
     return report
 
 
@@ -361,6 +501,10 @@ class Agent:
         self.spec = spec
         self.sweep = bool(spec.get("sweep"))  # stop = the whole run on this host (MPI daemons and ranks)
         self.rank_files = None  # the rank wrapper's directory, written for an MPI job
+        self.aux = {}  # exec id -> {"pid", "capture", "env"}: helper processes before the job's
+        self.setup_env = None  # {"set": {...}, "unset": [...]}: what the --setup shell changed
+        self.owned = []  # paths made for the run here (downloaded data): removed at the end unless keep
+        self.keep = bool(spec.get("keep"))
 
     # -- output ---------------------------------------------------------------------------------------
     def send(self, obj, data=None):
@@ -388,6 +532,16 @@ class Agent:
                     shared = fh.read() == probe["content"]
             except (OSError, ValueError):
                 shared = False
+        home_shared = None
+        if spec.get("home_probe"):
+            try:
+                with open(spec["home_probe"]["path"], "r") as fh:
+                    home_shared = fh.read() == spec["home_probe"]["content"]
+            except (OSError, ValueError):
+                home_shared = False
+        paths = {}
+        for path in spec.get("paths") or ():
+            paths[path] = "dir" if os.path.isdir(path) else "file" if os.path.exists(path) else None
         ports = []
         if spec.get("ports"):  # bound and held until the processes start: no one else gets them
             self.sockets = reserve_ports(int(spec["ports"]), lease_dir(os.path.dirname(self.scratch)))
@@ -400,9 +554,11 @@ class Agent:
             except OSError as exc:
                 rank_error = "cannot write the MPI rank wrapper: %s" % exc
         self.send({"event": "hello", "hostname": os.uname().nodename, "pid": os.getpid(), "shared": shared,
+                   "home_shared": home_shared, "paths": paths, "executable": sys.executable,
                    "scratch": self.scratch, "ports": ports, "python": sys.version.split()[0],
                    "gpus": find_gpus() if spec.get("gpus") else None, "rank_dir": self.rank_files,
-                   "rank_error": rank_error})
+                   "rank_error": rank_error,
+                   **({"report": host_report(spec["report"])} if "report" in spec else {})})
 
     # -- processes ------------------------------------------------------------------------------------
     def start(self, specs):
@@ -411,7 +567,7 @@ class Agent:
         self.sockets = []
         self.started = True
         for p in specs:
-            env = dict(os.environ)
+            env = self.base_env()
             env.update(p.get("env", {}))
             add_pythonpath(env, p["cwd"])
             env[TOKEN_VAR] = self.token
@@ -427,6 +583,96 @@ class Agent:
             for fd, stream in fds:
                 self.pipes[fd] = (p["index"], stream)
             self.send({"event": "started", "index": p["index"], "pid": pid})
+
+    def base_env(self):
+        """The environment processes start from: the agent's, with what the ``--setup`` shell changed."""
+        env = dict(os.environ)
+        if self.setup_env:
+            env.update(self.setup_env["set"])
+            for name in self.setup_env["unset"]:
+                env.pop(name, None)
+        return env
+
+    def exec_aux(self, cmd):
+        """Start a helper process (``exec``): its output is relayed, its end reported as ``exec_done``."""
+        aux_id = str(cmd["id"])
+        env = self.base_env()
+        env.update(cmd.get("env") or {})
+        env[TOKEN_VAR] = self.token
+        env[AGENT_VAR] = self.agent_id
+        capture = None
+        if cmd.get("capture_env"):
+            directory = lease_dir(os.path.dirname(self.scratch))
+            capture = os.path.join(directory, "env-%s-%s-%d.json" % (self.agent_id.replace(":", "-"),
+                                                                   aux_id, os.getpid()))
+            env["TFLAUNCH_ENV_OUT"] = capture
+        if cmd.get("owns"):
+            self.owned.append(cmd["owns"])  # before it starts: a half-made copy goes too
+        try:
+            pid, fds = spawn(cmd["argv"], cmd.get("cwd") or "/", env, None, None)
+        except (OSError, ValueError, TypeError) as exc:
+            self.send({"event": "exec_done", "id": aux_id, "returncode": 127, "error": str(exc)})
+            return
+        self.aux[aux_id] = {"pid": pid, "capture": capture, "env": env}
+        self.pgids.add(pid)
+        for fd, stream in fds:
+            self.pipes[fd] = ("aux:" + aux_id, stream)
+
+    def reap_aux(self):
+        for aux_id, info in list(self.aux.items()):
+            try:
+                done, status = os.waitpid(info["pid"], os.WNOHANG)
+            except ChildProcessError:
+                done, status = info["pid"], 255 << 8
+            if not done:
+                continue
+            del self.aux[aux_id]
+            for fd, (index, _) in list(self.pipes.items()):  # its last output first
+                if index == "aux:" + aux_id:
+                    while fd in self.pipes:
+                        self.relay(fd, block=True)
+            code = exit_code(status)
+            event = {"event": "exec_done", "id": aux_id, "returncode": code}
+            if info["capture"]:
+                try:
+                    if code == 0:
+                        with open(info["capture"]) as fh:
+                            after = json.load(fh)
+                        before = info["env"]
+                        ignore = (TOKEN_VAR, AGENT_VAR, "TFLAUNCH_ENV_OUT", "_", "SHLVL", "PWD", "OLDPWD")
+                        self.setup_env = {
+                            "set": {k: v for k, v in after.items() if before.get(k) != v and k not in ignore},
+                            "unset": [k for k in before if k not in after and k not in ignore]}
+                        event["env_changed"] = sorted(self.setup_env["set"]) + sorted(self.setup_env["unset"])
+                except (OSError, ValueError) as exc:
+                    event.update(returncode=code or 1, error="cannot read the environment it left: %s" % exc)
+                finally:
+                    try:
+                        os.unlink(info["capture"])
+                    except OSError:
+                        pass
+            self.send(event)
+
+    def remove_owned(self, paths=None):
+        import shutil
+        for path in list(self.owned if paths is None else paths):
+            for victim in (path, path + ".partial"):  # a copy is made aside, then renamed
+                if os.path.isdir(victim) and not os.path.islink(victim):
+                    shutil.rmtree(victim, ignore_errors=True)
+                elif os.path.lexists(victim):
+                    try:
+                        os.unlink(victim)
+                    except OSError:
+                        pass
+            if path in self.owned:
+                self.owned.remove(path)
+            parent = os.path.dirname(path)
+            while parent.startswith(self.scratch) and parent != os.path.dirname(self.scratch):
+                try:
+                    os.rmdir(parent)  # the agent's folders, once empty
+                except OSError:
+                    break
+                parent = os.path.dirname(parent)
 
     def mine(self, sig):
         """Signal this agent's processes (and their descendants, found by AGENT_VAR); in sweep mode,
@@ -487,15 +733,21 @@ class Agent:
                 self.send({"event": "exited", "index": index, "pid": pid, "returncode": code})
         return len(self.procs) - len(self.returncodes)
 
-    def relay(self, fd):
+    def relay(self, fd, block=False):
+        if block:
+            select.select([fd], [], [], 1.0)
         try:
             data = os.read(fd, 1 << 20)
         except BlockingIOError:
-            return
+            if not block:
+                return
+            data = b""
         except OSError:
             data = b""
         index, stream = self.pipes[fd]
-        if data:
+        if data and isinstance(index, str):
+            self.send({"event": "exec_output", "id": index[4:], "fd": stream}, data)
+        elif data:
             self.send({"event": "output", "index": index, "fd": stream}, data)
         else:
             os.close(fd)
@@ -532,14 +784,26 @@ class Agent:
                     self.upload = open(os.path.join(self.scratch, ".upload.tar"), "wb")
                 self.upload.write(data)
             elif name == "unpack":
+                if cmd.get("owned"):
+                    self.owned.append(cmd["dest"])
                 self.unpack(cmd["dest"])
+            elif name == "exec":
+                self.exec_aux(cmd)
+            elif name == "remove":
+                self.remove_owned(cmd.get("paths"))
+                self.send({"event": "removed"})
+
             elif name == "collect":
                 self.collect(cmd["dir"], cmd["names"])
             elif name == "cleanup":
                 self.cleanup()
                 self.send({"event": "cleaned"})
             elif name == "rank_cwd":
-                self.rank_files = write_rank_files(self.token, None, cmd["cwd"])  # (files: at hello)
+                info = dict(cmd.get("info") or {})
+                if self.setup_env:
+                    info["setup_env"] = self.setup_env
+                files = {"host.%s.json" % os.uname().nodename: [json.dumps(info), 0o644]} if info else None
+                self.rank_files = write_rank_files(self.token, files, cmd["cwd"])  # (other files: at hello)
                 self.send({"event": "rank_ready", "dir": self.rank_files})
             elif name == "sweep":
                 token, pgids, exclude, var = self.whose()
@@ -589,6 +853,8 @@ class Agent:
         self.send({"event": "collected", "bytes": total})
 
     def cleanup(self):
+        if not self.keep:
+            self.remove_owned()
         if self.rank_files:
             import shutil
             shutil.rmtree(self.rank_files, ignore_errors=True)
@@ -640,10 +906,12 @@ class Agent:
             self.start(self.spec["processes"])
         buf = b""
         while True:
+            if self.aux:
+                self.reap_aux()
             running = self.reap()
             if self.started and not running and not self.finished:
                 self.finish()
-            if self.orphaned and not running:
+            if self.orphaned and not running and not self.aux:
                 break
             timeout = 0.5
             for at in [self.kill_at] + list(self.kill_some.values()):
@@ -673,9 +941,13 @@ class Agent:
                 self.kill_at = None
             if self.kill_some:
                 self.kill_due()
+        if self.pgids and not (self.started or self.sweep):  # helper processes only (setup, builds, copies)
+            stop_run(self.agent_id, self.pgids, min(self.grace, 1.0), self.exclude, AGENT_VAR)
         if self.started or self.sweep:
             token, pgids, exclude, var = self.whose()
             stop_run(token, pgids, min(self.grace, 1.0), exclude, var)
+            if self.owned and not self.keep:
+                self.remove_owned()
             if self.rank_files:
                 import shutil
                 shutil.rmtree(self.rank_files, ignore_errors=True)

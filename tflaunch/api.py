@@ -5,6 +5,7 @@ starts a background supervisor, then returns at once (like the reference); ``Run
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -36,10 +37,60 @@ class RunStatus:
 
 
 class Workspace:
-    """A tflaunch home (``TFLAUNCH_HOME``, default ``~/.tflaunch``): where runs are recorded."""
+    """A tflaunch home (``TFLAUNCH_HOME``, default ``~/.tflaunch``): where runs are recorded, with its
+    settings (see :mod:`tflaunch.config`): ``Workspace()``, or ``Workspace.from_config()`` as in the reference."""
 
-    def __init__(self, home: str | os.PathLike | None = None) -> None:
-        self.home = store_mod.resolve_home(home)
+    def __init__(self, home: str | os.PathLike | None = None, *, config: dict[str, Any] | None = None) -> None:
+        self.config = dict(config or {})
+        self.home = store_mod.resolve_home(home if home is not None else self.config.get("home"))
+
+    @classmethod
+    def from_config(cls, path: str | os.PathLike | None = None, auth: Any = None, _logger: Any = None,
+                    _file_name: str | None = None) -> "Workspace":
+        """The workspace a ``config.json`` describes: ``path`` (the file, or a directory to search from;
+        default the current directory), then its parents; see :mod:`tflaunch.config`."""
+        from . import config as config_mod
+
+        if auth is not None:
+            raise SpecError("Workspace.from_config(auth=...): tflaunch has no service to sign in to; leave auth out")
+        start = os.path.join(os.fspath(path), _file_name) if path is not None and _file_name else path
+        found = config_mod.find_config(start)
+        if found is None:
+            where = os.path.abspath(os.fspath(path) if path is not None else os.getcwd())
+            raise SpecError(f"Workspace.from_config: no config.json in {where} or its parents (looked for "
+                            f"{', '.join(config_mod.CONFIG_NAMES)}); write one with Workspace().write_config()")
+        return cls(config=config_mod.read_config(found))
+
+    @property
+    def name(self) -> str:
+        return self.config.get("workspace_name") or os.path.basename(self.home.rstrip(os.sep)) or self.home
+
+    def write_config(self, path: str | os.PathLike | None = None, file_name: str | None = None) -> str:
+        """Write this workspace's ``config.json`` (default ``./.tflaunch/config.json``); return its path."""
+        from . import config as config_mod
+
+        keep = {k: v for k, v in self.config.items() if k in config_mod.KEYS + ("workspace_name",)}
+        return config_mod.write_config({**keep, "home": self.home}, path, file_name)
+
+    @property
+    def datastores(self) -> dict[str, Any]:
+        """The workspace's datastores by name: the default one and those its config names."""
+        from .data import DEFAULT_DATASTORE, Datastore
+
+        default = self.config.get("default_datastore") or os.path.join(self.home, "datastore")
+        stores = {DEFAULT_DATASTORE: Datastore(default, DEFAULT_DATASTORE)}
+        for name, path in (self.config.get("datastores") or {}).items():
+            stores[name] = Datastore(path, name)
+        return stores
+
+    def get_default_datastore(self) -> Any:
+        """The default datastore: ``default_datastore`` of the config, else ``<home>/datastore`` (created)."""
+        from .data import DEFAULT_DATASTORE
+
+        store = self.datastores[DEFAULT_DATASTORE]
+        if not self.config.get("default_datastore"):
+            os.makedirs(store.root, exist_ok=True)
+        return store
 
     def __repr__(self) -> str:
         return f"Workspace({self.home!r})"
@@ -76,7 +127,8 @@ class Experiment:
         from .supervise import DEFAULT_GRACE
 
         options = SubmitOptions(experiment=self.name, home=self.workspace.home, tags=dict(tags or {}),
-                                grace=DEFAULT_GRACE if grace is None else grace, scratch=scratch)
+                                grace=DEFAULT_GRACE if grace is None else grace, scratch=scratch,
+                                workspace_config=self.workspace.config)
         record = start(prepare(config, options))  # a SlurmTarget: sbatch, the run is Queued
         return Run(self, record.id)
 
@@ -259,12 +311,51 @@ class Run:
                 out[key] = series.value[0] if len(series.value) == 1 else list(series.value)
         return out
 
-    def register_model(self, model_name: str, model_path: str, tags: dict[str, str] | None = None,
-                       properties: dict[str, Any] | None = None, description: str | None = None) -> Any:
-        """Register the run's file or directory ``model_path`` (``outputs/model``) as a new version of
-        model ``model_name``; returns the :class:`~tflaunch.registry.Model`. Inside the job, before the
-        outputs are collected, the path is taken from the script's working directory."""
+    def get_portal_url(self) -> str:
+        """A URL to open the run in: its HTML report (``report.html`` in the record, rendered now), as a
+        ``file://`` URL (tflaunch has no server)."""
+        from urllib.parse import quote
+
+        from .cli_tracking import write_report
+
+        path = write_report([self._record], self._record.path("report.html"), title=f"run {self.id}")
+        return "file://" + quote(path)
+
+    @property
+    def input_datasets(self) -> dict[str, str]:
+        """The job's data inputs by name: their path on this host (in the job), or as recorded."""
+        from .data import input_datasets
+
+        if self._in_job:
+            return input_datasets()
+        try:
+            recorded = fsio_read_inputs(self._record)
+        except (OSError, ValueError):
+            return {}
+        return {row["name"]: row["path"] for row in recorded if isinstance(row.get("path"), str)}
+
+    def register_model(self, model_name: str, model_path: str | None = None, tags: dict[str, str] | None = None,
+                       properties: dict[str, Any] | None = None, model_framework: str | None = None,
+                       model_framework_version: str | None = None, description: str | None = None,
+                       datasets: Any = None, **unknown: Any) -> Any:
+        """Register the run's file or directory ``model_path`` (``outputs/model``; default: the run's whole
+        ``outputs/``) as a new version of model ``model_name``; returns the :class:`~tflaunch.registry.Model`.
+        Inside the job, before the outputs are collected, the path is taken from the script's working
+        directory. ``model_framework``/``model_framework_version``/``datasets`` are kept in its properties."""
         from . import registry
+
+        for name in unknown:
+            what = ("tflaunch deploys no models: register it, then download it where it is served"
+                    if name == "resource_configuration" else "not supported by tflaunch: leave it out")
+            raise SpecError(f"register_model({name}=...): {what}")
+        if model_path is None:
+            model_path = "outputs"
+        extra = {k: v for k, v in (("model_framework", model_framework),
+                                   ("model_framework_version", model_framework_version)) if v is not None}
+        if datasets is not None:
+            extra["datasets"] = json.dumps([[str(n), str(d)] for n, d in datasets])
+        if extra:
+            properties = {**extra, **(properties or {})}
 
         if self._in_job:
             local = _job_local_path(model_path)
@@ -275,6 +366,14 @@ class Run:
                                                      "path": model_path})
         return registry.register_from_run(self._record, model_name, model_path, tags=tags,
                                           properties=properties, description=description)
+
+
+def fsio_read_inputs(record: RunRecord) -> list[dict[str, Any]]:
+    """The record's ``inputs.json`` (what each data input was), ``[]`` when the run had none."""
+    from . import fsio
+
+    path = record.path("inputs.json")
+    return fsio.read_json(path) if os.path.exists(path) else []
 
 
 def _job_local_path(model_path: str) -> str | None:

@@ -175,6 +175,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="snapshot file-count limit (default: 2000, or $TFLAUNCH_SNAPSHOT_MAX_FILES)")
     run.add_argument("--scratch", metavar="DIR",
                      help="build the working directory under DIR (e.g. node-local disk) instead of in the record")
+    prep = run.add_argument_group("before the processes start")
+    prep.add_argument("--setup", action="append", default=[], metavar="CMD",
+                      help="shell line run on every host before the processes start, all lines in one shell "
+                           "(repeatable; what they export, e.g. `module load cuda/12.4`, the processes inherit)")
+    prep.add_argument("--data", action="append", default=[], metavar="NAME=PATH[:download]",
+                      help="data input NAME: PATH used in place on every host (checked first), or with "
+                           ":download copied to each host's node-local scratch; {data:NAME} in ARGS is its path")
+    prep.add_argument("--no-preflight", action="store_true",
+                      help="start a multi-host run even if the hosts' TensorFlow versions differ")
+    from .cli_env import add_package_options
+    add_package_options(run)
     run.set_defaults(func=cmd_run)
 
     runs = commands.add_parser("runs", parents=[common], help="inspect and manage recorded runs")
@@ -219,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_tracking import add_commands, add_runs_commands
     add_runs_commands(sub, common)
     add_commands(commands, common, _key_value, _Parser)
+    from . import cli_doctor, cli_env
+    cli_env.add_commands(commands, common, _Parser)  # env list|show|build|rm
+    cli_doctor.add_command(commands, common, _positive_float)  # doctor
     return parser
 
 
@@ -250,15 +264,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.gpu and args.gpus_per_node is None and getattr(target, "launcher", None) == "srun":
         from .slurm import gpus_per_node
         args.gpus_per_node = gpus_per_node(os.environ)  # the allocation's GPUs per node
+    from .cli_env import package_options
+    from .data import parse_cli
+
     kwargs: dict[str, Any] = dict(
         entry_script=args.entry, arguments=script_args, node_count=nodes, compute_target=target,
         process_count_per_node=ppn, use_gpu=args.gpu, environment_variables=dict(args.env),
         max_run_duration_seconds=args.timeout, python=args.python, distributed_training=distributed,
-        gpus_per_node=args.gpus_per_node, gpus_shared=args.gpus_shared)
+        gpus_per_node=args.gpus_per_node, gpus_shared=args.gpus_shared, setup_commands=args.setup,
+        preflight=not args.no_preflight,
+        **_estimator_packages(package_options(args, _store(args).home), args.env_builder))
     if args.framework_version is not None:
         estimator: Estimator = TensorFlow(args.source_dir, framework_version=args.framework_version, **kwargs)
     else:
         estimator = Estimator(args.source_dir, **kwargs)
+    estimator.inputs = parse_cli(args.data)
     limits = None
     if args.snapshot_max_mb is not None or args.snapshot_max_files is not None:
         limits = SnapshotLimits.from_env(args.snapshot_max_mb, args.snapshot_max_files)
@@ -303,6 +323,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     final = supervisor.run()
     _report_end(final)
     return exit_code_for(final)
+
+
+def _estimator_packages(options: dict[str, Any], builder: str) -> dict[str, Any]:
+    """The estimator's package arguments from the package options (tflaunch.cli_env.package_options)."""
+    index = options["index"].to_dict()
+    return {"pip_packages": list(options["pip_packages"]) or None,
+            "pip_requirements_file": options["requirements_file"],
+            "conda_packages": list(options["conda_packages"]) or None,
+            "find_links": index.get("find_links") or None, "index_url": index.get("index_url"),
+            "no_index": index.get("no_index") or None, "inherit_packages": options["inherit"],
+            "environment_builder": builder}
 
 
 def _follow_submitted(record: Any) -> dict[str, Any]:
@@ -475,6 +506,17 @@ def _print_plan(plan: dict[str, Any]) -> None:
         lines.append(f"slurm:      submitted with: {shlex.join(plan['slurm']['sbatch'])} "
                      f"({plan['slurm']['note']}); the batch script:")
         lines += [f"  | {line}" for line in plan["slurm"]["script"].rstrip("\n").splitlines()]
+    env = plan.get("environment")
+    if env:
+        lines.append(f"environment: {env['key']} ({env['status']}) under {env['root']}"
+                     + (f", interpreter {env['python']}" if env.get("python") else ""))
+        request = env.get("request") or {}
+        if request.get("requirements"):
+            lines.append("  packages: " + " ".join(request["requirements"]))
+    for line in plan.get("setup_commands") or ():
+        lines.append(f"setup:      {line}")
+    for item in plan.get("inputs") or ():
+        lines.append(f"input:      {item['name']} = {', '.join(item['paths'])} ({item['mode']})")
     launcher = plan.get("launcher")
     if launcher:
         mpi = launcher["mpi"]
@@ -552,6 +594,18 @@ def cmd_show(args: argparse.Namespace) -> int:
                      + (f"   remote: {git['remote']}" if git.get("remote") else ""))
     elif git.get("status") == "unknown":
         lines.append(f"git:         unknown ({git.get('reason')})")
+    env = run.get("environment") or {}
+    if env.get("key"):
+        lines.append(f"environment: {env['key'][:20]} ({'built for this run' if env.get('built') else 'reused'}"
+                     f"{', ' + str(env['builder']) if env.get('builder') else ''}, {env.get('packages', 0)} packages "
+                     f"of its own)   python: {env.get('python')}")
+        if env.get("freeze"):
+            frozen = env["freeze"]
+            lines.append("packages:    " + ", ".join(frozen[:12]) + (f" (+{len(frozen) - 12} more: `runs show "
+                                                                      f"--json`)" if len(frozen) > 12 else ""))
+    for item in run.get("inputs") or ():
+        counted = f", {item['files']} files, {item['bytes']} bytes" if item.get("files") is not None else ""
+        lines.append(f"input:       {item['name']} = {item['path']} ({item['mode']}{counted})")
     if run.get("metrics"):
         shown = list(run["metrics"].items())
         lines.append("metrics:     " + ", ".join(f"{k}={textfmt.value(v)}" for k, v in shown[:8])

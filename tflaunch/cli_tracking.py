@@ -145,9 +145,29 @@ def comparable(record: Any, run: dict[str, Any] | None = None) -> dict[str, dict
             **{f"framework.{k}": v for k, v in environment.items() if isinstance(v, (str, int, float, bool))},
             **{f"env:{k}": v for k, v in sorted((spec.get("environment_variables") or {}).items())},
         },
+        "packages": _frozen(record),
         "metrics": dict(run.get("metrics") or {}),
     }
+    if run.get("environment"):
+        sections["environment"]["environment.key"] = run["environment"].get("key")
+    for item in run.get("inputs") or ():
+        sections["params"][f"input:{item.get('name')}"] = item.get("sha256") or item.get("path")
     return sections
+
+
+def _frozen(record: Any) -> dict[str, Any]:
+    """``name: version`` of the packages the run's environment had (its ``pip freeze``; first host)."""
+    try:
+        with open(record.path("environment.json")) as fh:
+            hosts = json.load(fh).get("hosts") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    first = next(iter(hosts.values()), {}) if isinstance(hosts, dict) else {}
+    out = {}
+    for line in first.get("freeze") or ():
+        name, sep, version = str(line).partition("==")
+        out[name] = version if sep else ""
+    return out
 
 
 def _snapshot_id(record: Any) -> Any:
@@ -190,16 +210,22 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from . import fsio, metrics
-    from .report import render
-    from .store import describe
-
     store = _store(args)
     records = []
     for ref in args.runs:
         record = store.run(ref)
         if all(record.id != r.id for r in records):
             records.append(record)
+    sys.stdout.write(write_report(records, args.output, title=args.title) + "\n")
+    return 0
+
+
+def write_report(records: list[Any], output: str, *, title: str | None = None) -> str:
+    """Render the HTML report of ``records`` (RunRecords) into ``output``; return its absolute path."""
+    from . import fsio, metrics
+    from .report import render
+    from .store import describe
+
     runs = []
     for record in records:
         run = describe(record)
@@ -222,14 +248,13 @@ def cmd_report(args: argparse.Namespace) -> int:
         runs.append({"id": run["id"], "experiment": run.get("experiment"), "status": run.get("status"),
                      "created": run.get("created"), "duration_seconds": run.get("duration_seconds"),
                      "params": params, "metrics": charts})
-    html = render(runs, title=args.title)
-    output = os.path.abspath(args.output)
+    html = render(runs, title=title)
+    output = os.path.abspath(output)
     try:
         fsio.atomic_write_bytes(output, html.encode("utf-8"), fsync=False)
     except OSError as exc:
         raise TflaunchError(f"cannot write {output}: {exc.strerror or exc}") from None
-    sys.stdout.write(output + "\n")
-    return 0
+    return output
 
 
 # -- tensorboard ------------------------------------------------------------------------------------------

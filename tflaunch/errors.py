@@ -45,6 +45,21 @@ class ExportError(TflaunchError):
     interpreter lacks TensorFlow/tf2onnx/onnxruntime."""
 
 
+class EnvBuildError(TflaunchError):
+    """A job environment could not be built (a package missing from the wheelhouse, disk full, a tool that
+    failed or was killed); the message names the cause. Nothing half-built is left where a run would use it."""
+
+
+class EnvBusyError(EnvBuildError):
+    """An environment cannot be removed while a build of it holds its lock."""
+
+
+class EnvNotFoundError(TflaunchError, LookupError):
+    """No job environment matches the given key (or the prefix is ambiguous)."""
+
+    exit_code = 2
+
+
 class PathSafetyError(TflaunchError):
     """A requested path escapes the run record (``..``, absolute path, symlink out of the run)."""
 

@@ -178,7 +178,10 @@ class MpiJob:
             raise LaunchFailure(str(exc)) from None
         files = {name: list(item) for name, item in launch.files.items()}
         mpirun = self._process(launch)
-        if len(sup.runs) == 1:  # this machine only: one round trip (files, then mpirun, in the setup)
+        if len(sup.runs) == 1 and not sup.prep.needed:  # this machine only: one round trip (files, then mpirun)
+            if sup.prep.home_result is not None:
+                files[f"host.{os.uname().nodename}.json"] = [json.dumps({"python": sup.prep.home_result.python}), 0o644]
+            sup.prep.record_environment()
             self._record(preview, launch)
             sup.runs[0].processes = preview
             local.conn.start({"token": sup.record.id, "agent_id": local.node, "grace": sup.grace,
@@ -196,10 +199,12 @@ class MpiJob:
         for run in sup.runs:
             if run.hello.get("rank_error"):
                 raise LaunchFailure(f"host {run.name}: {run.hello['rank_error']}")
-        for run in remote:
-            run.conn.send({"cmd": "rank_cwd", "cwd": sup.work_dir if run.shared else run.work_dir})
+        told = [run for run in sup.runs if not run.launcher_only and (not run.conn.local or sup.prep.host_info(run))]
+        for run in told:  # where the ranks run here, their interpreter, data paths (and --setup's changes)
+            run.conn.send({"cmd": "rank_cwd", "cwd": sup.work_dir if run.shared or run.conn.local else run.work_dir,
+                           "info": sup.prep.host_info(run)})
         deadline = time.monotonic() + sup.ssh.connect_timeout + 20
-        if not sup._wait(lambda: all(run.rank_ready for run in remote), deadline, "to write the rank wrapper"):
+        if not sup._wait(lambda: all(run.rank_ready for run in told), deadline, "to write the rank wrapper"):
             return
         hosts = [run for run in sup.runs if not run.launcher_only]
         work_dirs = {run.name: run.work_dir for run in hosts if run.work_dir}
@@ -245,6 +250,7 @@ class MpiJob:
         spec, hosts = sup.spec, sup.hosts
         local = self.spawn_launcher()
         files_dir = sup.record.path(STEP_FILES)
+        host_info = sup.prep.step_info()  # no agents on the nodes: the rank wrapper does their part
         try:
             needed = ports_needed(spec, hosts)
             ports = slurm.step_ports(sup.slurm_job, needed) if needed else {}
@@ -259,13 +265,16 @@ class MpiJob:
                                     "set): ask for them (--gpus-per-node) or give --gpus-per-node N")
                 gpus = {h.name: [str(i) for i in range(count)] for h in hosts}
             processes = plan(spec, sup._context(), hosts, ports=ports, addresses=addresses, gpus=gpus,
-                             machines={h.name: h.name for h in hosts})
+                             machines={h.name: h.name for h in hosts},
+                             pythons={h.name: host_info["python"] for h in hosts} if host_info.get("python") else None)
             if sup.backend == "mpi":
                 launch = launch_for(spec, processes, sup.record.id, remote=len(hosts) > 1, files_dir=files_dir)
             else:
                 launch = step_launch(spec, processes, sup.record.id, files_dir)
         except (SpecError, slurm.SlurmError) as exc:
             raise LaunchFailure(str(exc)) from None
+        if host_info:
+            launch.files["host.json"] = (json.dumps(host_info), 0o644)
         os.makedirs(files_dir, exist_ok=True)
         for name, (text, mode) in launch.files.items():
             path = os.path.join(files_dir, name)

@@ -5,8 +5,10 @@ which is what ``run --dry-run`` prints and what the launcher executes.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 
+from . import data
 from .errors import SpecError
 from .gpus import NO_GPU_ROLES, split
 from .hosts import Host, is_local
@@ -22,6 +24,7 @@ if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
 __all__ = ["Host", "RunContext", "ProcessPlan", "plan", "ports_needed", "machine_ids", "COORDINATOR_VAR"]
 
 COORDINATOR_VAR = "TFLAUNCH_COORDINATOR"
+ENV_PYTHON = "ENV_PYTHON"  # argv[0] before the job's environment is known on a host (--dry-run)
 
 
 
@@ -111,7 +114,8 @@ def machine_ids(hosts: Sequence[Host], hostnames: Mapping[str, str] | None = Non
 def plan(spec: JobSpec, ctx: RunContext, hosts: Sequence[Host] | None = None, *,
          work_dirs: Mapping[str, str] | None = None, ports: Mapping[str, Sequence[int]] | None = None,
          addresses: Mapping[str, str] | None = None, gpus: Mapping[str, Sequence[str]] | None = None,
-         machines: Mapping[str, str] | None = None) -> list[ProcessPlan]:
+         machines: Mapping[str, str] | None = None, pythons: Mapping[str, str] | None = None,
+         data_paths: Mapping[str, Mapping[str, str]] | None = None) -> list[ProcessPlan]:
     """Processes for ``spec`` on the first ``node_count`` of ``hosts`` (default: its compute target's),
     in rank order.
 
@@ -123,7 +127,10 @@ def plan(spec: JobSpec, ctx: RunContext, hosts: Sequence[Host] | None = None, *,
     when not by its name, ``gpus`` the GPUs each host offers a ``use_gpu`` job (see
     :mod:`tflaunch.gpus`; ``CUDA_VISIBLE_DEVICES`` shows ``GPUS`` for a host not in it), ``machines``
     which host entries are the same machine (:func:`machine_ids`): they split that machine's GPUs and
-    its ``port_base`` numbering between them.
+    its ``port_base`` numbering between them, ``pythons`` a host's interpreter when it is not
+    ``spec.python`` (the job's environment, built on each host), ``data_paths`` where each host has the
+    job's data inputs (``{data:NAME}`` in the arguments becomes that path; default: the input's own path,
+    ``DATA`` for a download whose place is not known yet).
     """
     hosts = job_hosts(spec, hosts)
     tasks = place(spec, hosts)
@@ -176,11 +183,25 @@ def plan(spec: JobSpec, ctx: RunContext, hosts: Sequence[Host] | None = None, *,
                 continue
             for t, value in zip(mine, split(name, gpus[name], [t.role for t in mine], spec.gpus_shared)):
                 devices[t.rank] = value
-    argv = [spec.python, spec.entry_script, *spec.arguments]
+    pythons = pythons or {}
+    argvs: dict[str, list[str]] = {}
+    inputs_env: dict[str, str] = {}
+    for h in hosts:
+        if h.name in argvs:
+            continue
+        python = pythons.get(h.name) or (ENV_PYTHON if spec.environment else spec.python)
+        arguments = spec.arguments
+        if spec.inputs:
+            paths = data.host_paths(spec.inputs, (data_paths or {}).get(h.name))
+            arguments = data.substitute(arguments, paths)
+            inputs_env[h.name] = json.dumps(paths, sort_keys=True)
+        argvs[h.name] = [python, spec.entry_script, *arguments]
     processes = []
     for t in tasks:
         host = hosts[t.node].name
         env = dict(common)
+        if host in inputs_env:
+            env[data.INPUTS_VAR] = inputs_env[host]
         env["TFLAUNCH_RANK"] = str(t.rank)
         env["TFLAUNCH_LOCAL_RANK"] = str(t.local_rank)
         env["TFLAUNCH_NODE_RANK"] = str(t.node)
@@ -189,7 +210,7 @@ def plan(spec: JobSpec, ctx: RunContext, hosts: Sequence[Host] | None = None, *,
         env.update(spec.environment_variables)
         processes.append(ProcessPlan(
             host=host, rank=t.rank, local_rank=t.local_rank, world_size=world, role=t.role,
-            index=t.index, argv=list(argv), cwd=work_dirs.get(host, ctx.work_dir), env=env,
+            index=t.index, argv=list(argvs[host]), cwd=work_dirs.get(host, ctx.work_dir), env=env,
             stdout=f"{LOG_DIR}/rank-{t.rank}.stdout", stderr=f"{LOG_DIR}/rank-{t.rank}.stderr",
             port=task_ports.get(t.rank), tf_cluster=cluster,
         ))

@@ -48,6 +48,7 @@ ESC = b"\x1d"  # in a frame's data: ESC D is ESC, ESC E is MARK
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 _IF_HANDLED = (signal.SIGUSR1, signal.SIGUSR2)  # forwarded only to a program that catches them
 TABLE = "ranks.json"  # optional, next to this file: what differs between ranks (srun steps)
+HOST_INFO = "host.%s.json"  # optional, next to this file (else host.json): this host's share of the job
 
 
 def identity(env=None):
@@ -223,6 +224,86 @@ def apply_table(env, rank, path):
     return None
 
 
+def apply_host(env, argv, here, host):
+    """This host's share of the job, from ``host.HOST.json`` (written by the host's agent) or ``host.json``
+    (an srun step's, for every node): ``{"python": the job's environment here, "setup_env": {"set", "unset"}
+    (what the host's --setup lines changed), "setup_script": lines to run here first (an srun step has no
+    agent to run them), "data": {name: path} (``{data:NAME}`` in the arguments), "check_paths": [...]}``.
+    Returns (argv, problem or None)."""
+    import json
+    for name in (HOST_INFO % host, "host.json"):
+        path = os.path.join(here, name)
+        if os.path.exists(path):
+            break
+    else:
+        return argv, None
+    try:
+        with open(path) as fh:
+            info = json.load(fh)
+    except (OSError, ValueError) as exc:
+        return argv, "cannot read %s: %s" % (path, exc)
+    for needed in info.get("check_paths") or ():
+        if not os.path.exists(needed):
+            return argv, "input %s does not exist on this host" % needed
+    if info.get("setup_script"):
+        problem = _run_setup(env, info["setup_script"])
+        if problem:
+            return argv, problem
+    changed = info.get("setup_env") or {}
+    env.update(changed.get("set") or {})
+    for name in changed.get("unset") or ():
+        env.pop(name, None)
+    argv = list(argv)
+    if info.get("python"):
+        argv[0] = info["python"]
+    paths = info.get("data") or {}
+    if paths:
+        import re
+        argv = [re.sub(r"\{data:([^{}]*)\}", lambda m: paths.get(m.group(1), m.group(0)), a) for a in argv]
+        env["TFLAUNCH_INPUT_DATASETS"] = json.dumps(paths, sort_keys=True)
+    return argv, None
+
+
+def _run_setup(env, script):
+    """Run the --setup script (bash, else sh) and take the environment it leaves; a problem or None."""
+    import json
+    out = "/tmp/tflaunch-%d/setup-env-%d.json" % (os.getuid(), os.getpid())
+    shell = 'if command -v bash >/dev/null 2>&1; then exec bash -c "$TFLAUNCH_SETUP"; else exec sh -c "$TFLAUNCH_SETUP"; fi'
+    child_env = dict(env, TFLAUNCH_SETUP=script, TFLAUNCH_SETUP_PYTHON=sys.executable, TFLAUNCH_ENV_OUT=out)
+    try:
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        pid = os.fork()
+    except OSError as exc:
+        return "cannot run the --setup lines: %s" % exc
+    if pid == 0:
+        try:
+            os.dup2(2, 1)  # its output goes with the rank's stderr
+            os.execve("/bin/sh", ["/bin/sh", "-c", shell], child_env)
+        finally:
+            os._exit(127)
+    _, status = os.waitpid(pid, 0)
+    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+    try:
+        if code != 0:
+            return "--setup failed on %s (exit status %d; its output is above)" % (os.uname().nodename, code)
+        with open(out) as fh:
+            after = json.load(fh)
+    except (OSError, ValueError) as exc:
+        return "cannot read the environment the --setup lines left: %s" % exc
+    finally:
+        try:
+            os.unlink(out)
+        except OSError:
+            pass
+    for name in ("TFLAUNCH_SETUP", "TFLAUNCH_SETUP_PYTHON", "TFLAUNCH_ENV_OUT", "_", "SHLVL"):
+        after.pop(name, None)
+    keep = {k: v for k, v in env.items() if k.startswith("TFLAUNCH_")}
+    env.clear()
+    env.update(after)
+    env.update(keep)
+    return None
+
+
 def _fail(message):
     sys.stderr.write("tflaunch rank wrapper: %s\n" % message)
     return 127
@@ -253,6 +334,9 @@ def main(argv):
         return _fail("rank %d on %s: no working directory: %s" % (rank, host, exc))
     env["PWD"] = cwd
     problem = apply_table(env, rank, os.path.join(here, TABLE))
+    if problem:
+        return _fail("rank %d on %s: %s" % (rank, host, problem))
+    argv, problem = apply_host(env, argv, here, host)
     if problem:
         return _fail("rank %d on %s: %s" % (rank, host, problem))
     add_pythonpath(env, cwd)

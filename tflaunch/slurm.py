@@ -342,9 +342,13 @@ def step_argv(hosts: Sequence[tuple[str, int]], program: Sequence[str], *, hostf
     written by the caller, passed as ``SLURM_HOSTFILE``)."""
     counts = {n for _, n in hosts}
     world = sum(n for _, n in hosts)
-    argv = ["srun", f"--nodes={len(hosts)}", f"--ntasks={world}", "--kill-on-bad-exit=1", "--export=ALL",
-            f"--nodelist={','.join(h for h, _ in hosts)}"]
-    if len(counts) == 1:
+    nodes = list(dict.fromkeys(h for h, _ in hosts))  # a node may come back in rank order (a ps job's layout)
+    block = len(counts) == 1 and len(nodes) == len(hosts)
+    # an arbitrary distribution wants the node of every task, in rank order (as in SLURM_HOSTFILE)
+    listed = nodes if block else [h for h, n in hosts for _ in range(n)]
+    argv = ["srun", f"--nodes={len(nodes)}", f"--ntasks={world}", "--kill-on-bad-exit=1", "--export=ALL",
+            f"--nodelist={','.join(listed)}"]
+    if block:
         argv += [f"--ntasks-per-node={hosts[0][1]}", "--distribution=block"]
     else:
         if hostfile is None:

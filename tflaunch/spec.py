@@ -55,6 +55,16 @@ _CLI_FLAG = {
     "mpi_iface": "--mpi-iface",
     "gpus_per_node": "--gpus-per-node",
     "gpus_shared": "--gpus-shared",
+    "environment_builder": "--builder",
+    "pip_packages": "--pip",
+    "conda_packages": "--conda",
+    "pip_requirements_file": "--requirements",
+    "find_links": "--find-links",
+    "index_url": "--index-url",
+    "no_index": "--no-index",
+    "inherit_packages": "--no-inherit-packages",
+    "setup_commands": "--setup",
+    "preflight": "--no-preflight",
 }
 
 DEFAULT_EVALUATOR_GRACE = 30.0
@@ -161,8 +171,8 @@ class MpiConfiguration:
     def __init__(self, process_count_per_node: int = 1, node_count: int = 1, *, mpirun: str | os.PathLike | None = None,
                  mpi_args: Sequence[str] = (), launcher: str = "mpirun", srun_mpi: str | None = None,
                  mpi_iface: str | None = None) -> None:
-        self.process_count_per_node = _positive_int("process_count_per_node", process_count_per_node)
-        self.node_count = _positive_int("node_count", node_count)
+        self.process_count_per_node = process_count_per_node
+        self.node_count = node_count
         if mpirun is not None and (not isinstance(mpirun, (str, os.PathLike)) or not os.fspath(mpirun)):
             raise _fail("mpirun", f"must be the path of mpirun, got {mpirun!r}")
         self.mpirun = os.fspath(mpirun) if mpirun is not None else None
@@ -180,6 +190,22 @@ class MpiConfiguration:
         if mpi_iface is not None and (not isinstance(mpi_iface, str) or not re.match(r"^[\w.:/-]+$", mpi_iface)):
             raise _fail("mpi_iface", f"must be a network interface name (or for Open MPI a subnet), got {mpi_iface!r}")
         self.mpi_iface = mpi_iface
+
+    @property
+    def process_count_per_node(self) -> int:
+        return self._process_count_per_node
+
+    @process_count_per_node.setter
+    def process_count_per_node(self, value: int) -> None:
+        self._process_count_per_node = _positive_int("process_count_per_node", value)
+
+    @property
+    def node_count(self) -> int:
+        return self._node_count
+
+    @node_count.setter
+    def node_count(self, value: int) -> None:
+        self._node_count = _positive_int("node_count", value)
 
     def to_dict(self) -> dict[str, Any]:
         return {"backend": self.backend, "process_count_per_node": self.process_count_per_node,
@@ -235,12 +261,29 @@ class TensorflowConfiguration(_NativeTF):
     def __init__(self, worker_count: int = 1, parameter_server_count: int = 1, *, chief: bool = False,
                  evaluator: bool = False, port_base: int | None = None,
                  evaluator_grace: float = DEFAULT_EVALUATOR_GRACE) -> None:
-        self.worker_count = _count("worker_count", worker_count, 1)
-        self.parameter_server_count = _count("parameter_server_count", parameter_server_count, 0)
+        self.worker_count = worker_count
+        self.parameter_server_count = parameter_server_count
         if not isinstance(chief, bool):
             raise SpecError(f"chief (--chief): must be True or False, got {chief!r}")
         self.chief = chief
         self._tf_options(evaluator, port_base, evaluator_grace)
+
+    # the reference sets these after construction (``d = TensorflowConfiguration(); d.worker_count = 2``)
+    @property
+    def worker_count(self) -> int:
+        return self._worker_count
+
+    @worker_count.setter
+    def worker_count(self, value: int) -> None:
+        self._worker_count = _count("worker_count", value, 1)
+
+    @property
+    def parameter_server_count(self) -> int:
+        return self._parameter_server_count
+
+    @parameter_server_count.setter
+    def parameter_server_count(self, value: int) -> None:
+        self._parameter_server_count = _count("parameter_server_count", value, 0)
 
     def to_dict(self) -> dict[str, Any]:
         return {"backend": self.backend, "worker_count": self.worker_count,
@@ -301,6 +344,12 @@ class JobSpec:
     gpus_per_node: int | None = None  # GPUs each host gives the job (default: found at launch)
     gpus_shared: bool = False  # several processes may share a GPU when there are too few
     compute_target: dict[str, Any] | None = None  # hosts used and how to reach them (tflaunch.target)
+    packages: dict[str, Any] | None = None  # what to install: {"pip", "requirements_file", "conda", "index", "inherit"}
+    # (index: the options given with the job; the home's and the workspace's config.json fill in the rest)
+    environment: dict[str, Any] | None = None  # the environment to build (tflaunch.envs.EnvRequest), from packages
+    setup_commands: list[str] = field(default_factory=list)  # shell lines run on every host before the processes
+    inputs: list[dict[str, Any]] = field(default_factory=list)  # data references (tflaunch.data)
+    preflight: bool = True  # a multi-host run checks that TensorFlow is the same everywhere first
 
     @property
     def world_size(self) -> int:
@@ -315,19 +364,68 @@ class JobSpec:
         return cls(**known)
 
 
+# Reference arguments tflaunch cannot honour, with what to use instead (one line each).
+_REFUSED = {
+    "custom_docker_image": "tflaunch runs no containers; give the packages as pip_packages (a virtual environment "
+                           "is built from them) and run on hosts that have what the image had",
+    "custom_docker_base_image": "tflaunch runs no containers; give the packages as pip_packages",
+    "image_registry_details": "tflaunch runs no containers; give the packages as pip_packages",
+    "environment_definition": "tflaunch builds the job's environment from pip_packages / conda_packages / "
+                              "framework_version; give those instead",
+    "shm_size": "tflaunch runs no containers, so there is no container shared memory to size; processes use the "
+                "host's /dev/shm",
+    "vm_size": "tflaunch runs on the machines you give it: use compute_target=SSHTarget(hosts=[...]) or "
+               "SlurmTarget(partition=...)",
+    "vm_priority": "tflaunch runs on the machines you give it: use compute_target=SSHTarget(hosts=[...]) or "
+                   "SlurmTarget(qos=...)",
+    "source_directory_data_store": "the snapshot of source_directory is kept in the tflaunch home; leave it out",
+    "resume_from": "pass the checkpoint directory to the script in script_params (e.g. a Datastore path "
+                   ".as_mount()) and resume there",
+    "conda_dependencies_file": "give the packages as conda_packages=[...] (or pip_packages)",
+    "conda_dependencies_file_path": "give the packages as conda_packages=[...] (or pip_packages)",
+}
+_IGNORED = ("_disable_validation", "_show_lint_warnings", "_show_package_warnings", "_enable_optimized_mode")
+
+
+def _strings(name: str, value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str) or not isinstance(value, Sequence) or not all(isinstance(v, str) and v for v in value):
+        raise _fail(name, f"must be a list of strings such as ['keras'], got {value!r}")
+    return list(value)
+
+
+def _with_inputs(where: str, value: Any, inputs: list[dict[str, Any]]) -> Any:
+    """A data reference becomes the ``{data:NAME}`` placeholder each host replaces with its path."""
+    from . import data
+
+    if data.is_reference(value):
+        return data.add_input(value, inputs, where)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_with_inputs(f"{where}[{i}]", v, inputs) for i, v in enumerate(value))
+    return value
+
+
 class Estimator:
     """A training job: ``entry_script`` from ``source_directory`` with ``script_params``.
 
-    Mirrors ``azureml.train.estimator.Estimator``. ``arguments`` (a list, appended after the
-    ``script_params``) and ``python`` (the job's interpreter; default: the submitting one) are
-    tflaunch additions.
+    Mirrors ``azureml.train.estimator.Estimator``: ``pip_packages`` / ``pip_requirements_file`` /
+    ``conda_packages`` build the job's environment (see README "Job environments"); a ``Datastore`` or
+    ``Dataset`` reference as a ``script_params`` value (or in ``inputs``) becomes that host's path. The
+    reference's container options (``custom_docker_image``, ...) are refused with what to use instead.
+    tflaunch additions: ``arguments`` (a list, appended after the ``script_params``), ``python`` (the
+    job's interpreter; default: the submitting one), ``find_links`` / ``index_url`` / ``no_index`` (where
+    packages come from; defaults from the home's and the workspace's config.json), ``inherit_packages``
+    (the environment sees the interpreter's own packages; default True), ``setup_commands`` (shell lines
+    run on every host before the processes start), ``preflight`` (multi-host runs check that TensorFlow
+    is the same everywhere first).
     """
 
     def __init__(
         self,
-        source_directory: str | os.PathLike,
-        *,
-        entry_script: str,
+        source_directory: str | os.PathLike | None = None,
+        *args: Any,
+        entry_script: str | None = None,
         script_params: Mapping[str, Any] | None = None,
         arguments: Sequence[Any] | None = None,
         compute_target: Any = None,
@@ -340,21 +438,67 @@ class Estimator:
         environment_variables: Mapping[str, Any] | None = None,
         max_run_duration_seconds: float | None = None,
         python: str | os.PathLike | None = None,
+        pip_packages: Sequence[str] | None = None,
+        pip_requirements_file: str | os.PathLike | None = None,
+        pip_requirements_file_path: str | os.PathLike | None = None,
+        conda_packages: Sequence[str] | None = None,
+        find_links: Sequence[str] | str | None = None,
+        index_url: str | None = None,
+        no_index: bool | None = None,
+        inherit_packages: bool = True,
+        environment_builder: str = "auto",
+        user_managed: bool = False,
+        use_docker: bool | None = None,
+        setup_commands: Sequence[str] | None = None,
+        inputs: Sequence[Any] | None = None,
+        preflight: bool = True,
+        **unknown: Any,
     ) -> None:
+        kind = type(self).__name__
+        if args:
+            raise SpecError(f"{kind}: source_directory is the only positional argument; give the others by name "
+                            "(entry_script='train.py', ...)")
+        for name in list(unknown):
+            if name in _REFUSED:
+                raise SpecError(f"{name}: {_REFUSED[name]}")
+            if name in _IGNORED:
+                del unknown[name]
+        if unknown:
+            name = sorted(unknown)[0]
+            raise SpecError(f"{kind}: unknown argument {name!r}; see help(tflaunch.{kind}) for the arguments")
+        if use_docker:
+            raise SpecError("use_docker: tflaunch runs no containers; leave use_docker out (the job runs in the "
+                            "interpreter, or in a virtual environment built from pip_packages)")
+        if source_directory is None:
+            raise _fail("source_directory", "is required: the directory holding the training script")
         if not isinstance(source_directory, (str, os.PathLike)) or not os.fspath(source_directory):
             raise _fail("source_directory", f"must be a path, got {source_directory!r}")
         self.source_directory = os.fspath(source_directory)
+        if entry_script is None:
+            raise _fail("entry_script", "is required: the script to run, relative to source_directory")
         if not isinstance(entry_script, (str, os.PathLike)) or not os.fspath(entry_script):
             raise _fail("entry_script", f"must be a file name inside source_directory, got {entry_script!r}")
         self.entry_script = os.fspath(entry_script)
+        self.inputs: list[dict[str, Any]] = []
+        if isinstance(script_params, Mapping):
+            script_params = {k: _with_inputs(f"script_params[{k!r}]", v, self.inputs) for k, v in script_params.items()}
         self.script_params = dict(script_params) if isinstance(script_params, Mapping) else script_params
         self._argv = script_params_to_argv(script_params)
         if arguments is None:
             arguments = []
         if isinstance(arguments, (str, bytes)) or not isinstance(arguments, Sequence):
             raise SpecError(f"arguments: must be a list, got {type(arguments).__name__}")
-        self.arguments = list(arguments)
+        self.arguments = [_with_inputs(f"arguments[{i}]", a, self.inputs) for i, a in enumerate(arguments)]
         self._argv += [_scalar_arg(f"arguments[{i}]", a) for i, a in enumerate(self.arguments)]
+        if inputs is not None:
+            if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Sequence):
+                raise SpecError(f"inputs: must be a list of data references, got {type(inputs).__name__}")
+            from . import data
+            for i, ref in enumerate(inputs):
+                if not data.is_reference(ref):
+                    raise SpecError(f"inputs[{i}]: must be a Datastore/Dataset reference such as "
+                                    f"ds.as_named_input('mnist').as_mount(), got {type(ref).__name__}")
+                data.add_input(ref, self.inputs, f"inputs[{i}]")
         from .target import SlurmTarget, SSHTarget
 
         if compute_target is not None and not isinstance(compute_target, (SSHTarget, SlurmTarget)) and not (
@@ -362,8 +506,8 @@ class Estimator:
             raise _fail("compute_target", f"{compute_target!r} is not supported; give 'local', SSHTarget(hosts=[...]) "
                                           "or SlurmTarget(...)")
         self.compute_target = compute_target if isinstance(compute_target, (SSHTarget, SlurmTarget)) else "local"
-        self.node_count = _positive_int("node_count", node_count)
-        self.process_count_per_node = _positive_int("process_count_per_node", process_count_per_node)
+        self._node_count = _positive_int("node_count", node_count)
+        self._process_count_per_node = _positive_int("process_count_per_node", process_count_per_node)
         if distributed_training is not None and not isinstance(
                 distributed_training, (MpiConfiguration, TensorflowConfiguration, MultiWorkerConfiguration)):
             raise SpecError("distributed_training: must be MpiConfiguration(), TensorflowConfiguration(...) or "
@@ -392,16 +536,77 @@ class Estimator:
         if python is not None and (not isinstance(python, (str, os.PathLike)) or not os.fspath(python)):
             raise _fail("python", f"must be the path of a Python interpreter, got {python!r}")
         self.python = os.fspath(python) if python is not None else None
-        if isinstance(distributed_training, MpiConfiguration):  # the counts: here or there, not both
-            for name in ("node_count", "process_count_per_node"):
-                mine, theirs = getattr(self, name), getattr(distributed_training, name)
-                if mine == 1:
-                    setattr(self, name, theirs)
-                elif theirs not in (1, mine):
-                    raise _fail(name, f"{mine} here but {theirs} in MpiConfiguration: give it once")
+        self.pip_packages = _strings("pip_packages", pip_packages)
+        self.conda_packages = _strings("conda_packages", conda_packages)
+        if pip_requirements_file is not None and pip_requirements_file_path is not None:
+            raise _fail("pip_requirements_file", "give pip_requirements_file or pip_requirements_file_path, not both")
+        requirements = pip_requirements_file if pip_requirements_file is not None else pip_requirements_file_path
+        if requirements is not None and (not isinstance(requirements, (str, os.PathLike)) or not os.fspath(requirements)):
+            raise _fail("pip_requirements_file", f"must be the path of a requirements file, got {requirements!r}")
+        self.pip_requirements_file = os.fspath(requirements) if requirements is not None else None
+        if isinstance(find_links, (str, os.PathLike)):
+            find_links = [os.fspath(find_links)]
+        self.find_links = _strings("find_links", find_links)
+        if index_url is not None and (not isinstance(index_url, str) or not index_url):
+            raise _fail("index_url", f"must be the URL of a package index, got {index_url!r}")
+        self.index_url = index_url
+        if no_index is not None and not isinstance(no_index, bool):
+            raise _fail("no_index", f"must be True or False, got {no_index!r}")
+        self.no_index = no_index
+        for name, value in (("inherit_packages", inherit_packages), ("user_managed", user_managed),
+                            ("preflight", preflight)):
+            if not isinstance(value, bool):
+                raise _fail(name, f"must be True or False, got {value!r}")
+        self.inherit_packages = inherit_packages
+        if environment_builder not in ("auto", "uv", "pip"):
+            raise _fail("environment_builder", f"must be 'auto', 'uv' or 'pip', got {environment_builder!r}")
+        self.environment_builder = environment_builder
+        self.user_managed = user_managed
+        self.preflight = preflight
+        if user_managed and (self.pip_packages or self.conda_packages or self.pip_requirements_file):
+            raise _fail("user_managed", "True uses the interpreter as it is, so nothing can be installed: leave out "
+                                        "user_managed or the packages")
+        if isinstance(setup_commands, str):
+            setup_commands = [setup_commands]
+        self.setup_commands = _strings("setup_commands", setup_commands)
+        for line in self.setup_commands:
+            if "\x00" in line:
+                raise _fail("setup_commands", "a line contains a NUL byte")
+        self._check_counts()
         if isinstance(distributed_training, TensorflowConfiguration) and process_count_per_node != 1:
             raise _fail("process_count_per_node", "does not apply to a parameter-server job: give worker_count "
                         "(--workers) and parameter_server_count (--ps); tflaunch spreads them over the nodes")
+
+    @property
+    def node_count(self) -> int:
+        """Nodes to use (an MpiConfiguration's when given there)."""
+        return self._check_counts()[0]
+
+    @node_count.setter
+    def node_count(self, value: int) -> None:
+        self._node_count = _positive_int("node_count", value)
+
+    @property
+    def process_count_per_node(self) -> int:
+        """Processes per node (an MpiConfiguration's when given there)."""
+        return self._check_counts()[1]
+
+    @process_count_per_node.setter
+    def process_count_per_node(self, value: int) -> None:
+        self._process_count_per_node = _positive_int("process_count_per_node", value)
+
+    def _check_counts(self) -> tuple[int, int]:
+        """node_count and process_count_per_node, merged with an MpiConfiguration's (given here or there,
+        not both, as in the reference); read when the job is specified, so attributes set later count."""
+        counts = [self._node_count, self._process_count_per_node]
+        if isinstance(self.distributed_training, MpiConfiguration):
+            for i, name in enumerate(("node_count", "process_count_per_node")):
+                mine, theirs = counts[i], getattr(self.distributed_training, name)
+                if mine == 1:
+                    counts[i] = theirs
+                elif theirs not in (1, mine):
+                    raise _fail(name, f"{mine} here but {theirs} in MpiConfiguration: give it once")
+        return counts[0], counts[1]
 
     def _distributed(self) -> dict[str, Any] | None:
         return self.distributed_training.to_dict() if self.distributed_training is not None else None
@@ -409,13 +614,37 @@ class Estimator:
     def _framework(self) -> dict[str, Any] | None:
         return None
 
+    def _packages(self) -> dict[str, Any] | None:
+        """What the job asks to have installed (``None``: the interpreter as it is)."""
+        if not (self.pip_packages or self.conda_packages or self.pip_requirements_file):
+            return None
+        requirements = self.pip_requirements_file
+        if requirements is not None:
+            requirements = os.path.abspath(requirements)
+            if not os.path.isfile(requirements):
+                raise _fail("pip_requirements_file", f"{requirements} is not a file")
+        return {"pip": list(self.pip_packages), "requirements_file": requirements, "conda": list(self.conda_packages)}
+
+    def _index(self) -> dict[str, Any]:
+        """The package index options given here (the rest come from config files)."""
+        out: dict[str, Any] = {}
+        if self.find_links:
+            out["find_links"] = [x if "://" in x else os.path.abspath(x) for x in self.find_links]
+        if self.index_url is not None:
+            out["index_url"] = self.index_url
+        if self.no_index is not None:
+            out["no_index"] = self.no_index
+        return out
+
     def resolved_target(self) -> dict[str, Any]:
         """The hosts this job uses and how to reach them (see :func:`tflaunch.target.resolve_target`)."""
         from .target import resolve_target
 
-        world = world_size(self.node_count, self.process_count_per_node, self._distributed())
-        ppn = 1 if isinstance(self.distributed_training, TensorflowConfiguration) else self.process_count_per_node
-        return resolve_target(self.compute_target, self.node_count, ppn, world=world)
+        nodes, ppn = self._check_counts()
+        world = world_size(nodes, ppn, self._distributed())
+        if isinstance(self.distributed_training, TensorflowConfiguration):
+            ppn = 1
+        return resolve_target(self.compute_target, nodes, ppn, world=world)
 
     def job_spec(self) -> JobSpec:
         """The normalized spec; relative paths are resolved against the current directory.
@@ -428,14 +657,16 @@ class Estimator:
             python = sys.executable
         elif os.sep in python or (os.altsep and os.altsep in python):
             python = os.path.abspath(python)
+        nodes, ppn = self._check_counts()
+        packages = self._packages()
         spec = JobSpec(
             source_directory=os.path.abspath(self.source_directory),
             entry_script=self.entry_script,
             arguments=list(self._argv),
             python=python,
             environment_variables=dict(self.environment_variables),
-            node_count=self.node_count,
-            process_count_per_node=self.process_count_per_node,
+            node_count=nodes,
+            process_count_per_node=ppn,
             distributed=self._distributed(),
             use_gpu=self.use_gpu,
             max_run_duration_seconds=self.max_run_duration_seconds,
@@ -443,7 +674,14 @@ class Estimator:
             gpus_per_node=self.gpus_per_node,
             gpus_shared=self.gpus_shared,
             compute_target=self.resolved_target(),
+            packages={**(packages or {"pip": [], "requirements_file": None, "conda": []}), "index": self._index(),
+                      "inherit": self.inherit_packages, "builder": self.environment_builder},
+            setup_commands=list(self.setup_commands),
+            inputs=[dict(i) for i in self.inputs],
+            preflight=self.preflight,
         )
+        from . import data
+        data.check_placeholders(spec.arguments, spec.inputs)
         from .tfconfig import place
 
         place(spec)  # raises SpecError when the processes do not fit the hosts
@@ -455,10 +693,12 @@ class Estimator:
 
 
 class TensorFlow(Estimator):
-    """Estimator for TensorFlow jobs; checks that the job's interpreter imports TensorFlow.
+    """Estimator for TensorFlow jobs.
 
-    ``framework_version`` (``'2.21'``, ``'2.21.0'``) must match the TensorFlow the job will import
-    (compared component by component); ``None`` accepts any installed TensorFlow.
+    ``framework_version`` (``'2.15'``, ``'2.21.0'``): the TensorFlow the job runs with (compared
+    component by component). When the job's interpreter imports a matching TensorFlow it is used as it
+    is; otherwise tflaunch builds (once, then reuses) an environment with that TensorFlow series, as the
+    reference's curated images did. ``None`` accepts any installed TensorFlow.
     ``distributed_backend='mpi'|'ps'`` with ``worker_count``/``parameter_server_count`` is the
     reference's older spelling of ``distributed_training``; ``'multiworker'`` is tflaunch's
     (:class:`MultiWorkerConfiguration`).
@@ -466,8 +706,8 @@ class TensorFlow(Estimator):
 
     def __init__(
         self,
-        source_directory: str | os.PathLike,
-        *,
+        source_directory: str | os.PathLike | None = None,
+        *args: Any,
         framework_version: str | None = None,
         distributed_backend: str | None = None,
         worker_count: int | None = None,
@@ -495,9 +735,15 @@ class TensorFlow(Estimator):
             else:
                 raise SpecError(f"distributed_backend: must be 'mpi', 'ps' or 'multiworker', got {distributed_backend!r}")
         elif worker_count is not None or parameter_server_count is not None:
-            raise SpecError("worker_count/parameter_server_count: only meaningful with distributed_backend='ps'")
+            if not isinstance(kwargs.get("distributed_training"), TensorflowConfiguration):
+                raise SpecError("worker_count/parameter_server_count: only meaningful with distributed_backend='ps'")
+            dist = kwargs["distributed_training"]  # the reference's defaults are 1: counts given here win
+            if worker_count is not None:
+                dist.worker_count = worker_count
+            if parameter_server_count is not None:
+                dist.parameter_server_count = parameter_server_count
         self.distributed_backend = distributed_backend
-        super().__init__(source_directory, **kwargs)
+        super().__init__(source_directory, *args, **kwargs)
 
     def _framework(self) -> dict[str, Any] | None:
         return {"name": "tensorflow", "version": self.framework_version}

@@ -530,9 +530,17 @@ class RunRecord:
     def _mark_launcher_lost(self, status: dict[str, Any]) -> dict[str, Any]:
         lease = self.lease() or {}
         where = f"pid {lease.get('pid')} on {lease.get('host')}" if lease else "unknown"
-        last = lease.get("heartbeat")
+        try:
+            ended = float(lease.get("heartbeat") or time.time())  # when the launcher was last seen
+        except (TypeError, ValueError):
+            ended = time.time()
+        # The lease is written before the status goes Running and renewed every few seconds, so the last
+        # heartbeat can predate started (or created): the run never ends before it began.
+        for began in (parse_iso(status.get("started")), parse_iso(status.get("created"))):
+            if began is not None and began > ended:
+                ended = began
         status = dict(status)
-        status.update(status=FAILED, ended=now_iso(last if last else None), error={
+        status.update(status=FAILED, ended=now_iso(ended), error={
             "reason": "launcher_lost",
             "message": f"the launcher ({where}) stopped without finishing the run; its processes were "
                        "stopped by the tflaunch agent",
@@ -691,7 +699,8 @@ def with_duration(run: dict[str, Any]) -> dict[str, Any]:
     out = dict(run)
     start = parse_iso(run.get("started")) or parse_iso(run.get("created"))
     end = parse_iso(run.get("ended")) or (None if run.get("status") in TERMINAL else time.time())
-    out["duration_seconds"] = round(end - start, 3) if start and end else None
+    # never negative: a record whose clock went backwards (or written before ended was kept >= started)
+    out["duration_seconds"] = max(0.0, round(end - start, 3)) if start and end else None
     return out
 
 
@@ -733,6 +742,14 @@ def describe(record: RunRecord) -> dict[str, Any]:
         "git": definition.get("git"),
         "run_dir": record.dir,
     })
+    if out.get("environment"):
+        try:  # the environment's own packages (pip freeze), as the first host had them
+            hosts = fsio.read_json(record.path("environment.json")).get("hosts") or {}
+            first = next(iter(hosts.values()), {})
+            out["environment"] = {**out["environment"], "path": first.get("path"),
+                                  "freeze": list(first.get("freeze") or [])}
+        except (OSError, ValueError, AttributeError, StopIteration):
+            pass
     return out
 
 

@@ -45,6 +45,7 @@ class SubmitOptions:
     limits: snapshot.SnapshotLimits | None = None
     grace: float = DEFAULT_GRACE
     scratch: str | None = None
+    workspace_config: dict[str, Any] = field(default_factory=dict)  # Workspace.from_config(): index options
 
 
 @dataclass
@@ -84,11 +85,60 @@ def prepare(estimator: Estimator, options: SubmitOptions) -> Prepared:
             raise SpecError(f"scratch (--scratch): {options.scratch} is not a directory")
     if (spec.compute_target or {}).get("kind") == "slurm":
         check_slurm(spec)
-    gpus = known_gpus(spec, target_hosts(spec.compute_target)[:spec.node_count])
+    hosts = target_hosts(spec.compute_target)[:spec.node_count]
+    gpus = known_gpus(spec, hosts)
     if (spec.distributed or {}).get("backend") == "mpi":
         check_mpi(spec)
-    environment = check_framework(spec, scan.root)
+    check_inputs(spec, hosts)
+    request_environment(spec, store.home, options.workspace_config)
+    environment = None if _env_has_tensorflow(spec.environment) else check_framework(spec, scan.root)
     return Prepared(store, spec, scan, environment, options, gpus)
+
+
+def request_environment(spec: JobSpec, home: str, workspace_config: dict[str, Any] | None = None) -> None:
+    """``spec.environment``: the environment the job needs built (:mod:`tflaunch.envs`), from its packages,
+    its framework version and the index options (the job's, over the workspace's and the home's config)."""
+    packages = spec.packages or {}
+    version = (spec.framework or {}).get("version")
+    if version is not None and "." not in version:
+        version = None  # '2': any 2.x the interpreter has (check_framework); an environment needs a series
+    if not (packages.get("pip") or packages.get("conda") or packages.get("requirements_file") or version):
+        return
+    from . import config, envs
+
+    index = envs.IndexOptions.layered(config.index_defaults(home, workspace_config), packages.get("index"))
+    dist = spec.distributed or {}
+    request = envs.request_environment(
+        spec.python, pip_packages=packages.get("pip") or (), requirements_file=packages.get("requirements_file"),
+        conda_packages=packages.get("conda") or (), framework_version=version, use_gpu=spec.use_gpu, index=index,
+        inherit=packages.get("inherit", True), mpi=dist.get("mpi") if dist.get("backend") == "mpi" else None,
+        env=spec.environment_variables, home=home)
+    spec.environment = {**request.to_dict(), "key": request.key} if request is not None else None
+
+
+def _env_has_tensorflow(environment: dict[str, Any] | None) -> bool:
+    """Whether the job's environment brings TensorFlow itself (then the interpreter need not have it)."""
+    if not environment:
+        return False
+    if environment.get("framework"):
+        return True
+    return any(str(r).lower().startswith(("tensorflow", "tf-nightly")) for r in environment.get("requirements") or ())
+
+
+def check_inputs(spec: JobSpec, hosts: list[Host]) -> None:
+    """The job's data inputs exist here when this machine is every host (others are asked at launch);
+    downloads need the hosts' agents, which an srun step does not have."""
+    target = spec.compute_target or {}
+    if any(i["mode"] == "download" for i in spec.inputs) and target.get("launcher") == "srun" \
+            and (target.get("kind") == "slurm" or target.get("source") == "SLURM_JOB_NODELIST"):
+        raise SpecError("as_download() (--data NAME=PATH:download) with Slurm's srun launcher: use as_mount() (the "
+                        "nodes see the path), or --launcher ssh")
+    if not spec.inputs or not all(is_local(h.name) for h in hosts):
+        return
+    for item in spec.inputs:
+        for path in item["paths"]:
+            if not os.path.exists(path):
+                raise SpecError(f"input {item['name']!r}: {path} does not exist")
 
 
 def create_run(prepared: Prepared) -> RunRecord:
@@ -163,6 +213,8 @@ def submit_slurm(prepared: Prepared) -> RunRecord:
     from .slurm import OUTPUT, SCRIPT, SlurmError, submit
 
     record = create_run(prepared)
+    if prepared.spec.environment:
+        build_environment_here(record, prepared.spec)  # the login node may reach an index the nodes cannot
     script = batch_script(prepared.spec, record.id, prepared.options.experiment, record.dir, record.store.home)
     path = record.path(SCRIPT)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -187,6 +239,32 @@ def submit_slurm(prepared: Prepared) -> RunRecord:
     record.write_status(QUEUED, slurm={"job_id": job, "submitted": True, "script": SCRIPT,
                                        "output": OUTPUT.replace("%j", job)})
     return record
+
+
+def build_environment_here(record: RunRecord, spec: JobSpec) -> None:
+    """Build (or reuse) the job's environment under the home from this process, into the record's
+    environment log; a failure ends the run Failed (reason ``environment``) and is raised."""
+    from . import envs
+    from .errors import TflaunchError
+    from .hostprep import ENV_LOG
+
+    record.event("environment_building", key=spec.environment.get("key"))
+    try:
+        with open(record.path(ENV_LOG), "ab") as fh:
+            result = envs.ensure_environment(envs.EnvRequest.from_dict(spec.environment),
+                                             envs.home_envs_root(record.store.home), log=fh)
+    except (TflaunchError, KeyboardInterrupt) as exc:
+        record.release_reserve()
+        if isinstance(exc, KeyboardInterrupt):
+            record.write_status(CANCELED, ended=now_iso(), cancel_reason="interrupted while building the environment")
+        else:
+            record.write_status(FAILED, ended=now_iso(), error={"reason": "environment", "message": str(exc)})
+        try:
+            os.unlink(record.path("lease.json"))
+        except OSError:
+            pass
+        raise
+    record.event("environment", key=result.key, built=result.built, seconds=round(result.seconds, 3))
 
 
 def start(prepared: Prepared) -> RunRecord:
@@ -267,7 +345,19 @@ def dry_run(prepared: Prepared) -> dict[str, Any]:
     if remote and (ports or (spec.distributed or {}).get("backend") in TF_BACKENDS):
         addresses = resolve_addresses(remote, SshOptions.from_dict((spec.compute_target or {}).get("ssh")))
         addresses.update({h.name: socket.gethostname() for h in hosts if is_local(h.name)})
-    processes = plan(spec, ctx, hosts, addresses=addresses, gpus=prepared.gpus)
+    environment = None
+    pythons = None
+    if spec.environment:
+        from . import envs
+        request = envs.EnvRequest.from_dict(spec.environment)
+        root = envs.home_envs_root(store.home)
+        built = envs.ensure_environment(request, root) if envs.is_built(root, request.key) else None
+        environment = {"key": request.key, "root": root, "status": "ready" if built else "to be built",
+                       "python": built.python if built else None, "packages": request.packages(),
+                       "request": spec.environment}
+        if built is not None:
+            pythons = {h.name: built.python for h in hosts}
+    processes = plan(spec, ctx, hosts, addresses=addresses, gpus=prepared.gpus, pythons=pythons)
     launcher = None
     slurm_plan = None
     if (spec.compute_target or {}).get("kind") == "slurm":
@@ -295,4 +385,7 @@ def dry_run(prepared: Prepared) -> dict[str, Any]:
         "processes": [p.to_dict() for p in processes],
         "launcher": launcher,
         "slurm": slurm_plan,
+        "environment": environment,
+        "setup_commands": list(spec.setup_commands),
+        "inputs": list(spec.inputs),
     }

@@ -28,6 +28,7 @@ from . import fsio, tail
 from .collect import COLLECTED, merge_outputs
 from .errors import SpecError, TflaunchError
 from .gpus import host_gpus
+from .hostprep import HostPrep, PrepFailure
 from .hosts import is_local
 from .launch import AgentConnection
 from .launch.local import discard_agent, process_spec, spawn_agent
@@ -87,6 +88,7 @@ class HostRun:
         self.launcher_only = False  # MPI: the agent that runs mpirun on this machine, which is not a host
         self.rank_ready = False  # MPI: the rank wrapper knows its working directory here
         self.swept = False  # MPI: what mpirun left here was stopped
+        self.execs: dict[str, dict[str, Any]] = {}  # helper processes that ended (setup, builds, copies)
 
     @property
     def finished(self) -> bool:
@@ -171,6 +173,8 @@ class Supervisor:
             self.mpi = MpiJob(self)
         scratch = self.definition.get("scratch")
         self.work_dir = os.path.join(scratch, record.id) if scratch else record.work_dir
+        self.prep = HostPrep(self)  # setup lines, the job's environment, preflight, data inputs
+        self.prep_tail = ""  # output of the preparation step that failed
 
     # -- signals -------------------------------------------------------------------------------------
     def _install_signals(self) -> tuple[Any, ...]:
@@ -286,6 +290,9 @@ class Supervisor:
                 self._collect_remote()
             except LaunchFailure as exc:
                 self._stop("launch_failed", str(exc))
+            except PrepFailure as exc:
+                self.prep_tail = exc.tail
+                self._stop(exc.reason, str(exc))
             except BaseException as exc:  # never leave a run Running or processes behind
                 log.exception("run %s: launcher error", self.record.id)
                 self._stop("internal", f"tflaunch internal error: {exc!r}")
@@ -305,6 +312,7 @@ class Supervisor:
                 fh.close()
             if self.mpi is not None:
                 self.mpi.close()
+            self.prep.close()
             self._restore_signals(saved)
 
     def _context(self) -> RunContext:
@@ -337,13 +345,16 @@ class Supervisor:
         materialize(manifest, record.store.home, self.work_dir)
         for name in COLLECTED:
             os.makedirs(os.path.join(self.work_dir, name), exist_ok=True)
+        self.prep.record_inputs()
         self._handle_signals()
         self._check_cancel()
         if self.stop_reason:
             return
         ctx = self._context()
+        home_env = self.prep.reuse_home_environment()  # built already: no host needs to be asked
         try:
-            preview = plan(self.spec, ctx, self.hosts)
+            preview = plan(self.spec, ctx, self.hosts,
+                           pythons={h.name: home_env.python for h in self.hosts} if home_env else None)
         except SpecError as exc:
             raise LaunchFailure(str(exc)) from None
         if self.stream:
@@ -360,11 +371,13 @@ class Supervisor:
         if self.mpi is not None:
             self.mpi.launch(preview)
             return
-        if len(self.runs) == 1 and self.runs[0].conn.local and not needed and not self.spec.use_gpu:
+        if len(self.runs) == 1 and self.runs[0].conn.local and not needed and not self.spec.use_gpu \
+                and not self.prep.needed:
             # the common case: one round trip
             processes = preview
             if len(processes) > 1 or self.backend != "plain":
                 self._record_processes(processes)
+            self.prep.record_environment()
             self._start_host(self.runs[0], processes, setup=True)
             return
         remote = self._setup_agents(needed)
@@ -384,7 +397,8 @@ class Supervisor:
                         for run in self.runs}
             machines = machine_ids(self.hosts, {run.name: run.hello.get("hostname") for run in self.runs})
             processes = plan(self.spec, ctx, self.hosts, work_dirs=work_dirs, ports=ports, addresses=addresses,
-                             gpus=gpus, machines=machines)
+                             gpus=gpus, machines=machines, pythons=self.prep.pythons or None,
+                             data_paths=self.prep.data_paths)
         except SpecError as exc:
             raise LaunchFailure(str(exc)) from None
         self._record_hosts(ports, addresses)
@@ -413,6 +427,7 @@ class Supervisor:
                      "probe": None if run.conn.local else probe, "gpus": self.spec.use_gpu}
             if more is not None:
                 setup.update(more(run))
+            setup.update(self.prep.setup_fields(run))
             try:
                 run.conn.start(setup)
             except OSError:
@@ -427,6 +442,9 @@ class Supervisor:
         self._upload([run for run in remote if not run.shared])
         if self.stop_reason:
             return None
+        if not self.prep.run([run for run in self.runs if not run.launcher_only]):
+            return None
+        self.prep.record_environment()
         return remote
 
     def _start_host(self, run: HostRun, processes: list[ProcessPlan], setup: bool = False) -> None:
@@ -476,6 +494,8 @@ class Supervisor:
                 tar.add(os.path.join(self.work_dir, entry), arcname=entry)
             if lib and os.path.isdir(lib):  # tflaunch for the script's imports (see tflaunch.pylib)
                 tar.add(lib, arcname=".tflaunch-lib")
+            for name, directory in self.prep.wheelhouses(runs):  # for an environment built there
+                tar.add(directory, arcname=name)
 
         def send(run: HostRun) -> None:
             with open(path, "rb") as fh:
@@ -500,8 +520,15 @@ class Supervisor:
 
         Raises LaunchFailure when a host's agent ends or reports an error, or at ``deadline``.
         """
+        next_cancel_poll = time.monotonic() + CANCEL_POLL
         while not condition():
             self._poll(0.1)
+            if self.stream:
+                for f in self._followers:
+                    f.poll()
+            if time.monotonic() >= next_cancel_poll:  # `runs cancel` from another machine: a request file
+                self._check_cancel()
+                next_cancel_poll = time.monotonic() + CANCEL_POLL
             if self.stop_reason:
                 return False
             for run in self.runs:
@@ -601,6 +628,8 @@ class Supervisor:
     def _on_event(self, run: HostRun, event: dict[str, Any]) -> None:
         if self.mpi is not None and self.mpi.on_event(run, event):
             return
+        if self.prep.on_event(run, event):
+            return
         kind = event.get("event")
         if kind == "output":
             self._rank_file(int(event["index"]), int(event["fd"])).write(event["data"])
@@ -610,7 +639,7 @@ class Supervisor:
             self.record.event("process_started", index=event.get("index"), pid=event.get("pid"), host=run.name)
             if not self.running:
                 self.running = True
-                self.record.write_status(RUNNING, started=now_iso())
+                self.record.write_status(RUNNING, started=now_iso(), **self.prep.status_fields)
                 if self.spec.max_run_duration_seconds:
                     self.deadline = time.monotonic() + float(self.spec.max_run_duration_seconds)
             if self.stop_reason:  # stopped while starting
@@ -806,7 +835,7 @@ class Supervisor:
                 fields["exit_code"] = 0
                 return {"status": COMPLETED, **fields}
             fields["error"] = {"reason": "internal", "message": "the processes' exit statuses were not reported"}
-        stderr_tail = self._stderr_tail(failure["index"] if failure else 0)
+        stderr_tail = self.prep_tail or self._stderr_tail(failure["index"] if failure else 0)
         if stderr_tail:
             fields["error"]["stderr_tail"] = stderr_tail
         return {"status": FAILED, **fields}
@@ -886,7 +915,7 @@ class Supervisor:
         if current.get("status") in TERMINAL:
             return current
         status = outcome.pop("status")
-        final = record.write_status(status, **outcome)
+        final = record.write_status(status, **self.prep.status_fields, **outcome)
         try:
             os.unlink(record.path("lease.json"))
         except OSError:

@@ -10,11 +10,15 @@ Roles are TensorFlow's, in lower case: ``chief``, ``worker``, ``ps``, ``evaluato
   worker 0 acts as chief), then an optional evaluator.
 * Every other backend: one ``worker`` per rank, host-major, and no ``TF_CONFIG``.
 
-**Placement** (``ps``): the tasks are dealt round-robin over the ``node_count`` hosts in the order chief,
-ps 0, ps 1, ..., worker 0, worker 1, ..., evaluator, starting at node 0 and skipping hosts whose slots
-are full (``--oversubscribe``: no limit). So the chief is on node 0, ps 0 on node 1, and ps tasks and
-workers spread evenly; with one node everything is on it. Every node must get at least one task. The
-multiworker evaluator goes on the last node with a free slot.
+**Placement** (``ps``), as in the reference (``node_count`` nodes with ``worker_count`` workers and
+``parameter_server_count`` ps spread over them): the chief, the workers and the evaluator take one slot
+each and are dealt round-robin over the ``node_count`` hosts in the order chief, worker 0, worker 1, ...,
+evaluator, starting at node 0 and skipping hosts whose slots are full (``--oversubscribe``: no limit). A
+parameter server takes no slot: it shares a node with workers, the ps tasks being dealt round-robin from
+the last node backwards (ps 0 on the last node, ps 1 on the one before, ...: away from the chief or
+worker 0 on node 0). The reference's example (2 nodes, 2 workers, 1 ps) is node 0: worker 0; node 1:
+worker 1, ps 0. With one node everything is on it. Every node must get at least one task. The multiworker evaluator goes on the
+last node with a free slot.
 
 **TF_CONFIG**: ``{"cluster": {"chief": [...], "worker": [...], "ps": [...]}, "task": {"type": ROLE,
 "index": I}, "environment": "cloud"}``, roles with no task left out. The evaluator is never listed in
@@ -119,20 +123,26 @@ def place(spec: JobSpec, hosts: Sequence[Host] | None = None) -> list[Task]:
         if nodes > len(roles):
             raise SpecError(f"--nodes {nodes}: the job has only {len(roles)} processes ({describe_roles(spec)}), "
                             "so a node would be idle; use fewer nodes")
-        order = sorted(range(len(roles)), key=lambda r: (("chief", "ps", "worker", "evaluator").index(roles[r][0]),
+        order = sorted(range(len(roles)), key=lambda r: (("chief", "worker", "evaluator", "ps").index(roles[r][0]),
                                                          roles[r][1]))
+        slotted = [r for r in order if roles[r][0] != "ps"]
         cursor = 0
-        for rank in order:
+        for rank in slotted:  # one slot each, round-robin from the first node
             for step in range(nodes):
                 node = (cursor + step) % nodes
                 if oversubscribe or used[node] < hosts[node].slots:
                     break
             else:
-                raise SpecError(f"{describe_roles(spec)} need {len(roles)} slots but {_hosts_text(hosts)} "
-                                f"have {sum(h.slots for h in hosts)}: use more hosts, fewer tasks or --oversubscribe")
+                raise SpecError(f"{describe_roles(spec)} need {len(slotted)} slots (ps tasks take none) but "
+                                f"{_hosts_text(hosts)} have {sum(h.slots for h in hosts)}: use more hosts, fewer "
+                                "tasks or --oversubscribe")
             placed[rank] = node
             used[node] += 1
             cursor = node + 1
+        for i, rank in enumerate(order[len(slotted):]):  # ps: no slot; round-robin from the last node back
+            node = nodes - 1 - i % nodes
+            placed[rank] = node
+            used[node] += 1
     else:
         ppn = spec.process_count_per_node
         for rank, (role, _) in enumerate(roles):

@@ -79,6 +79,12 @@ class OfflineRun:
     def get_status(self) -> str:
         return "Running"
 
+    @property
+    def input_datasets(self) -> dict[str, str]:
+        """Outside tflaunch there are no inputs but those a launcher described in the environment."""
+        from .data import input_datasets
+        return input_datasets()
+
     def log(self, name: str, value: Any, description: str = "", step: int | None = None) -> None:
         value = _scalar(value, _check_name(name))
         self._say(f"Attempted to log scalar metric {name}:\n{value}")

