@@ -136,3 +136,57 @@ def test_reference_parameter_server_example_on_two_hosts(netns_hosts, home):
     metrics = json.loads((record / "outputs" / "metrics.json").read_text())
     assert metrics["loss"][-1] < metrics["loss"][0] and metrics["parameter_servers"] == 1
     assert pids_with_token(run.id) == []
+
+
+KERAS_TRAIN = """\
+import argparse, keras, numpy as np, sys
+p = argparse.ArgumentParser()
+p.add_argument("--batch-size", type=int)
+p.add_argument("--learning-rate", type=float)
+args = p.parse_args()
+model = keras.Sequential([keras.Input(shape=(4,)), keras.layers.Dense(2)])
+model.compile(optimizer=keras.optimizers.SGD(args.learning_rate), loss="mse")
+x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
+history = model.fit(x, x[:, :2], batch_size=args.batch_size, epochs=2, verbose=0)
+print("keras", keras.__version__, "loss", history.history["loss"][-1], "python", sys.executable)
+"""
+
+
+@pytest.fixture
+def one_gpu(monkeypatch):
+    """use_gpu=True as the reference's examples say: this machine has no GPU, so one is simulated with
+    CUDA_VISIBLE_DEVICES (the only mock here: a GPU cannot exist on this machine or in CI)."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+
+
+def test_reference_conda_example_without_conda_says_what_to_use(proj, one_gpu, home, monkeypatch):
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no conda, mamba or micromamba here
+    tf_est = TensorFlow(source_directory=str(proj), script_params={"--batch-size": 50}, compute_target="local",
+                        entry_script="train.py", conda_packages=["scikit-learn"], use_gpu=True)
+    with pytest.raises(SpecError) as info:
+        Experiment("tf", home=str(home)).submit(tf_est)
+    assert str(info.value) == ("conda_packages (--conda): building a conda environment needs conda, mamba or "
+                               "micromamba on PATH, and none was found; give the packages as pip_packages (--pip) "
+                               "instead")
+    assert not (home / "runs").exists() or not any((home / "runs").iterdir())  # nothing recorded
+
+
+@pytest.mark.slow
+def test_reference_keras_example_with_pip_packages(project, one_gpu, home, tmp_path):
+    """pip_packages=['keras'] (the reference's Keras section): the job's interpreter has Keras already, so
+    the environment inherits it and downloads nothing (offline: --no-index with an empty wheelhouse)."""
+    pytest.importorskip("keras")
+    src = project(**{"keras_train.py": KERAS_TRAIN})
+    empty = tmp_path / "wheelhouse"
+    empty.mkdir()
+    script_params = {"--batch-size": 50, "--learning-rate": 0.01}
+    keras_est = TensorFlow(source_directory=str(src), script_params=script_params, compute_target="local",
+                           entry_script="keras_train.py", pip_packages=["keras"], use_gpu=True,
+                           no_index=True, find_links=[str(empty)],
+                           environment_variables={"TF_CPP_MIN_LOG_LEVEL": "2"})
+    run = Experiment("keras", home=str(home)).submit(keras_est)
+    details = run.wait_for_completion(raise_on_error=False, timeout=300)
+    assert details["status"] == "Completed", details
+    assert details["environment"]["built"] and details["environment"]["freeze"] == []  # keras: inherited
+    out = Path(run.run_dir, "tflaunch_logs", "rank-0.stdout").read_text()
+    assert f"python {details['environment']['python']}" in out and "loss" in out

@@ -33,6 +33,11 @@ Examples:
   python -m tflaunch run --hostfile hosts.txt --nodes 2 --procs-per-node 2 train.py
   python -m tflaunch run --backend multiworker train.py          # inside sbatch/salloc: one srun step
   python -m tflaunch run --slurm --partition gpu --time 02:00:00 --nodes 2 --procs-per-node 4 --detach train.py
+  python -m tflaunch run --pip keras --pip 'scikit-learn>=1.3' train.py      # in an environment built once
+  python -m tflaunch run --backend mpi --framework-version 2.15 --pip horovod --hosts a,b train_hvd.py
+  python -m tflaunch run --no-index --find-links /srv/wheelhouse --requirements requirements.txt train.py
+  python -m tflaunch run --hosts a,b --setup 'module load cuda/12.4' --data mnist=/shared/mnist:download \\
+      train.py -- --data-folder '{data:mnist}'
 """
 
 
@@ -87,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--env", action="append", type=_key_value("NAME"), default=[], metavar="NAME=VALUE",
                      help="environment variable for the script (repeatable)")
     run.add_argument("--framework-version", metavar="VERSION",
-                     help="require this TensorFlow version in the job's interpreter (e.g. 2.21)")
+                     help="run with this TensorFlow (e.g. 2.15): the job's interpreter when it has a matching one, "
+                          "else an environment with that series, built once")
     run.add_argument("--gpu", action="store_true",
                      help="give each process its share of its host's GPUs (default: CUDA_VISIBLE_DEVICES is set empty)")
     run.add_argument("--gpus-per-node", type=int, metavar="N",

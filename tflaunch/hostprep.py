@@ -95,6 +95,7 @@ class HostPrep:
         self._probe: dict[str, str] | None = None
         self._shipped: set[str] = set()  # hosts that were sent the wheelhouses
         self._logs: dict[tuple[str, str], Any] = {}
+        self._followed: set[str] = set()  # log files already shown on the console
         self._partial: dict[tuple[str, str], bytes] = {}  # an environment log's unfinished line
         self._markers: dict[str, list[bytes]] = {}  # host -> the builder's result line
 
@@ -190,6 +191,9 @@ class HostPrep:
 
     def _follow(self, phase: str, run: HostRun) -> None:
         path = self.sup.record.path(self._log_path(phase, run))
+        if path in self._followed:
+            return
+        self._followed.add(path)
         open(path, "ab").close()
         if self.sup.stream:
             self.sup._followers.append(tail.Follower(path, self.sup.stderr, prefix=f"[{phase} {run.name}] "))
