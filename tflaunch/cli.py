@@ -270,7 +270,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.gpu and args.gpus_per_node is None and getattr(target, "launcher", None) == "srun":
         from .slurm import gpus_per_node
         args.gpus_per_node = gpus_per_node(os.environ)  # the allocation's GPUs per node
-    from .cli_env import package_options
     from .data import parse_cli
 
     kwargs: dict[str, Any] = dict(
@@ -278,8 +277,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         process_count_per_node=ppn, use_gpu=args.gpu, environment_variables=dict(args.env),
         max_run_duration_seconds=args.timeout, python=args.python, distributed_training=distributed,
         gpus_per_node=args.gpus_per_node, gpus_shared=args.gpus_shared, setup_commands=args.setup,
-        preflight=not args.no_preflight,
-        **_estimator_packages(package_options(args, _store(args).home), args.env_builder))
+        preflight=not args.no_preflight, **_estimator_packages(args))
     if args.framework_version is not None:
         estimator: Estimator = TensorFlow(args.source_dir, framework_version=args.framework_version, **kwargs)
     else:
@@ -331,8 +329,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     return exit_code_for(final)
 
 
-def _estimator_packages(options: dict[str, Any], builder: str) -> dict[str, Any]:
-    """The estimator's package arguments from the package options (tflaunch.cli_env.package_options)."""
+def _estimator_packages(args: argparse.Namespace) -> dict[str, Any]:
+    """The estimator's package arguments from the package options (tflaunch.cli_env.package_options);
+    none given: nothing (and tflaunch.envs is not imported)."""
+    if not (args.pip or args.requirements or args.conda or args.find_links or args.index_url or args.no_index
+            or args.no_inherit_packages or args.env_builder != "auto"):
+        return {}
+    from .cli_env import package_options
+
+    options = package_options(args, _store(args).home)
+    builder = args.env_builder
     index = options["index"].to_dict()
     return {"pip_packages": list(options["pip_packages"]) or None,
             "pip_requirements_file": options["requirements_file"],

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-from . import data
 from .errors import SpecError
 from .gpus import NO_GPU_ROLES, split
 from .hosts import Host, is_local
@@ -192,6 +191,7 @@ def plan(spec: JobSpec, ctx: RunContext, hosts: Sequence[Host] | None = None, *,
         python = pythons.get(h.name) or (ENV_PYTHON if spec.environment else spec.python)
         arguments = spec.arguments
         if spec.inputs:
+            from . import data
             paths = data.host_paths(spec.inputs, (data_paths or {}).get(h.name))
             arguments = data.substitute(arguments, paths)
             inputs_env[h.name] = json.dumps(paths, sort_keys=True)
@@ -201,7 +201,7 @@ def plan(spec: JobSpec, ctx: RunContext, hosts: Sequence[Host] | None = None, *,
         host = hosts[t.node].name
         env = dict(common)
         if host in inputs_env:
-            env[data.INPUTS_VAR] = inputs_env[host]
+            env["TFLAUNCH_INPUT_DATASETS"] = inputs_env[host]  # (tflaunch.data.INPUTS_VAR)
         env["TFLAUNCH_RANK"] = str(t.rank)
         env["TFLAUNCH_LOCAL_RANK"] = str(t.local_rank)
         env["TFLAUNCH_NODE_RANK"] = str(t.node)
