@@ -33,12 +33,12 @@ object per line; a command with ``"n": N`` is followed by N raw bytes. stdout: e
   process before the job's: a ``--setup`` shell, an environment build, a data copy; its output comes
   back as ``exec_output`` events; ``capture_env``: the environment it leaves in ``$TFLAUNCH_ENV_OUT``
   (JSON) is what the later processes of this host start from; ``owns``: a path it creates that the agent
-  removes when it ends, unless ``keep``), ``remove {paths}`` (remove owned paths now)
+  removes when it ends or at ``cleanup``, unless ``keep``)
 - setup may also carry ``home_probe`` (like ``probe``, for the home: hello says ``home_shared``),
   ``paths`` (hello says which of them exist here: ``{path: "dir" | "file" | null}``) and ``keep`` (keep
   owned paths at the end)
 - events: ``hello {hostname, pid, shared, home_shared, scratch, ports, python, executable, paths, gpus: {visible,
-  found, error}}``, ``exec_output {id, fd}`` + bytes, ``exec_done {id, returncode}``, ``removed``, ``started {index, pid}``,
+  found, error}}``, ``exec_output {id, fd}`` + bytes, ``exec_done {id, returncode}``, ``started {index, pid}``,
   ``spawn_failed {index, error}``, ``output {index, fd}`` + bytes, ``exited {index, pid, returncode}``,
   ``done``, ``unpacked``, ``data`` + bytes then ``collected {bytes}``, ``cleaned``, ``rank_ready {dir}``,
   ``swept {count}``, ``error {cmd, error}``
@@ -653,9 +653,9 @@ class Agent:
                         pass
             self.send(event)
 
-    def remove_owned(self, paths=None):
+    def remove_owned(self):
         import shutil
-        for path in list(self.owned if paths is None else paths):
+        for path in list(self.owned):
             for victim in (path, path + ".partial"):  # a copy is made aside, then renamed
                 if os.path.isdir(victim) and not os.path.islink(victim):
                     shutil.rmtree(victim, ignore_errors=True)
@@ -664,8 +664,7 @@ class Agent:
                         os.unlink(victim)
                     except OSError:
                         pass
-            if path in self.owned:
-                self.owned.remove(path)
+            self.owned.remove(path)
             parent = os.path.dirname(path)
             while parent.startswith(self.scratch) and parent != os.path.dirname(self.scratch):
                 try:
@@ -789,9 +788,6 @@ class Agent:
                 self.unpack(cmd["dest"])
             elif name == "exec":
                 self.exec_aux(cmd)
-            elif name == "remove":
-                self.remove_owned(cmd.get("paths"))
-                self.send({"event": "removed"})
 
             elif name == "collect":
                 self.collect(cmd["dir"], cmd["names"])

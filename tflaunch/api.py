@@ -329,7 +329,7 @@ class Run:
         if self._in_job:
             return input_datasets()
         try:
-            recorded = fsio_read_inputs(self._record)
+            recorded = _recorded_inputs(self._record)
         except (OSError, ValueError):
             return {}
         return {row["name"]: row["path"] for row in recorded if isinstance(row.get("path"), str)}
@@ -368,7 +368,7 @@ class Run:
                                           properties=properties, description=description)
 
 
-def fsio_read_inputs(record: RunRecord) -> list[dict[str, Any]]:
+def _recorded_inputs(record: RunRecord) -> list[dict[str, Any]]:
     """The record's ``inputs.json`` (what each data input was), ``[]`` when the run had none."""
     from . import fsio
 

@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
     import argparse
     from typing import Any
 
-__all__ = ["add_commands", "add_package_options", "package_options", "home_index_config"]
+__all__ = ["add_commands", "add_package_options", "package_options"]
 
 
 def add_package_options(parser: argparse.ArgumentParser) -> None:
@@ -41,17 +41,11 @@ def add_package_options(parser: argparse.ArgumentParser) -> None:
                        help="the tool that installs (default auto: uv when installed, else pip)")
 
 
-def home_index_config(home: str) -> dict[str, Any]:
-    """``find_links`` / ``index_url`` / ``no_index`` of the home's config.json (absent keys: defaults)."""
-    from .config import home_config
-
-    return home_config(home)
-
-
 def package_options(args: argparse.Namespace, home: str | None = None) -> dict[str, Any]:
     """``request_environment`` keyword arguments from parsed options: ``index`` is the explicit options
     over the home's config.json (without ``home``: the explicit options alone, for a caller that layers
     the config files itself)."""
+    from .config import index_defaults
     from .envs import IndexOptions
 
     explicit: dict[str, Any] = {}
@@ -65,7 +59,7 @@ def package_options(args: argparse.Namespace, home: str | None = None) -> dict[s
     return {
         "pip_packages": list(args.pip), "requirements_file": requirements, "conda_packages": list(args.conda),
         "framework_version": getattr(args, "framework_version", None), "use_gpu": bool(getattr(args, "gpu", False)),
-        "index": IndexOptions.layered(home_index_config(home) if home else {}, explicit),
+        "index": IndexOptions.layered(index_defaults(home) if home else {}, explicit),
         "inherit": not args.no_inherit_packages,
     }
 

@@ -20,7 +20,6 @@ on a host fails the run with its reason, naming the host:
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -297,7 +296,7 @@ class HostPrep:
         for run in runs:
             if run not in sharing:
                 builders.append((run, envs.node_envs_root(self.sup.target.get("remote_scratch")),
-                                 self._ship_wheelhouses(run, request)))
+                                 self._ship_wheelhouses(run)))
         started = time.monotonic()
         try:
             commands = {}
@@ -374,7 +373,7 @@ class HostPrep:
         self._shipped = {run.name for run in lacking}
         return [(f".tflaunch-wheels/{i}", d) for i, d in enumerate(links) if os.path.isdir(d)] if lacking else []
 
-    def _ship_wheelhouses(self, run: HostRun, request: Any) -> list[str] | None:
+    def _ship_wheelhouses(self, run: HostRun) -> list[str] | None:
         """The wheelhouses as a host that could not see them has them (sent with the job's files)."""
         if run.name not in self._shipped or not run.work_dir:
             return None
@@ -558,7 +557,3 @@ def _packages_in(freeze: list[str]) -> dict[str, Any]:
                 break
     return found
 
-
-def describe_setup(spec: Any) -> list[str]:
-    """The setup lines as ``--dry-run`` shows them."""
-    return [json.dumps(line) for line in spec.setup_commands]
