@@ -164,3 +164,26 @@ def test_reference_tutorial_flow_with_the_data_downloaded(tmp_path, home):
     assert copy != str(data) and not os.path.exists(copy)  # read from the copy, removed afterwards
     assert json.loads((run_dir / "outputs" / "metrics.json").read_text())["test_accuracy"] > 0.5, stdout[-2000:]
     assert (run_dir / "report.html").exists()
+
+
+@pytest.mark.slow
+def test_the_reference_sweep_how_to_tunes_and_registers_the_best(tmp_path, home):
+    """examples/mnist/sweep.py: a random sweep of the real training script with a Bandit policy on the
+    val_accuracy the Keras callback logs each epoch; the best trial's model registered."""
+    pytest.importorskip("tensorflow")
+    data = tmp_path / "data"
+    subprocess.run([sys.executable, str(EXAMPLE / "make_data.py"), "--out", str(data)], check=True,
+                   capture_output=True)
+    result = subprocess.run([sys.executable, str(EXAMPLE / "sweep.py"), "--data", str(data), "--trials", "3",
+                             "--concurrent", "2", "--epochs", "3"], cwd=tmp_path, env=cli_env(home),
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
+    assert "best trial:" in result.stdout and "registered tf-dnn-mnist-tuned version 1" in result.stdout
+    sweep = next(p for p in (home / "runs").iterdir()
+                 if json.loads((p / "status.json").read_text()).get("kind") == "sweep")
+    state = json.loads((sweep / "sweep.json").read_text())
+    assert len(state["trials"]) == 3 and state["summary"]["best"]["value"] > 0.3
+    for trial in state["trials"]:
+        assert trial["status"] in ("Completed", "Canceled") and trial["intervals"] >= 1
+        if trial["status"] == "Canceled":
+            assert trial["stopped"]["policy"] == "BanditPolicy"

@@ -318,3 +318,27 @@ def test_submitted_with_an_environment_setup_lines_and_a_mounted_input(cluster, 
     assert events.index("environment") < events.index("slurm_submitted")
     bad = _tfl(env, "run", "--slurm", "--data", f"shards={data}:download", "prepared.py", cwd=project)
     assert bad.returncode == 2 and "as_download() (--data NAME=PATH:download) with Slurm's srun launcher" in bad.stderr
+
+
+def test_sweep_submits_one_job_per_trial(cluster, slurm):
+    """A sweep with --slurm: each trial is its own Slurm job (submitted by the sweep's driver on the login
+    node), at most --max-concurrent-runs at once; the trials' metrics come back through the shared home."""
+    project, env = cluster
+    (project / "score.py").write_text("import sys\nfrom tflaunch import Run\n"
+                                      "x = float(sys.argv[sys.argv.index('--x') + 1])\n"
+                                      "for i in range(3):\n    Run.get_context().log('score', x * (i + 1))\n")
+    result = _tfl(env, "sweep", "--slurm", "--time", "5", "--param=--x=choice(1, 2, 3)", "--sampling", "grid",
+                  "--primary-metric", "score", "--goal", "maximize", "--max-total-runs", "3",
+                  "--max-concurrent-runs", "2", "score.py", cwd=project, timeout=240)
+    assert result.returncode == 0, result.stderr
+    sweep_id = [line for line in result.stderr.splitlines() if line.startswith("tflaunch: sweep ")][0].split()[2]
+    state = json.loads(_tfl(env, "sweep", "show", sweep_id, "--json", cwd=project).stdout)
+    assert [t["status"] for t in state["trials"]] == ["Completed"] * 3
+    assert state["summary"]["best"]["value"] == 9 and state["summary"]["best"]["hyperparameters"] == {"--x": 3}
+    jobs = set()
+    for trial in state["trials"]:
+        run = show(_runner(env, project), trial["run_id"])
+        assert run["parent"] == sweep_id and run["slurm"]["submitted"] is True
+        assert slurm.job_state(run["slurm"]["job_id"]) == "COMPLETED"
+        jobs.add(run["slurm"]["job_id"])
+    assert len(jobs) == 3

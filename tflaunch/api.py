@@ -120,15 +120,20 @@ class Experiment:
     def __repr__(self) -> str:
         return f"Experiment(name={self.name!r}, home={self.workspace.home!r})"
 
-    def submit(self, config: Estimator, tags: dict[str, str] | None = None, *, grace: float | None = None,
+    def submit(self, config: Any, tags: dict[str, str] | None = None, *, grace: float | None = None,
                scratch: str | None = None) -> "Run":
-        """Snapshot and start ``config`` in the background; return its :class:`Run` at once."""
+        """Snapshot and start ``config`` (an estimator, or a :class:`tflaunch.sweep.HyperDriveConfig`) in the
+        background; return its :class:`Run` (a sweep's :class:`~tflaunch.sweep.HyperDriveRun`) at once."""
         from .submit import SubmitOptions, prepare, start
         from .supervise import DEFAULT_GRACE
 
         options = SubmitOptions(experiment=self.name, home=self.workspace.home, tags=dict(tags or {}),
                                 grace=DEFAULT_GRACE if grace is None else grace, scratch=scratch,
                                 workspace_config=self.workspace.config)
+        if type(config).__name__ == "HyperDriveConfig":  # tflaunch.sweep is imported only for sweeps
+            from .sweep.run import HyperDriveRun
+            from .sweep.submit import submit_sweep
+            return HyperDriveRun(self, submit_sweep(config, options).id)
         record = start(prepare(config, options))  # a SlurmTarget: sbatch, the run is Queued
         return Run(self, record.id)
 

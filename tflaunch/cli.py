@@ -74,16 +74,8 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    common = _common()
-    parser = _Parser(prog="tflaunch", parents=[common],
-                     description="Run TensorFlow/Keras training locally with a file-based run history.")
-    parser.add_argument("--version", action="version", version=f"tflaunch {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    commands.required = True
-
-    run = commands.add_parser("run", parents=[common], help="run a training script and record it",
-                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_RUN_EPILOG)
+def add_job_options(run: argparse.ArgumentParser) -> None:
+    """The options that say what to run and where (``run``, and ``sweep`` for its trials)."""
     run.add_argument("entry", metavar="ENTRY", help="entry script, relative to --source-dir")
     run.add_argument("script_args", nargs=argparse.REMAINDER, metavar="ARGS", help="arguments for the script")
     run.add_argument("--source-dir", default=".", metavar="DIR", help="directory snapshotted for the run (default: .)")
@@ -192,6 +184,19 @@ def build_parser() -> argparse.ArgumentParser:
                       help="start a multi-host run even if the hosts' TensorFlow versions differ")
     from .cli_env import add_package_options
     add_package_options(run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common()
+    parser = _Parser(prog="tflaunch", parents=[common],
+                     description="Run TensorFlow/Keras training locally with a file-based run history.")
+    parser.add_argument("--version", action="version", version=f"tflaunch {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    run = commands.add_parser("run", parents=[common], help="run a training script and record it",
+                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_RUN_EPILOG)
+    add_job_options(run)
     run.set_defaults(func=cmd_run)
 
     runs = commands.add_parser("runs", parents=[common], help="inspect and manage recorded runs")
@@ -204,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=0, metavar="N", help="at most N runs (default: all)")
     p.add_argument("--metric", action="append", default=[], metavar="NAME",
                    help="show the latest value of this metric (repeatable)")
+    p.add_argument("--parent", metavar="SWEEP", help="only the trials of this sweep")
     p.add_argument("--json", action="store_true", help="print a JSON array of run objects")
     p.set_defaults(func=cmd_list)
 
@@ -239,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     from . import cli_doctor, cli_env
     cli_env.add_commands(commands, common, _Parser)  # env list|show|build|rm
     cli_doctor.add_command(commands, common, _positive_float)  # doctor
+    from . import cli_sweep
+    cli_sweep.add_commands(commands, common, _Parser)  # sweep [start]|show|cancel|resume
     return parser
 
 
@@ -252,19 +260,11 @@ def _print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2) + "\n")
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from .launch.local import discard_agent
-    from .snapshot import SnapshotLimits
+def estimator_from_args(args: argparse.Namespace) -> Any:
+    """The Estimator (TensorFlow with --framework-version) the job options describe."""
     from .spec import Estimator, TensorFlow
-    from .store import exit_code_for
-    from .submit import SubmitOptions, create_run, dry_run, prepare
-    from .supervise import Supervisor, prestart_agents, spawn_detached
 
     script_args = list(args.script_args)  # argparse already dropped the "--" right after ENTRY
-    if args.json and not args.dry_run:
-        raise SpecError("--json goes with --dry-run (use `runs show --json` for a run's record)")
-    if args.detach and args.dry_run:
-        raise SpecError("--detach and --dry-run exclude each other")
     distributed = _distributed(args)
     target, nodes, ppn = _compute_target(args, distributed)
     if args.gpu and args.gpus_per_node is None and getattr(target, "launcher", None) == "srun":
@@ -283,6 +283,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         estimator = Estimator(args.source_dir, **kwargs)
     estimator.inputs = parse_cli(args.data)
+    return estimator
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .launch.local import discard_agent
+    from .snapshot import SnapshotLimits
+    from .store import exit_code_for
+    from .submit import SubmitOptions, create_run, dry_run, prepare
+    from .supervise import Supervisor, prestart_agents, spawn_detached
+
+    if args.json and not args.dry_run:
+        raise SpecError("--json goes with --dry-run (use `runs show --json` for a run's record)")
+    if args.detach and args.dry_run:
+        raise SpecError("--detach and --dry-run exclude each other")
+    estimator = estimator_from_args(args)
     limits = None
     if args.snapshot_max_mb is not None or args.snapshot_max_files is not None:
         limits = SnapshotLimits.from_env(args.snapshot_max_mb, args.snapshot_max_files)
@@ -554,17 +569,29 @@ def _print_plan(plan: dict[str, Any]) -> None:
 def cmd_list(args: argparse.Namespace) -> int:
     store = _store(args)
     limit = args.limit if args.limit and args.limit > 0 else None
-    if args.json:
+    parent = store.run(args.parent).id if args.parent else None
+    if args.json and parent is None:
         sys.stdout.write(store.list_runs_json(args.experiment, args.status, limit) + "\n")
         return 0
-    runs = store.list_runs(args.experiment, args.status, limit)
-    rows = [("ID", "EXPERIMENT", "STATUS", "CREATED (UTC)", "DURATION", "EXIT", *[m.upper() for m in args.metric])]
+    runs = store.list_runs(args.experiment, args.status, None if parent else limit)
+    if parent is not None:
+        runs = [r for r in runs if r.get("parent") == parent][:limit]
+        if args.json:
+            _print_json(runs)
+            return 0
+    sweeps = any(r.get("kind") == "sweep" or r.get("parent") for r in runs)
+    rows = [("ID", "EXPERIMENT", "STATUS", "CREATED (UTC)", "DURATION", "EXIT", *(("SWEEP",) if sweeps else ()),
+             *[m.upper() for m in args.metric])]
     for r in runs:
         code = r.get("exit_code")
         latest = r.get("metrics") or {}
+        where = ()
+        if sweeps:  # a sweep is "sweep (N trials)", a trial "PARENT#N"
+            where = (f"sweep ({(r.get('sweep') or {}).get('trials', '?')} trials)" if r.get("kind") == "sweep"
+                     else f"{r['parent'][-8:]}#{r.get('trial')}" if r.get("parent") else "",)
         rows.append((r["id"], r.get("experiment", ""), r.get("status", ""), textfmt.timestamp(r.get("created")),
                      textfmt.duration(r.get("duration_seconds")),
-                     str(code) if code is not None else (r.get("signal") or "-"),
+                     str(code) if code is not None else (r.get("signal") or "-"), *where,
                      *[textfmt.value(latest.get(m)) for m in args.metric]))
     sys.stdout.write(textfmt.table(rows))
     return 0
@@ -591,6 +618,17 @@ def cmd_show(args: argparse.Namespace) -> int:
         f"source:      {run.get('source_directory')}",
         f"record:      {run.get('run_dir')}",
     ]
+    if run.get("kind") == "sweep":
+        summary = run.get("sweep") or {}
+        best = summary.get("best") or {}
+        lines.append(f"sweep:       {summary.get('trials', 0)} trials ("
+                     + ", ".join(f"{n} {st}" for st, n in sorted((summary.get("counts") or {}).items())) + ")"
+                     + (f", best {summary.get('primary_metric_name')} {textfmt.value(best.get('value'))} in trial "
+                        f"{best.get('index')} ({best.get('run_id')})" if best else "")
+                     + f"; see `tflaunch sweep show {run['id']}`")
+    elif run.get("parent"):
+        lines.append(f"sweep:       trial {run.get('trial')} of {run['parent']}: "
+                     + " ".join(f"{k}={v}" for k, v in (run.get("hyperparameters") or {}).items()))
     slurm = run.get("slurm") or {}
     if slurm.get("job_id"):
         state = ", ".join(str(slurm[k]) for k in ("state", "reason") if slurm.get(k))
@@ -703,7 +741,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (AttributeError, ValueError):
             pass
     parser = build_parser()
-    args = parser.parse_args(argv)
+    from .cli_sweep import route
+    args = parser.parse_args(route(sys.argv[1:] if argv is None else argv))
     _setup_logging(getattr(args, "log_level", "info"))
     try:
         return int(args.func(args) or 0)

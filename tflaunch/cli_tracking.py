@@ -214,8 +214,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     records = []
     for ref in args.runs:
         record = store.run(ref)
-        if all(record.id != r.id for r in records):
-            records.append(record)
+        found = [record]
+        if (record.read_status(check_lease=False) or {}).get("kind") == "sweep":  # a sweep: its trials
+            from .sweep.trials import LOST, STARTING, load
+            found = [store.run(t["run_id"]) for t in load(record.dir)["trials"] if t["status"] not in (LOST, STARTING)]
+        for item in found:
+            if all(item.id != r.id for r in records):
+                records.append(item)
     sys.stdout.write(write_report(records, args.output, title=args.title) + "\n")
     return 0
 
@@ -233,6 +238,11 @@ def write_report(records: list[Any], output: str, *, title: str | None = None) -
                   for s, values in comparable(record, run).items() if s in ("params", "git")
                   for k, v in values.items()}
         params["command"] = " ".join([run.get("entry_script") or "?", *run.get("arguments", [])])
+        if run.get("parent"):  # a sweep's trial: its hyperparameters and the sweep's primary metric
+            params["sweep"] = f"{run['parent']} trial {run.get('trial')}"
+            for name, value in (run.get("hyperparameters") or {}).items():
+                params[f"hyperparameter {name}"] = str(value)
+            params.update(_primary(record, run["parent"]))
         charts = {}
         for name, series in metrics.load(record.dir).items():
             if metrics.kind_of(series) != "scalar":
@@ -255,6 +265,20 @@ def write_report(records: list[Any], output: str, *, title: str | None = None) -
     except OSError as exc:
         raise TflaunchError(f"cannot write {output}: {exc.strerror or exc}") from None
     return output
+
+
+def _primary(record: Any, parent: str) -> dict[str, str]:
+    """``{"best <primary metric>": value}`` of a sweep's trial, as its sweep recorded it."""
+    from .sweep.trials import load
+
+    try:
+        state = load(record.store.run(parent).dir)
+    except (OSError, ValueError, TflaunchError):
+        return {}
+    for trial in state["trials"]:
+        if trial["run_id"] == record.id:
+            return {f"best {state['config']['primary_metric_name']}": textfmt.value(trial.get("best"))}
+    return {}
 
 
 # -- tensorboard ------------------------------------------------------------------------------------------

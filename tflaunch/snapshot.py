@@ -466,6 +466,16 @@ def store(result: Scan, home: str, run_dir: str, threads: int | None = None) -> 
     return manifest
 
 
+def link(home: str, from_run_dir: str, run_dir: str) -> dict[str, Any]:
+    """Give ``run_dir`` the snapshot of the run in ``from_run_dir`` (a sweep's trials: the sweep's
+    snapshot, without reading the source directory again); return the manifest."""
+    manifest = fsio.read_json(os.path.join(from_run_dir, MANIFEST))
+    tree_dir = os.path.join(home, "trees", manifest["tree"])
+    os.symlink(os.path.relpath(tree_dir, run_dir), os.path.join(run_dir, "snapshot"))
+    fsio.atomic_write_json(os.path.join(run_dir, MANIFEST), manifest)
+    return manifest
+
+
 def tree_listing(home: str, manifest: dict[str, Any]) -> dict[str, Any]:
     """The full listing (dirs, files with digests, symlinks) of a run's snapshot."""
     return fsio.read_json(os.path.join(home, "trees", manifest["tree"] + ".json"))

@@ -61,6 +61,7 @@ RUN_ID_RE = re.compile(r"^\d{8}-\d{6}-\d{3}-[0-9a-f]{8}$")
 EXPERIMENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$")
 LOG_DIR = "tflaunch_logs"
 RESERVE_BYTES = 256 * 1024
+STATUS_FROM_DEFINITION = ("kind", "parent", "trial", "hyperparameters")  # sweeps (tflaunch.sweep)
 USER_FILE_DIRS = ("outputs", "logs", LOG_DIR, "hosts")  # hosts/: see tflaunch.collect
 _INDEX_HEADER = "tflaunch-runs-index 2"  # 2: run objects carry "metrics"
 
@@ -239,6 +240,9 @@ class Store:
             "host": hostname(), "user": _user(),
             "entry_script": definition.get("spec", {}).get("entry_script"), "tags": dict(tags or {}),
         }
+        for key in STATUS_FROM_DEFINITION:  # a sweep and its trials: listed with the run
+            if key in definition:
+                status[key] = definition[key]
         try:
             os.mkdir(staging)
             os.mkdir(os.path.join(staging, LOG_DIR))
@@ -742,6 +746,11 @@ def describe(record: RunRecord) -> dict[str, Any]:
         "git": definition.get("git"),
         "run_dir": record.dir,
     })
+    if os.path.exists(record.path("early_termination.json")):  # a sweep's policy stopped this trial
+        try:
+            out["early_termination"] = fsio.read_json(record.path("early_termination.json"))
+        except (OSError, ValueError):
+            pass
     if out.get("environment"):
         try:  # the environment's own packages (pip freeze), as the first host had them
             hosts = fsio.read_json(record.path("environment.json")).get("hosts") or {}

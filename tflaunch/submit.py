@@ -56,6 +56,7 @@ class Prepared:
     environment: dict[str, Any] | None
     options: SubmitOptions
     gpus: dict[str, list[str]] | None = None  # GPUs known before launch (see known_gpus)
+    definition_extra: dict[str, Any] = field(default_factory=dict)  # more fields for run.json (a sweep's)
 
 
 def _platform() -> str:
@@ -155,6 +156,7 @@ def create_run(prepared: Prepared) -> RunRecord:
         "submitted_from": {"python": sys.version.split()[0], "platform": _platform(), "cwd": os.getcwd()},
         "environment": prepared.environment,
         "git": git,
+        **prepared.definition_extra,
     }
     record = prepared.store.create_run(options.experiment, definition, tags=options.tags)
     if patch is not None:
@@ -174,6 +176,29 @@ def create_run(prepared: Prepared) -> RunRecord:
             record.write_status(FAILED, ended=now_iso(), error={"reason": "snapshot", "message": message})
         except OSError:
             pass
+        raise SnapshotError(f"run {record.id}: {message}") from None
+    return record
+
+
+def create_child_run(parent: RunRecord, spec: JobSpec, run_id: str, extra: dict[str, Any]) -> RunRecord:
+    """Record a run made from ``parent``'s definition (a sweep's trial): ``spec`` instead of the parent's,
+    the parent's snapshot and git information (nothing is read from the source directory again) and
+    ``extra`` fields (``parent``, ``hyperparameters``, ...). The run is Preparing, leased by this process."""
+    definition = {k: v for k, v in parent.definition().items()
+                  if k not in ("id", "experiment", "created", "kind", "sweep")}
+    definition.update(extra, spec=spec.to_dict())
+    status = parent.read_status(check_lease=False) or {}
+    record = parent.store.create_run(status.get("experiment") or "default", definition, run_id=run_id,
+                                     tags=dict(status.get("tags") or {}))
+    try:
+        snapshot.link(parent.store.home, parent.dir, record.dir)
+        if os.path.exists(parent.path(gitinfo.PATCH_NAME)):
+            with open(parent.path(gitinfo.PATCH_NAME), "rb") as fh:
+                fsio.atomic_write_bytes(record.path(gitinfo.PATCH_NAME), fh.read())
+    except (OSError, ValueError) as exc:
+        message = f"giving the run the sweep's snapshot failed: {getattr(exc, 'strerror', None) or exc}"
+        record.release_reserve()
+        record.write_status(FAILED, ended=now_iso(), error={"reason": "snapshot", "message": message})
         raise SnapshotError(f"run {record.id}: {message}") from None
     return record
 
@@ -209,13 +234,17 @@ def submit_slurm(prepared: Prepared) -> RunRecord:
     """Record the run, write its batch script into the record and ``sbatch`` it: the run is Queued,
     leased by its Slurm job. A refused submission ends the run Failed with sbatch's message (and
     raises SlurmError)."""
+    return sbatch_run(create_run(prepared), prepared.spec, prepared.options.experiment)
+
+
+def sbatch_run(record: RunRecord, spec: JobSpec, experiment: str) -> RunRecord:
+    """``sbatch`` a recorded run (see :func:`submit_slurm`)."""
     from . import fsio
     from .slurm import OUTPUT, SCRIPT, SlurmError, submit
 
-    record = create_run(prepared)
-    if prepared.spec.environment:
-        build_environment_here(record, prepared.spec)  # the login node may reach an index the nodes cannot
-    script = batch_script(prepared.spec, record.id, prepared.options.experiment, record.dir, record.store.home)
+    if spec.environment:
+        build_environment_here(record, spec)  # the login node may reach an index the nodes cannot
+    script = batch_script(spec, record.id, experiment, record.dir, record.store.home)
     path = record.path(SCRIPT)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fsio.atomic_write_bytes(path, script.encode("utf-8"))
@@ -283,6 +312,11 @@ def cancel_run(record: RunRecord, reason: str) -> dict[str, Any]:
     ``scancel``-ed (pending: it never starts; running: every task gets SIGTERM, then SIGKILL after
     Slurm's KillWait). Returns the status before."""
     status = record.read_status() or {}
+    if status.get("kind") == "sweep":  # its trials too (also when its driver is gone)
+        from .sweep.submit import cancel_trials
+        if status.get("status") not in TERMINAL:
+            record.request_cancel(reason)
+        cancel_trials(record, reason)
     if status.get("status") in TERMINAL:
         return status
     record.request_cancel(reason)

@@ -44,7 +44,7 @@ from .target import allocation_target, target_hosts
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
-    from typing import Any, Callable, TextIO
+    from typing import Any, Callable, Sequence, TextIO
 
 __all__ = ["Supervisor", "spawn_detached", "detached_main", "DEFAULT_GRACE", "prestart_agents"]
 
@@ -934,10 +934,14 @@ def _package_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def spawn_detached(record: RunRecord, timeout: float = 60.0) -> int:
+def spawn_detached(record: RunRecord, timeout: float = 60.0, *, env: dict[str, str] | None = None,
+                   boot: str = _DETACHED_BOOT, args: Sequence[str] = (), site: bool = False) -> int:
     """Start a background supervisor for ``record``; return its pid once it holds the lease.
 
-    If it does not get that far, the run is recorded Failed (``launch_failed``) and TflaunchError raised.
+    ``env``: variables set for it (and so for its local agent); ``boot``/``args``/``site``: another
+    background process that takes ``--home H --ready-fd N [ARGS] RUN_ID`` (a sweep's driver; ``site``:
+    with the interpreter's site-packages). If it does not get that far, the run is recorded Failed
+    (``launch_failed``) and TflaunchError raised.
     """
     log_path = record.path(LOG_DIR, "launcher.log")
     ready_r, ready_w = os.pipe()
@@ -945,10 +949,10 @@ def spawn_detached(record: RunRecord, timeout: float = 60.0) -> int:
     try:
         with open(log_path, "ab") as log_file:
             proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", _DETACHED_BOOT, _package_root(), "--home", record.store.home,
-                 "--ready-fd", str(ready_w), record.id],
+                [sys.executable, "-I", *(() if site else ("-S",)), "-c", boot, _package_root(), "--home",
+                 record.store.home, "--ready-fd", str(ready_w), *args, record.id],
                 stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, start_new_session=True,
-                pass_fds=(ready_w,), close_fds=True)
+                pass_fds=(ready_w,), close_fds=True, env=None if env is None else {**os.environ, **env})
         os.close(ready_w)
         ready_w = -1
         deadline = time.monotonic() + timeout

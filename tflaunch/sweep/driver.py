@@ -1,0 +1,569 @@
+"""The sweep's driver: a background process that holds the parent run's lease and runs its trials.
+
+Each trial is an ordinary run (``parent``, ``trial`` and ``hyperparameters`` in its record) made from
+the sweep's spec and snapshot, started like ``run --detach`` (its own background supervisor, or its own
+Slurm job), so trials outlive a driver that dies. The driver keeps at most ``max_concurrent_runs``
+trials going, within the slots the compute target has free (:mod:`tflaunch.sweep.slots`); follows their
+status and primary metric; asks the policy about each new interval and cancels the trials it stops
+(recording the decision); and writes every change to ``sweep.json`` (:mod:`tflaunch.sweep.trials`)
+before acting on it. ``tflaunch sweep resume`` starts a driver on the same record: trials still going
+are adopted, trials whose launcher died are recorded ``Lost`` and replaced (same hyperparameters),
+trials recorded but never created are started.
+
+The sweep ends Completed when its trials are done (at least one Completed or stopped by the policy),
+Failed when every trial failed (the driver stops after the first three failures when nothing has
+succeeded: the script is likely broken), Canceled when canceled (its trials are canceled first).
+"""
+from __future__ import annotations
+
+import fcntl
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+
+from .. import fsio
+from ..errors import TflaunchError
+from ..spec import JobSpec
+from ..store import CANCELED, COMPLETED, FAILED, FINALIZING, RUNNING, TERMINAL, RunRecord, Store, now_iso
+from . import trials as T
+from .policy import due, policy_from_dict
+from .sampling import sampling_from_dict
+from .slots import Pool
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
+    from typing import Any
+
+__all__ = ["SweepDriver", "main", "DRIVER_BOOT", "spawn_driver", "trial_shape", "curve", "FAIL_FAST"]
+
+log = logging.getLogger(__name__)
+
+POLL = 0.2
+FAIL_FAST = 3  # failed trials with none succeeded yet: stop the sweep
+DRIVER_BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); "
+               "from tflaunch.sweep.driver import main; sys.exit(main(sys.argv[2:]))")
+LOCK = ".sweep.lock"
+
+
+def trial_shape(spec: JobSpec) -> tuple[int, int, int]:
+    """(hosts a trial needs, slots it needs on each, GPUs it needs on a host) from the sweep's spec."""
+    from ..hosts import Host
+    from ..tfconfig import place
+
+    tasks = place(spec, [Host(f"node{i}", 1 << 20) for i in range(spec.node_count)])
+    per = [0] * spec.node_count
+    for task in tasks:
+        if task.role != "ps":
+            per[task.node] += 1
+    per_host = max(1, max(per))
+    return spec.node_count, per_host, (spec.gpus_per_node or per_host) if spec.use_gpu else 0
+
+
+def build_pool(spec: JobSpec, sweep: dict[str, Any]) -> Pool:
+    target = spec.compute_target or {}
+    nodes, per_host, gpu_need = trial_shape(spec)
+    if target.get("kind") == "slurm":
+        return Pool(None)
+    hosts = sweep.get("hosts")
+    if target.get("kind") == "local" or not hosts:
+        slots = sweep.get("slots") or _cpus()
+        gpus = None
+        if spec.use_gpu:
+            from ..agent import find_gpus
+            from ..gpus import host_gpus
+            gpus = host_gpus("localhost", find_gpus(), None)
+        return Pool([["localhost", slots]], per_host=nodes * per_host, gpus=gpus, gpu_need=gpu_need)
+    return Pool(hosts, per_host=per_host, nodes=nodes, exclusive=spec.use_gpu)
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def curve(run_dir: str, name: str) -> list[Any]:
+    """The primary metric ``name`` as the trial logged it: its lowest rank's points, in order."""
+    from ..metrics import load
+
+    series = load(run_dir).get(name)
+    if series is None or not len(series):
+        return []
+    ranks = [r for r in series.rank if r is not None]
+    lowest = min(ranks) if ranks else None
+    points = [(t if isinstance(t, (int, float)) else 0.0, i, v)
+              for i, (v, r, t) in enumerate(zip(series.value, series.rank, series.time)) if r == lowest]
+    points.sort()
+    return [v for _, _, v in points if not isinstance(v, (list, dict, str))]
+
+
+class SweepDriver:
+    """Runs one sweep (a parent run record) to its end in this process."""
+
+    def __init__(self, record: RunRecord, *, resume: bool = False) -> None:
+        self.record = record
+        self.store = record.store
+        definition = record.definition()
+        self.spec = JobSpec.from_dict(definition["spec"])
+        self.sweep = definition["sweep"]
+        self.config = self.sweep["config"]
+        self.sampling = sampling_from_dict(self.config["hyperparameter_sampling"])
+        self.policy = policy_from_dict(self.config["policy"])
+        self.maximize = self.config["primary_metric_goal"] == "maximize"
+        self.metric = self.config["primary_metric_name"]
+        self.max_total = int(self.config["max_total_runs"])
+        self.max_concurrent = int(self.config.get("max_concurrent_runs") or min(self.max_total, 100))
+        self.resume = resume
+        self.pool = build_pool(self.spec, self.sweep)
+        self.children: dict[int, RunRecord] = {}
+        self.curves: dict[int, list[Any]] = {}
+        self.state: dict[str, Any] = {}
+        self.exhausted = False
+        self.stop_reason: str | None = None  # canceled | max_duration | fail_fast
+        self.stop_detail = ""
+        self._signals: list[int] = []
+        self._lease_at = 0.0
+        self._log = None
+
+    # -- state ---------------------------------------------------------------------------------------
+    def _load_state(self) -> None:
+        try:
+            self.state = T.load(self.record.dir)
+        except FileNotFoundError:
+            self.state = {"format": T.FORMAT, "parent": self.record.id, "config": self.config, "trials": [],
+                          "draws": 0, "elapsed": 0.0, "stop_reason": None}
+        self.limit = float(self.config["max_duration_minutes"]) * 60.0
+        self.began = time.monotonic() - float(self.state.get("elapsed") or 0.0)
+
+    def _save(self) -> None:
+        self.state["elapsed"] = round(time.monotonic() - self.began, 3)
+        summary = self.state["summary"] = T.summary(self.state)
+        T.save(self.record.dir, self.state)
+        if summary != (self.record._status or {}).get("sweep"):  # `runs list` shows it with the sweep
+            self.record.write_status(sweep=summary)
+
+    def _say(self, text: str) -> None:
+        log.info("%s", text)
+        if self._log is not None:
+            try:
+                self._log.write(f"{time.strftime('%H:%M:%S')} {text}\n")
+                self._log.flush()
+            except OSError:
+                pass
+
+    def _child(self, trial: dict[str, Any]) -> RunRecord:
+        record = self.children.get(trial["index"])
+        if record is None:
+            record = self.children[trial["index"]] = RunRecord(self.store, trial["run_id"])
+        return record
+
+    def _active(self) -> list[dict[str, Any]]:
+        return [t for t in self.state["trials"] if t["status"] not in T.ENDED]
+
+    def _counted(self) -> int:
+        return sum(1 for t in self.state["trials"] if t["status"] != T.LOST)
+
+    # -- main ----------------------------------------------------------------------------------------
+    def run(self, ready: Any = None) -> dict[str, Any]:
+        saved = {s: signal.signal(s, lambda n, _f: self._signals.append(n))
+                 for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        lock = open(self.record.path(LOCK), "a+")
+        try:
+            try:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise TflaunchError(f"sweep {self.record.id}: another driver is running it") from None
+            self.record.write_lease()
+            self._lease_at = time.monotonic()
+            self._log = open(self.record.path(T.SWEEP_LOG), "a", encoding="utf-8")
+            self._load_state()
+            current = self.record.read_status(check_lease=False) or {}
+            fields: dict[str, Any] = {"ended": None, "error": None}
+            if not current.get("started"):
+                fields["started"] = now_iso()
+            self.record.write_status(RUNNING, **fields)
+            if ready is not None:
+                ready()
+            if self.resume:
+                self.record.event("resumed", pid=os.getpid())
+                self._say(f"sweep {self.record.id} resumed")
+                try:
+                    os.unlink(self.store.index_path)  # the run index cached the sweep as ended
+                except OSError:
+                    pass
+            else:
+                self._say(f"sweep {self.record.id}: {self.sampling.kind} sampling, {self.max_total} trials, "
+                          f"{self.max_concurrent} at a time, primary metric {self.metric} ({self.config['primary_metric_goal']})")
+            try:
+                self._reconcile()
+                self._environment()
+                self._loop()
+            except BaseException as exc:  # never leave trials running unsupervised by a crashed driver
+                if not isinstance(exc, TflaunchError):
+                    log.exception("sweep %s: driver error", self.record.id)
+                self._stop("internal", f"tflaunch internal error: {exc!r}" if not isinstance(exc, TflaunchError)
+                           else str(exc))
+                self._cancel_active(self.stop_detail)
+                self._drain()
+                if not isinstance(exc, Exception):
+                    raise
+            return self._finalize()
+        finally:
+            for s, handler in saved.items():
+                signal.signal(s, handler)
+            if self._log is not None:
+                self._log.close()
+            lock.close()
+
+    def _environment(self) -> None:
+        """Build the trials' environment once, here, before any trial starts (they reuse it)."""
+        if not self.spec.environment or self.state["trials"]:
+            return
+        from ..submit import build_environment_here
+
+        self._say("building the trials' environment")
+        build_environment_here(self.record, self.spec)
+
+    def _reconcile(self) -> None:
+        """A resumed sweep: adopt the trials still going, account for the ones that ended meanwhile."""
+        for trial in self.state["trials"]:
+            if trial["status"] != T.LOST and trial["intervals"] and trial["status"] in TERMINAL:
+                try:  # the others' curves, for the policy
+                    self.curves[trial["index"]] = curve(self._child(trial).dir, self.metric)
+                except (OSError, ValueError):
+                    pass
+        for trial in self._active():
+            if trial["status"] == T.STARTING and not os.path.isdir(os.path.join(self.store.runs_dir, trial["run_id"])):
+                shutil.rmtree(os.path.join(self.store.runs_dir, f".new-{trial['run_id']}"), ignore_errors=True)
+                continue  # recorded, never created: _fill starts it
+            status = self._child(trial).read_status() or {}
+            if status.get("status") not in TERMINAL:
+                self.pool.hold(trial.get("allocation"))
+                trial["adopted"] = True
+                self._say(f"trial {trial['index']} ({trial['run_id']}) adopted, {status.get('status')}")
+                continue
+            self.pool.hold(trial.get("allocation"))
+            self._poll(trial)
+        self._save()
+
+    def _loop(self) -> None:
+        while True:
+            self._handle_signals()
+            if self.stop_reason is None and self.record.cancel_requested():
+                self._stop("canceled", str((self.record.cancel_requested() or {}).get("reason") or "canceled"))
+            if self.stop_reason is None and time.monotonic() - self.began > self.limit:
+                self._stop("max_duration", f"max_duration_minutes ({self.config['max_duration_minutes']}) reached")
+            if self.stop_reason is not None:
+                self._cancel_active(self.stop_detail)
+                self._drain()
+                return
+            for trial in self._active():
+                if trial["status"] != T.STARTING:
+                    self._poll(trial)
+            self._fail_fast()
+            if self.stop_reason is None:
+                self._fill()
+            if not self._active() and (self.exhausted or self._counted() >= self.max_total or self.stop_reason):
+                if self.stop_reason is not None:
+                    continue
+                return
+            self._heartbeat()
+            time.sleep(POLL)
+
+    def _heartbeat(self) -> None:
+        if time.monotonic() - self._lease_at >= 2.0:
+            self.record.write_lease()
+            self._lease_at = time.monotonic()
+            self._save()
+
+    def _handle_signals(self) -> None:
+        while self._signals:
+            signum = self._signals.pop(0)
+            request = self.record.cancel_requested()
+            self._stop("canceled", str(request.get("reason")) if request
+                       else f"sweep driver received {signal.Signals(signum).name}")
+
+    def _stop(self, reason: str, detail: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason, self.stop_detail = reason, detail
+            self.state["stop_reason"] = {"reason": reason, "message": detail}
+            self._say(f"stopping the sweep: {detail}")
+
+    # -- starting trials -----------------------------------------------------------------------------
+    def _next(self) -> dict[str, Any] | None:
+        """The next trial to start: one recorded but never created, a lost trial's replacement, or a new draw."""
+        for trial in self.state["trials"]:
+            if trial["status"] == T.STARTING and trial["index"] not in self.children:
+                return trial
+        if self._counted() >= self.max_total:
+            return None
+        for trial in self.state["trials"]:
+            if trial["status"] == T.LOST and trial.get("replaced_by") is None and trial.get("replaces") is None:
+                return self._record_trial(trial["hyperparameters"], trial.get("sampler_values"), replaces=trial)
+        if self.exhausted:
+            return None
+        history = [t for t in self.state["trials"] if t["status"] != T.LOST]
+        suggestion = self.sampling.suggest(self.state["draws"], history, self.config["primary_metric_goal"])
+        if suggestion is None:
+            self.exhausted = True
+            self._say(f"the parameter space is used up after {self.state['draws']} trials")
+            return None
+        self.state["draws"] += 1
+        return self._record_trial(*suggestion)
+
+    def _record_trial(self, hyperparameters: dict[str, Any], sampler_values: dict[str, Any] | None,
+                      replaces: dict[str, Any] | None = None) -> dict[str, Any]:
+        trial = {"index": len(self.state["trials"]), "run_id": Store.new_run_id(), "status": T.STARTING,
+                 "hyperparameters": hyperparameters, "sampler_values": sampler_values, "allocation": None,
+                 "intervals": 0, "best": None, "last": None, "stopped": None, "error": None,
+                 "replaces": None if replaces is None else replaces["index"], "replaced_by": None,
+                 "created": now_iso(), "started": None, "ended": None}
+        if replaces is not None:
+            replaces["replaced_by"] = trial["index"]
+        self.state["trials"].append(trial)
+        return trial
+
+    def _fill(self) -> None:
+        while len([t for t in self._active() if t["index"] in self.children]) < self.max_concurrent:
+            allocation = self.pool.take()
+            if allocation is None:
+                return
+            trial = self._next()
+            if trial is None:
+                self.pool.give(allocation)
+                return
+            trial["allocation"] = allocation
+            self._save()  # recorded before its run exists: a driver killed now leaves nothing unaccounted
+            self._start(trial)
+
+    def _start(self, trial: dict[str, Any]) -> None:
+        from ..submit import create_child_run, sbatch_run
+        from ..supervise import spawn_detached
+
+        spec = JobSpec.from_dict(self.spec.to_dict())
+        spec.arguments = T.trial_argv(spec.arguments, trial["hyperparameters"])
+        spec.environment_variables = {**spec.environment_variables, "TFLAUNCH_PARENT_RUN_ID": self.record.id,
+                                      "TFLAUNCH_HYPERPARAMETERS": fsio.json_dumps(trial["hyperparameters"])}
+        allocation = trial.get("allocation") or {}
+        if allocation.get("hosts") is not None and (spec.compute_target or {}).get("kind") != "local":
+            spec.compute_target = dict(spec.compute_target, hosts=[list(h) for h in allocation["hosts"]])
+        extra = {"parent": self.record.id, "trial": trial["index"], "hyperparameters": trial["hyperparameters"]}
+        env = {"CUDA_VISIBLE_DEVICES": ",".join(allocation["gpus"])} if allocation.get("gpus") else None
+        what = " ".join(f"{k} {T._text(v)}" for k, v in trial["hyperparameters"].items())
+        try:
+            child = create_child_run(self.record, spec, trial["run_id"], extra)
+            self.children[trial["index"]] = child
+            if (spec.compute_target or {}).get("kind") == "slurm":
+                sbatch_run(child, spec, child.read_status(check_lease=False)["experiment"])
+            else:
+                spawn_detached(child, env=env)
+        except (TflaunchError, OSError) as exc:
+            self.children.setdefault(trial["index"], RunRecord(self.store, trial["run_id"]))
+            self._say(f"trial {trial['index']} ({trial['run_id']}) could not start: {exc}")
+            if not os.path.isdir(os.path.join(self.store.runs_dir, trial["run_id"])):
+                self._end(trial, FAILED, {"reason": "launch_failed", "message": str(exc)})
+                return
+        trial["status"] = (self._child(trial).read_status(check_lease=False) or {}).get("status", T.STARTING)
+        self._say(f"trial {trial['index']} ({trial['run_id']}) started: {what}")
+        self.record.event("trial_started", index=trial["index"], run_id=trial["run_id"],
+                          hyperparameters=trial["hyperparameters"])
+        self._save()
+
+    # -- following trials ----------------------------------------------------------------------------
+    def _poll(self, trial: dict[str, Any]) -> None:
+        child = self._child(trial)
+        status = child.read_status() or {}
+        state = status.get("status")
+        if state is None:
+            return
+        if state != trial["status"] and state not in TERMINAL:
+            trial["status"] = state
+            if state == RUNNING:
+                trial["started"] = status.get("started")
+            self._save()
+        if state in (RUNNING, FINALIZING) or state in TERMINAL:
+            self._follow_metric(trial, child)
+        if state in TERMINAL:
+            self._end(trial, state, status.get("error"), status)
+
+    def _follow_metric(self, trial: dict[str, Any], child: RunRecord) -> None:
+        try:
+            points = curve(child.dir, self.metric)
+        except (OSError, ValueError) as exc:
+            log.warning("trial %s: cannot read its metrics: %s", trial["index"], exc)
+            return
+        self.curves[trial["index"]] = points
+        seen = trial["intervals"]
+        if len(points) <= seen:
+            return
+        trial["intervals"] = len(points)
+        finite = [float(v) for v in points if isinstance(v, (int, float)) and not isinstance(v, bool)
+                  and math.isfinite(v)]
+        trial["last"] = points[-1] if isinstance(points[-1], (int, float)) and math.isfinite(points[-1]) else None
+        trial["best"] = (max(finite) if self.maximize else min(finite)) if finite else None
+        if trial["stopped"] is None and trial["status"] not in TERMINAL:
+            for n in range(seen + 1, len(points) + 1):
+                if due(self.policy, n) and self._evaluate(trial, n):
+                    break
+        self._save()
+
+    def _evaluate(self, trial: dict[str, Any], n: int) -> bool:
+        curves = {str(t["index"]): self.curves.get(t["index"], []) for t in self.state["trials"]
+                  if t["status"] != T.LOST}
+        finished = [str(t["index"]) for t in self.state["trials"] if t["status"] in TERMINAL]
+        decision = self.policy.evaluate(str(trial["index"]), curves, n, self.maximize, finished)
+        if decision is None:
+            return False
+        if "best_trial" in decision:
+            leader = self.state["trials"][int(decision["best_trial"])]
+            decision.update(best_trial=leader["index"], best_run_id=leader["run_id"])
+        trial["stopped"] = decision
+        self._save()
+        from ..submit import cancel_run
+
+        child = self._child(trial)
+        reason = f"stopped by {decision['policy']} at interval {n}: {decision['message']}"
+        try:
+            fsio.atomic_write_json(child.path("early_termination.json"), decision)
+            child.event("early_terminated", **decision)
+        except OSError as exc:
+            log.warning("trial %s: cannot record the policy's decision: %s", trial["index"], exc)
+        cancel_run(child, reason)
+        self._say(f"trial {trial['index']} ({trial['run_id']}) {reason}")
+        return True
+
+    def _end(self, trial: dict[str, Any], status: str, error: dict[str, Any] | None,
+             run: dict[str, Any] | None = None) -> None:
+        run = run or {}
+        if status == FAILED and (error or {}).get("reason") == "launcher_lost" and trial.get("replaces") is None:
+            status = T.LOST
+        trial.update(status=status, error=error, ended=run.get("ended") or now_iso(),
+                     started=trial.get("started") or run.get("started"))
+        self.pool.give(trial.get("allocation"))
+        metric = "" if trial["best"] is None else f", best {self.metric} {trial['best']:.6g}"
+        why = f" ({error.get('reason')}: {error.get('message')})" if error and status in (FAILED, T.LOST) else ""
+        self._say(f"trial {trial['index']} ({trial['run_id']}) {status}{metric}{why}"
+                  + (", to be replaced" if status == T.LOST else ""))
+        self.record.event("trial_ended", index=trial["index"], run_id=trial["run_id"], status=status,
+                          best=trial["best"])
+        self._save()
+
+    def _fail_fast(self) -> None:
+        counted = [t for t in self.state["trials"] if t["status"] != T.LOST]
+        failed = [t for t in counted if t["status"] == FAILED]
+        good = [t for t in counted if t["status"] == COMPLETED or (t["status"] == CANCELED and t["stopped"])]
+        if not good and len(failed) >= min(FAIL_FAST, self.max_total) and self.stop_reason is None:
+            last = failed[-1]
+            message = (last.get("error") or {}).get("message", "unknown error")
+            self._stop("fail_fast", f"the first {len(failed)} trials failed (trial {last['index']}, run "
+                                    f"{last['run_id']}: {message})")
+
+    # -- stopping ------------------------------------------------------------------------------------
+    def _cancel_active(self, reason: str) -> None:
+        from ..submit import cancel_run
+
+        for trial in self._active():
+            if trial["index"] not in self.children and trial["status"] == T.STARTING:
+                self._end(trial, CANCELED, None)
+                continue
+            try:
+                cancel_run(self._child(trial), f"sweep {self.record.id}: {reason}")
+            except TflaunchError as exc:
+                log.warning("trial %s: %s", trial["index"], exc)
+
+    def _drain(self, timeout: float = 120.0) -> None:
+        """Wait for the canceled trials to end (their supervisors stop them, SIGKILL after the grace)."""
+        deadline = time.monotonic() + timeout
+        while self._active() and time.monotonic() < deadline:
+            for trial in self._active():
+                self._poll(trial)
+            self._heartbeat()
+            time.sleep(POLL)
+        for trial in self._active():
+            self._say(f"trial {trial['index']} ({trial['run_id']}) has not ended; its own launcher is stopping it")
+
+    def _finalize(self) -> dict[str, Any]:
+        self.record.release_reserve()  # a full disk: the final records still fit
+        try:
+            self._save()
+        except OSError as exc:
+            log.warning("sweep %s: cannot write its state: %s", self.record.id, exc)
+        try:
+            self.record.write_status(FINALIZING)
+        except OSError as exc:
+            log.warning("sweep %s: cannot record Finalizing: %s", self.record.id, exc)
+        summary = T.summary(self.state)
+        counts = summary["counts"]
+        fields: dict[str, Any] = {"sweep": summary, "ended": now_iso()}
+        good = counts.get(COMPLETED, 0) + sum(1 for t in self.state["trials"]
+                                              if t["status"] == CANCELED and t["stopped"])
+        if self.stop_reason == "canceled":
+            status = CANCELED
+            fields["cancel_reason"] = self.stop_detail
+        elif self.stop_reason in ("fail_fast", "internal"):
+            status = FAILED
+            fields["error"] = {"reason": "internal" if self.stop_reason == "internal" else "trials_failed",
+                               "message": self.stop_detail}
+        elif good:
+            status = COMPLETED
+            if self.stop_reason == "max_duration":
+                fields["stop_reason"] = self.stop_detail
+        elif self.stop_reason == "max_duration":
+            status = FAILED
+            fields["error"] = {"reason": "timeout", "message": f"{self.stop_detail} before any trial completed"}
+        else:
+            status = FAILED
+            fields["error"] = {"reason": "trials_failed",
+                               "message": f"all {summary['trials']} trials failed (see `tflaunch sweep show "
+                                          f"{self.record.id}`)"}
+        best = summary["best"]
+        self._say(f"sweep {self.record.id} {status}" + (f": best trial {best['index']} ({best['run_id']}), "
+                                                         f"{self.metric} {best['value']:.6g}" if best else ""))
+        final = self.record.write_status(status, **fields)
+        try:
+            os.unlink(self.record.path("lease.json"))
+        except OSError:
+            pass
+        return final
+
+
+# ---------------------------------------------------------------------------------------------------
+def spawn_driver(record: RunRecord, *, resume: bool = False) -> int:
+    """Start the sweep's driver in the background; return its pid once it holds the sweep's lease."""
+    from ..supervise import spawn_detached
+
+    bayesian = record.definition()["sweep"]["config"]["hyperparameter_sampling"]["kind"] == "bayesian"
+    return spawn_detached(record, boot=DRIVER_BOOT, args=("--resume",) if resume else (), site=bayesian)
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of the background driver: ``--home H --ready-fd N [--resume] PARENT_ID``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="tflaunch-sweep-driver")
+    parser.add_argument("--home", required=True)
+    parser.add_argument("--ready-fd", type=int, required=True)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("run_id")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s sweep %(levelname)s %(message)s")
+
+    def ready() -> None:
+        os.write(args.ready_fd, b"ready\n")
+        os.close(args.ready_fd)
+
+    try:
+        record = Store(args.home).run(args.run_id)
+        SweepDriver(record, resume=args.resume).run(ready)
+    except TflaunchError as exc:
+        log.error("%s", exc)
+        return 1
+    except Exception:
+        log.exception("driver of sweep %s failed", args.run_id)
+        return 1
+    return 0
+
