@@ -78,6 +78,7 @@ bench: $(VENV)/.test-installed bench/.venv-mlflow/bin/python mpi-envs horovod
 	$(PY) bench/env_build.py
 	$(PY) bench/env_run.py
 	$(PY) bench/doctor.py
+	$(PY) bench/sweep_overhead.py
 
 clean:
 	rm -rf build dist .pytest_cache

@@ -320,16 +320,18 @@ def test_submitted_with_an_environment_setup_lines_and_a_mounted_input(cluster, 
     assert bad.returncode == 2 and "as_download() (--data NAME=PATH:download) with Slurm's srun launcher" in bad.stderr
 
 
+SCORE = ("import sys\nfrom tflaunch import Run\nx = float(sys.argv[sys.argv.index('--x') + 1])\n"
+         "for i in range(3):\n    Run.get_context().log('score', x * (i + 1))\n")
+
+
 def test_sweep_submits_one_job_per_trial(cluster, slurm):
     """A sweep with --slurm: each trial is its own Slurm job (submitted by the sweep's driver on the login
     node), at most --max-concurrent-runs at once; the trials' metrics come back through the shared home."""
     project, env = cluster
-    (project / "score.py").write_text("import sys\nfrom tflaunch import Run\n"
-                                      "x = float(sys.argv[sys.argv.index('--x') + 1])\n"
-                                      "for i in range(3):\n    Run.get_context().log('score', x * (i + 1))\n")
+    (project / "score.py").write_text(SCORE)
     result = _tfl(env, "sweep", "--slurm", "--time", "5", "--param=--x=choice(1, 2, 3)", "--sampling", "grid",
                   "--primary-metric", "score", "--goal", "maximize", "--max-total-runs", "3",
-                  "--max-concurrent-runs", "2", "score.py", cwd=project, timeout=240)
+                  "--max-concurrent-runs", "2", "--no-job-array", "score.py", cwd=project, timeout=240)
     assert result.returncode == 0, result.stderr
     sweep_id = [line for line in result.stderr.splitlines() if line.startswith("tflaunch: sweep ")][0].split()[2]
     state = json.loads(_tfl(env, "sweep", "show", sweep_id, "--json", cwd=project).stdout)
@@ -342,3 +344,60 @@ def test_sweep_submits_one_job_per_trial(cluster, slurm):
         assert slurm.job_state(run["slurm"]["job_id"]) == "COMPLETED"
         jobs.add(run["slurm"]["job_id"])
     assert len(jobs) == 3
+
+
+def test_sweep_submits_its_trials_as_one_job_array(cluster, slurm):
+    """Grid trials known up front go as one sbatch --array=0-3%2: Slurm runs at most two at once; each
+    task runs its own trial's record (output there too); a policy or cancel acts on JOBID_TASK."""
+    project, env = cluster
+    (project / "score.py").write_text(SCORE + "import time; time.sleep(1)\n")
+    result = _tfl(env, "sweep", "--slurm", "--time", "5", "--param=--x=choice(1, 2, 3, 4)", "--sampling", "grid",
+                  "--primary-metric", "score", "--goal", "maximize", "--max-total-runs", "4",
+                  "--max-concurrent-runs", "2", "score.py", cwd=project, timeout=240)
+    assert result.returncode == 0, result.stderr
+    assert "4 trials submitted as Slurm job array" in result.stdout
+    sweep_id = [line for line in result.stderr.splitlines() if line.startswith("tflaunch: sweep ")][0].split()[2]
+    state = json.loads(_tfl(env, "sweep", "show", sweep_id, "--json", cwd=project).stdout)
+    assert [t["status"] for t in state["trials"]] == ["Completed"] * 4
+    assert state["summary"]["best"]["hyperparameters"] == {"--x": 4}
+    sweep = show(_runner(env, project), sweep_id)
+    script = (Path(sweep["run_dir"]) / "slurm" / "job.sbatch").read_text()
+    assert "#SBATCH --array=0-3%2" in script
+    arrays, spans = set(), []
+    for i, trial in enumerate(state["trials"]):
+        run = show(_runner(env, project), trial["run_id"])
+        assert run["slurm"]["array"] and run["status"] == "Completed"
+        arrays.add(run["slurm"]["array"])
+        assert slurm.job_state(run["slurm"]["job_id"]) == "COMPLETED"
+        out = (Path(run["run_dir"]) / "tflaunch_logs" / f"slurm-{run['slurm']['array']}_{i}.out").read_text()
+        assert trial["run_id"] in out  # the task's own output, in its trial's record
+        spans.append((run["started"], run["ended"]))
+    assert len(arrays) == 1
+    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+    live = top = 0
+    for _, delta in events:
+        live += delta
+        top = max(top, live)
+    assert top <= 2
+
+
+def test_cancel_a_sweep_whose_job_array_is_running_and_pending(cluster, slurm):
+    project, env = cluster
+    sweep_id = _tfl(env, "sweep", "-d", "--slurm", "--time", "5", "--param=--x=choice(1, 2, 3, 4)", "--sampling",
+                    "grid", "--primary-metric", "score", "--goal", "maximize", "--max-total-runs", "4",
+                    "--max-concurrent-runs", "2", "slow.py", cwd=project).stdout.strip()
+    runner = _runner(env, project)
+    deadline = time.monotonic() + 90
+    while True:
+        state = json.loads(_tfl(env, "sweep", "show", sweep_id, "--json", cwd=project).stdout)
+        if [t["status"] for t in state["trials"]].count("Running") == 2:
+            break
+        assert time.monotonic() < deadline, state["trials"]
+        time.sleep(0.5)
+    assert sorted(t["status"] for t in state["trials"]) == ["Queued", "Queued", "Running", "Running"]
+    result = _tfl(env, "sweep", "cancel", sweep_id, "--wait", cwd=project, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for trial in state["trials"]:
+        run = wait_status(runner, trial["run_id"], {"Canceled"}, timeout=60)
+        assert slurm.job_state(run["slurm"]["job_id"]) not in ("PENDING", "RUNNING")  # gone, or ended
+    assert show(runner, sweep_id)["status"] == "Canceled"

@@ -82,6 +82,8 @@ def add_commands(commands: Any, common: argparse.ArgumentParser, parser_class: t
                                                                            "(default: 10080)")
     g.add_argument("--slots", type=int, metavar="N", help="a local sweep: processes this machine runs at once "
                                                          "(default: its CPU count)")
+    g.add_argument("--no-job-array", dest="job_array", action="store_false", default=None,
+                   help="with --slurm: one sbatch per trial (default: grid and random trials go as one job array)")
     p.set_defaults(func=cmd_start)
 
     p = sub.add_parser("show", parents=[common], help="a sweep's trials: hyperparameters, status, primary metric")
@@ -160,7 +162,7 @@ def _config(args: argparse.Namespace) -> tuple[Any, str | None, dict[str, str]]:
         primary_metric_name=pick("primary_metric_name"), primary_metric_goal=pick("primary_metric_goal"),
         policy=policy_from_dict(policy, "--policy"), max_total_runs=pick("max_total_runs"),
         max_concurrent_runs=pick("max_concurrent_runs"), max_duration_minutes=pick("max_duration_minutes", 10080),
-        slots=pick("slots"))
+        slots=pick("slots"), job_array=pick("job_array"))
     return config, experiment, tags
 
 

@@ -34,6 +34,7 @@ __all__ = ["SlurmError", "SlurmOptions", "batch_script", "submit", "require", "j
 
 SCRIPT = "slurm/job.sbatch"  # in the run record
 OUTPUT = "tflaunch_logs/slurm-%j.out"  # the batch script's own output (tflaunch's messages inside the job)
+ARRAY_OUTPUT = "tflaunch_logs/slurm-%A_%a.out"  # a sweep's job array, until a task's prelude redirects it
 DEFAULT_SIGNAL = "USR2@60"  # sbatch --signal: SIGUSR2 to every task 60 s before the time limit
 CHECKPOINT_SIGNAL_VAR = "TFLAUNCH_CHECKPOINT_SIGNAL"  # tells the script which signal means "checkpoint now"
 TIMEOUT = 30.0  # for one Slurm client command
@@ -182,8 +183,13 @@ def signal_name(value: str | None) -> str | None:
 
 def batch_script(*, run_id: str, experiment: str, record_dir: str, options: SlurmOptions, nodes: int,
                  ntasks_per_node: int | None, ntasks: int | None, gpus_per_node: int | None,
-                 command: Sequence[str]) -> str:
-    """The batch script for a run: ``#SBATCH`` lines, then ``exec`` of tflaunch's in-job supervisor."""
+                 command: Sequence[str], array: str | None = None, prelude: Sequence[str] = (),
+                 command_tail: str = "") -> str:
+    """The batch script for a run: ``#SBATCH`` lines, then ``exec`` of tflaunch's in-job supervisor.
+
+    ``array``: ``sbatch --array`` (a sweep's trials, one run per task: ``prelude`` shell lines pick the
+    task's run and redirect the output into its record; ``command_tail`` is appended to the command
+    unquoted, e.g. ``"$RUN"``); the output then goes where the prelude sends it."""
     lines = ["#!/bin/sh",
              f"#SBATCH --job-name={options.job_name or 'tflaunch-' + experiment}",
              f"#SBATCH --nodes={nodes}"]
@@ -199,13 +205,19 @@ def batch_script(*, run_id: str, experiment: str, record_dir: str, options: Slur
         lines.append(f"#SBATCH --gpus-per-node={gpus_per_node}")
     if options.signal:
         lines.append(f"#SBATCH --signal={options.signal}")
-    lines += [f"#SBATCH --output={os.path.join(record_dir, OUTPUT)}", "#SBATCH --open-mode=append"]
+    if array is not None:
+        lines += [f"#SBATCH --array={array}", f"#SBATCH --output={os.path.join(record_dir, ARRAY_OUTPUT)}"]
+    else:
+        lines.append(f"#SBATCH --output={os.path.join(record_dir, OUTPUT)}")
+    lines.append("#SBATCH --open-mode=append")
     lines += [f"#SBATCH {arg}" for arg in options.sbatch_args]
     lines += ["",
-              f"# Written by tflaunch for run {run_id} (experiment {experiment}); submitted with",
+              f"# Written by tflaunch for {'the trials of sweep' if array is not None else 'run'} {run_id} "
+              f"(experiment {experiment}); submitted with",
               f"#   sbatch --parsable {os.path.join(record_dir, SCRIPT)}",
               "# tflaunch's supervisor starts the processes (one srun step) and records the run.",
-              "exec " + shlex.join(command), ""]
+              *prelude,
+              "exec " + shlex.join(command) + (" " + command_tail if command_tail else ""), ""]
     return "\n".join(lines)
 
 
@@ -248,7 +260,7 @@ def job_info(job_id: str) -> dict[str, str] | None:
     text = (result.stdout or "").strip()
     if result.returncode != 0 or not text:
         message = (result.stderr or result.stdout or "").strip() or f"exit status {result.returncode}"
-        if "Invalid job id" in message:
+        if "Invalid job id" in message or "not found" in message:  # "Job 12_3 not found": a canceled pending task
             return None
         raise SlurmError(f"scontrol show job {job_id}: {_first_error(message)}")
     return parse_record(text.splitlines()[0])
@@ -285,6 +297,8 @@ def final_fields(info: Mapping[str, str] | None, job_id: str, cancel_request: Ma
     if state in ACTIVE:
         return None
     info = info or {}
+    if state is None and cancel_request:  # canceled while pending: an array's task leaves no record
+        return {"status": "Canceled", "cancel_reason": str(cancel_request.get("reason") or "canceled")}
     if state is None:
         return {"status": "Failed", "error": {
             "reason": "slurm_job_lost",

@@ -215,19 +215,21 @@ def check_slurm(spec: JobSpec) -> None:
         spec.environment_variables.setdefault(CHECKPOINT_SIGNAL_VAR, signal_name(options.signal) or "")
 
 
-def batch_script(spec: JobSpec, run_id: str, experiment: str, record_dir: str, home: str) -> str:
-    """The batch script of a run submitted with ``--slurm`` (see :func:`tflaunch.slurm.batch_script`)."""
+def batch_script(spec: JobSpec, run_id: str, experiment: str, record_dir: str, home: str, **array: Any) -> str:
+    """The batch script of a run submitted with ``--slurm`` (see :func:`tflaunch.slurm.batch_script`;
+    ``array``: a sweep's job array, its ``array``, ``prelude`` and ``command_tail``)."""
     from .slurm import SlurmOptions
     from .slurm import batch_script as render
 
     target = spec.compute_target or {}
     ps = (spec.distributed or {}).get("backend") == "ps"
+    command = in_job_command(home, run_id)
     return render(run_id=run_id, experiment=experiment, record_dir=record_dir,
                   options=SlurmOptions.from_dict(target.get("slurm")), nodes=spec.node_count,
                   ntasks_per_node=None if ps else spec.process_count_per_node,
                   ntasks=spec.world_size if ps else None,
                   gpus_per_node=spec.gpus_per_node if spec.use_gpu else None,
-                  command=in_job_command(home, run_id))
+                  command=command[:-1] if array else command, **array)
 
 
 def submit_slurm(prepared: Prepared) -> RunRecord:

@@ -46,7 +46,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
     from typing import Any, Callable, Sequence, TextIO
 
-__all__ = ["Supervisor", "spawn_detached", "detached_main", "DEFAULT_GRACE", "prestart_agents"]
+__all__ = ["Supervisor", "spawn_detached", "Detached", "detached_main", "DEFAULT_GRACE", "prestart_agents"]
 
 log = logging.getLogger(__name__)
 
@@ -934,46 +934,89 @@ def _package_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def spawn_detached(record: RunRecord, timeout: float = 60.0, *, env: dict[str, str] | None = None,
-                   boot: str = _DETACHED_BOOT, args: Sequence[str] = (), site: bool = False) -> int:
-    """Start a background supervisor for ``record``; return its pid once it holds the lease.
+class Detached:
+    """A background supervisor being started for ``record``: ready once it holds the run's lease.
 
     ``env``: variables set for it (and so for its local agent); ``boot``/``args``/``site``: another
     background process that takes ``--home H --ready-fd N [ARGS] RUN_ID`` (a sweep's driver; ``site``:
-    with the interpreter's site-packages). If it does not get that far, the run is recorded Failed
-    (``launch_failed``) and TflaunchError raised.
+    with the interpreter's site-packages). :meth:`poll` (without blocking) and :meth:`wait` say when it is
+    ready; if it does not get that far, the run is recorded Failed (``launch_failed``) and TflaunchError
+    raised. Several can be started at once (a sweep's trials) and polled together.
     """
-    log_path = record.path(LOG_DIR, "launcher.log")
-    ready_r, ready_w = os.pipe()
-    got = b""
-    try:
-        with open(log_path, "ab") as log_file:
-            proc = subprocess.Popen(
-                [sys.executable, "-I", *(() if site else ("-S",)), "-c", boot, _package_root(), "--home",
-                 record.store.home, "--ready-fd", str(ready_w), *args, record.id],
-                stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, start_new_session=True,
-                pass_fds=(ready_w,), close_fds=True, env=None if env is None else {**os.environ, **env})
-        os.close(ready_w)
-        ready_w = -1
-        deadline = time.monotonic() + timeout
-        while b"\n" not in got:  # "ready\n" once it holds the lease; EOF if it died first
-            left = deadline - time.monotonic()
-            chunk = _read_with_timeout(ready_r, left) if left > 0 else b""
+
+    def __init__(self, record: RunRecord, *, env: dict[str, str] | None = None, boot: str = _DETACHED_BOOT,
+                 args: Sequence[str] = (), site: bool = False) -> None:
+        self.record = record
+        self.log_path = record.path(LOG_DIR, "launcher.log")
+        self.got = b""
+        self.fd = -1
+        self.proc: subprocess.Popen | None = None
+        self.started = time.monotonic()
+        ready_r, ready_w = os.pipe()
+        try:
+            with open(self.log_path, "ab") as log_file:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-I", *(() if site else ("-S",)), "-c", boot, _package_root(), "--home",
+                     record.store.home, "--ready-fd", str(ready_w), *args, record.id],
+                    stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, start_new_session=True,
+                    pass_fds=(ready_w,), close_fds=True, env=None if env is None else {**os.environ, **env})
+        except OSError as exc:
+            os.close(ready_r)
+            self._fail(str(exc))
+        finally:
+            os.close(ready_w)
+        self.fd = ready_r
+        os.set_blocking(ready_r, False)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid if self.proc is not None else -1
+
+    def _fail(self, error: str) -> None:
+        self.close()
+        message = f"the background supervisor for run {self.record.id} did not start ({error}); see {self.log_path}"
+        self.record.write_status(FAILED, ended=now_iso(), error={"reason": "launch_failed", "message": message})
+        raise TflaunchError(message)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def poll(self) -> bool:
+        """True once it holds the lease ("ready\n" on the pipe), False while starting; TflaunchError if it
+        exited first."""
+        if self.fd < 0:
+            return True
+        while b"\n" not in self.got:
+            try:
+                chunk = os.read(self.fd, 64)
+            except BlockingIOError:
+                return False
             if not chunk:
                 break
-            got += chunk
-        error = "" if got.startswith(b"ready") else f"exit status {proc.poll()}"
-    except OSError as exc:
-        error = str(exc)
-    finally:
-        for fd in (ready_r, ready_w):
-            if fd >= 0:
-                os.close(fd)
-    if error:
-        message = f"the background supervisor for run {record.id} did not start ({error}); see {log_path}"
-        record.write_status(FAILED, ended=now_iso(), error={"reason": "launch_failed", "message": message})
-        raise TflaunchError(message)
-    return proc.pid
+            self.got += chunk
+        if self.got.startswith(b"ready"):
+            self.close()
+            return True
+        self._fail(f"exit status {self.proc.poll() if self.proc is not None else None}")
+        return False
+
+    def wait(self, timeout: float = 60.0) -> int:
+        """Block until ready (its pid) or ``timeout`` seconds after the start (TflaunchError)."""
+        while not self.poll():
+            left = self.started + timeout - time.monotonic()
+            if left <= 0:
+                self._fail(f"exit status {self.proc.poll() if self.proc is not None else None}")
+            select.select([self.fd], [], [], left)
+        return self.pid
+
+
+def spawn_detached(record: RunRecord, timeout: float = 60.0, **kwargs: Any) -> int:
+    """Start a background supervisor for ``record`` (see :class:`Detached` for ``kwargs``); return its pid
+    once it holds the lease. If it does not get that far, the run is recorded Failed (``launch_failed``)
+    and TflaunchError raised."""
+    return Detached(record, **kwargs).wait(timeout)
 
 
 def in_job_command(home: str, run_id: str) -> list[str]:
@@ -989,11 +1032,6 @@ def _wait_for_submitter(record: RunRecord, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while (record.read_status(check_lease=False) or {}).get("status") == PREPARING and time.monotonic() < deadline:
         time.sleep(0.05)
-
-
-def _read_with_timeout(fd: int, timeout: float) -> bytes:
-    ready, _, _ = select.select([fd], [], [], timeout)
-    return os.read(fd, 64) if ready else b""
 
 
 def detached_main(argv: list[str]) -> int:
@@ -1031,7 +1069,10 @@ def detached_main(argv: list[str]) -> int:
         return exit_code_for(final)
 
     def ready() -> None:
-        os.write(args.ready_fd, b"ready\n")
+        try:
+            os.write(args.ready_fd, b"ready\n")
+        except OSError:  # the submitter is gone (a sweep's driver killed meanwhile): the run goes on
+            pass
         os.close(args.ready_fd)
 
     try:

@@ -80,15 +80,17 @@ class HyperDriveConfig:
     ``-`` becomes ``--name``), judged on ``primary_metric_name`` (what the script logs with ``run.log``),
     stopped early by ``policy``. ``max_total_runs`` (1-1000), ``max_concurrent_runs`` (1-100; default: as
     many as the compute target has room for), ``max_duration_minutes`` (then running trials are canceled).
-    tflaunch addition: ``slots``, how many processes this machine takes at once for a local sweep (default:
-    its CPU count); see README "Hyperparameter sweeps"."""
+    tflaunch additions: ``slots``, how many processes this machine takes at once for a local sweep (default:
+    its CPU count); ``job_array=False``: a Slurm sweep submits one job per trial even when its trials could
+    go as one job array (grid and random sampling); see README "Hyperparameter sweeps"."""
 
     def __init__(self, hyperparameter_sampling: ParameterSampling | None = None,
                  primary_metric_name: str | None = None, primary_metric_goal: Any = None,
                  max_total_runs: int | None = None, max_concurrent_runs: int | None = None,
                  max_duration_minutes: float = DEFAULT_DURATION_MINUTES,
                  policy: EarlyTerminationPolicy | None = None, estimator: Any = None, *,
-                 slots: int | None = None, debug_flag: Any = None, **unknown: Any) -> None:
+                 slots: int | None = None, job_array: bool | None = None, debug_flag: Any = None,
+                 **unknown: Any) -> None:
         for name in unknown:
             if name in _REFUSED:
                 raise SpecError(f"HyperDriveConfig({name}=...): {_REFUSED[name]}")
@@ -129,6 +131,9 @@ class HyperDriveConfig:
         if slots is not None:
             _int_in("slots", slots, 1, 1 << 20)
         self.slots = slots
+        if job_array is not None and not isinstance(job_array, bool):
+            raise SpecError(f"job_array: must be True or False, got {job_array!r}")
+        self.job_array = job_array
 
     def to_dict(self) -> dict[str, Any]:
         """The recorded form (without the estimator, recorded as the sweep's spec)."""
@@ -136,7 +141,7 @@ class HyperDriveConfig:
         return {"hyperparameter_sampling": sampling, "primary_metric_name": self.primary_metric_name,
                 "primary_metric_goal": self.primary_metric_goal, "policy": self.policy.to_dict(),
                 "max_total_runs": self.max_total_runs, "max_concurrent_runs": self.max_concurrent_runs,
-                "max_duration_minutes": self.max_duration_minutes, "slots": self.slots}
+                "max_duration_minutes": self.max_duration_minutes, "slots": self.slots, "job_array": self.job_array}
 
     def __repr__(self) -> str:
         return (f"HyperDriveConfig({self.hyperparameter_sampling!r}, primary_metric_name={self.primary_metric_name!r}, "
@@ -199,7 +204,8 @@ def estimator_from_dict(data: Any, base: str) -> Any:
 
 
 _CONFIG_KEYS = ("experiment", "estimator", "hyperparameter_sampling", "primary_metric_name", "primary_metric_goal",
-                "policy", "max_total_runs", "max_concurrent_runs", "max_duration_minutes", "slots", "tags")
+                "policy", "max_total_runs", "max_concurrent_runs", "max_duration_minutes", "slots", "job_array",
+                "tags")
 
 
 def load_config(path: str) -> tuple[HyperDriveConfig, str | None, dict[str, str]]:
@@ -226,6 +232,7 @@ def load_config(path: str) -> tuple[HyperDriveConfig, str | None, dict[str, str]
         primary_metric_name=data.get("primary_metric_name"), primary_metric_goal=data.get("primary_metric_goal"),
         policy=policy_from_dict(data.get("policy")), max_total_runs=data.get("max_total_runs"),
         max_concurrent_runs=data.get("max_concurrent_runs"),
-        max_duration_minutes=data.get("max_duration_minutes", DEFAULT_DURATION_MINUTES), slots=data.get("slots"))
+        max_duration_minutes=data.get("max_duration_minutes", DEFAULT_DURATION_MINUTES), slots=data.get("slots"),
+        job_array=data.get("job_array"))
     return config, data.get("experiment"), {str(k): str(v) for k, v in tags.items()}
 

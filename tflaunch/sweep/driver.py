@@ -35,13 +35,15 @@ from .slots import Pool
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
-    from typing import Any
+    from typing import Any, Sequence
 
 __all__ = ["SweepDriver", "main", "DRIVER_BOOT", "spawn_driver", "trial_shape", "curve", "FAIL_FAST"]
 
 log = logging.getLogger(__name__)
 
-POLL = 0.2
+POLL = 0.05  # seconds between looks at the trials while something happens
+MAX_POLL = 0.5  # when nothing has for a while
+START_TIMEOUT = 60.0  # for a trial's supervisor to take its lease
 FAIL_FAST = 3  # failed trials with none succeeded yet: stop the sweep
 DRIVER_BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); "
                "from tflaunch.sweep.driver import main; sys.exit(main(sys.argv[2:]))")
@@ -119,7 +121,11 @@ class SweepDriver:
         self.max_concurrent = int(self.config.get("max_concurrent_runs") or min(self.max_total, 100))
         self.resume = resume
         self.pool = build_pool(self.spec, self.sweep)
+        from .slurm_array import array_allowed
+        self.array = array_allowed(self.spec, self.config) and self.max_total > 1
         self.children: dict[int, RunRecord] = {}
+        self.starting: dict[int, Any] = {}  # trial index -> its supervisor being started (supervise.Detached)
+        self._changed = False
         self.curves: dict[int, list[Any]] = {}
         self.state: dict[str, Any] = {}
         self.exhausted = False
@@ -139,10 +145,11 @@ class SweepDriver:
         self.limit = float(self.config["max_duration_minutes"]) * 60.0
         self.began = time.monotonic() - float(self.state.get("elapsed") or 0.0)
 
-    def _save(self) -> None:
+    def _save(self, sync: bool = False) -> None:
         self.state["elapsed"] = round(time.monotonic() - self.began, 3)
         summary = self.state["summary"] = T.summary(self.state)
-        T.save(self.record.dir, self.state)
+        T.save(self.record.dir, self.state, sync=sync)
+        self._changed = True
         if summary != (self.record._status or {}).get("sweep"):  # `runs list` shows it with the sweep
             self.record.write_status(sweep=summary)
 
@@ -217,6 +224,8 @@ class SweepDriver:
                 signal.signal(s, handler)
             if self._log is not None:
                 self._log.close()
+            for starting in self.starting.values():
+                starting.close()
             lock.close()
 
     def _environment(self) -> None:
@@ -251,6 +260,7 @@ class SweepDriver:
         self._save()
 
     def _loop(self) -> None:
+        delay = POLL
         while True:
             self._handle_signals()
             if self.stop_reason is None and self.record.cancel_requested():
@@ -261,6 +271,7 @@ class SweepDriver:
                 self._cancel_active(self.stop_detail)
                 self._drain()
                 return
+            self._check_starting()
             for trial in self._active():
                 if trial["status"] != T.STARTING:
                     self._poll(trial)
@@ -272,7 +283,22 @@ class SweepDriver:
                     continue
                 return
             self._heartbeat()
-            time.sleep(POLL)
+            # quick while things happen (a trial just started or ended), slower when all is quiet
+            delay = POLL if self._changed or self.starting else min(delay * 1.5, MAX_POLL)
+            self._changed = False
+            time.sleep(delay)
+
+    def _check_starting(self) -> None:
+        """Trials whose supervisors were started: ready (they hold their leases), or failed to start."""
+        for index, starting in list(self.starting.items()):
+            try:
+                if starting.poll():
+                    del self.starting[index]
+                elif time.monotonic() - starting.started > START_TIMEOUT:
+                    starting.wait(0)
+            except TflaunchError as exc:
+                del self.starting[index]
+                self._say(f"trial {index} ({starting.record.id}) could not start: {exc}")
 
     def _heartbeat(self) -> None:
         if time.monotonic() - self._lease_at >= 2.0:
@@ -294,10 +320,11 @@ class SweepDriver:
             self._say(f"stopping the sweep: {detail}")
 
     # -- starting trials -----------------------------------------------------------------------------
-    def _next(self) -> dict[str, Any] | None:
-        """The next trial to start: one recorded but never created, a lost trial's replacement, or a new draw."""
+    def _next(self, taken: Sequence[dict[str, Any]] = ()) -> dict[str, Any] | None:
+        """The next trial to start: one recorded but never created (and not among ``taken``), a lost trial's
+        replacement, or a new draw."""
         for trial in self.state["trials"]:
-            if trial["status"] == T.STARTING and trial["index"] not in self.children:
+            if trial["status"] == T.STARTING and trial["index"] not in self.children and trial not in taken:
                 return trial
         if self._counted() >= self.max_total:
             return None
@@ -328,6 +355,9 @@ class SweepDriver:
         return trial
 
     def _fill(self) -> None:
+        if self.array and not self.state["trials"]:
+            self._start_array()
+            return
         while len([t for t in self._active() if t["index"] in self.children]) < self.max_concurrent:
             allocation = self.pool.take()
             if allocation is None:
@@ -337,13 +367,11 @@ class SweepDriver:
                 self.pool.give(allocation)
                 return
             trial["allocation"] = allocation
-            self._save()  # recorded before its run exists: a driver killed now leaves nothing unaccounted
+            self._save(sync=True)  # recorded before its run exists: a driver killed now leaves nothing unaccounted
             self._start(trial)
 
-    def _start(self, trial: dict[str, Any]) -> None:
-        from ..submit import create_child_run, sbatch_run
-        from ..supervise import spawn_detached
-
+    def _trial_spec(self, trial: dict[str, Any]) -> JobSpec:
+        """The sweep's spec with the trial's arguments, environment and hosts."""
         spec = JobSpec.from_dict(self.spec.to_dict())
         spec.arguments = T.trial_argv(spec.arguments, trial["hyperparameters"])
         spec.environment_variables = {**spec.environment_variables, "TFLAUNCH_PARENT_RUN_ID": self.record.id,
@@ -351,26 +379,75 @@ class SweepDriver:
         allocation = trial.get("allocation") or {}
         if allocation.get("hosts") is not None and (spec.compute_target or {}).get("kind") != "local":
             spec.compute_target = dict(spec.compute_target, hosts=[list(h) for h in allocation["hosts"]])
+        return spec
+
+    def _create(self, trial: dict[str, Any], spec: JobSpec) -> RunRecord:
+        from ..submit import create_child_run
+
         extra = {"parent": self.record.id, "trial": trial["index"], "hyperparameters": trial["hyperparameters"]}
-        env = {"CUDA_VISIBLE_DEVICES": ",".join(allocation["gpus"])} if allocation.get("gpus") else None
+        child = self.children[trial["index"]] = create_child_run(self.record, spec, trial["run_id"], extra)
+        return child
+
+    def _started(self, trial: dict[str, Any]) -> None:
+        trial["status"] = (self._child(trial).read_status(check_lease=False) or {}).get("status", T.STARTING)
         what = " ".join(f"{k} {T._text(v)}" for k, v in trial["hyperparameters"].items())
+        self._say(f"trial {trial['index']} ({trial['run_id']}) started: {what}")
+        self.record.event("trial_started", index=trial["index"], run_id=trial["run_id"],
+                          hyperparameters=trial["hyperparameters"])
+
+    def _start_array(self) -> None:
+        """Every trial at once, as one Slurm job array (see :mod:`tflaunch.sweep.slurm_array`)."""
+        from .slurm_array import submit_array
+
+        trials = []
+        while len(trials) < self.max_total:
+            trial = self._next(trials)
+            if trial is None:
+                break
+            trial["allocation"] = self.pool.take()
+            trials.append(trial)
+        self._save(sync=True)  # recorded before their runs exist
+        created = []
+        for trial in trials:
+            try:
+                self._create(trial, self._trial_spec(trial))
+                created.append(trial)
+            except (TflaunchError, OSError) as exc:
+                self._say(f"trial {trial['index']} ({trial['run_id']}) could not be recorded: {exc}")
+                self._end(trial, FAILED, {"reason": "launch_failed", "message": str(exc)})
+        if not created:
+            return
+        experiment = (self.record.read_status(check_lease=False) or {}).get("experiment") or "default"
         try:
-            child = create_child_run(self.record, spec, trial["run_id"], extra)
-            self.children[trial["index"]] = child
+            job = submit_array(self.record, [self._child(t) for t in created], self.spec, experiment,
+                               self.config.get("max_concurrent_runs"))
+            self._say(f"{len(created)} trials submitted as Slurm job array {job}")
+        except TflaunchError as exc:
+            self._say(f"the trials' job array was refused: {exc}")
+        for trial in created:
+            self._started(trial)
+        self._save()
+
+    def _start(self, trial: dict[str, Any]) -> None:
+        from ..submit import sbatch_run
+        from ..supervise import Detached
+
+        spec = self._trial_spec(trial)
+        allocation = trial.get("allocation") or {}
+        env = {"CUDA_VISIBLE_DEVICES": ",".join(allocation["gpus"])} if allocation.get("gpus") else None
+        try:
+            child = self._create(trial, spec)
             if (spec.compute_target or {}).get("kind") == "slurm":
                 sbatch_run(child, spec, child.read_status(check_lease=False)["experiment"])
-            else:
-                spawn_detached(child, env=env)
+            else:  # ready when it holds the trial's lease: several start at once (see _check_starting)
+                self.starting[trial["index"]] = Detached(child, env=env)
         except (TflaunchError, OSError) as exc:
             self.children.setdefault(trial["index"], RunRecord(self.store, trial["run_id"]))
             self._say(f"trial {trial['index']} ({trial['run_id']}) could not start: {exc}")
             if not os.path.isdir(os.path.join(self.store.runs_dir, trial["run_id"])):
                 self._end(trial, FAILED, {"reason": "launch_failed", "message": str(exc)})
                 return
-        trial["status"] = (self._child(trial).read_status(check_lease=False) or {}).get("status", T.STARTING)
-        self._say(f"trial {trial['index']} ({trial['run_id']}) started: {what}")
-        self.record.event("trial_started", index=trial["index"], run_id=trial["run_id"],
-                          hyperparameters=trial["hyperparameters"])
+        self._started(trial)
         self._save()
 
     # -- following trials ----------------------------------------------------------------------------
@@ -479,6 +556,7 @@ class SweepDriver:
         """Wait for the canceled trials to end (their supervisors stop them, SIGKILL after the grace)."""
         deadline = time.monotonic() + timeout
         while self._active() and time.monotonic() < deadline:
+            self._check_starting()
             for trial in self._active():
                 self._poll(trial)
             self._heartbeat()
@@ -553,7 +631,10 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s sweep %(levelname)s %(message)s")
 
     def ready() -> None:
-        os.write(args.ready_fd, b"ready\n")
+        try:
+            os.write(args.ready_fd, b"ready\n")
+        except OSError:  # whoever started it is gone: the sweep goes on
+            pass
         os.close(args.ready_fd)
 
     try:

@@ -36,8 +36,10 @@ def load(run_dir: str) -> dict[str, Any]:
     return fsio.read_json(os.path.join(run_dir, STATE))
 
 
-def save(run_dir: str, state: dict[str, Any]) -> None:
-    fsio.atomic_write_json(os.path.join(run_dir, STATE), state)
+def save(run_dir: str, state: dict[str, Any], *, sync: bool = False) -> None:
+    """Replace the state atomically (a crash of the driver leaves the old or the new one); ``sync``: on
+    disk before returning (before a trial's run is created: so a power loss cannot repeat it either)."""
+    fsio.atomic_write_json(os.path.join(run_dir, STATE), state, fsync=sync, compact=True)
 
 
 def better(a: float, b: float, maximize: bool) -> bool:
