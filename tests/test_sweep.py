@@ -18,7 +18,8 @@ from tflaunch import Estimator, Experiment, SSHTarget
 from tflaunch.errors import SpecError
 from tflaunch.store import parse_iso
 from tflaunch.sweep import (BanditPolicy, BayesianParameterSampling, GridParameterSampling, HyperDriveConfig,
-                            PrimaryMetricGoal, RandomParameterSampling, choice, uniform)
+                            MedianStoppingPolicy, PrimaryMetricGoal, RandomParameterSampling,
+                            TruncationSelectionPolicy, choice, uniform)
 
 from conftest import REPO, cli_env, pids_with_token
 
@@ -31,6 +32,8 @@ TRAIN = """
     p.add_argument("--sleep", type=float, default=0.05)
     p.add_argument("--slow-below", type=float, default=None)  # trials with x below this log slowly
     p.add_argument("--fail", type=int, default=0)
+    p.add_argument("--curve", default=None)  # "0.1,0.2,0.3": these values, one per interval
+    p.add_argument("--linger-below", type=float, default=None)  # a curve below this waits 20 s at its end
     a = p.parse_args()
     run = Run.get_context()
     os.makedirs("outputs", exist_ok=True)
@@ -40,9 +43,12 @@ TRAIN = """
                    "parent": os.environ.get("TFLAUNCH_PARENT_RUN_ID")}, fh)
     if a.fail:
         sys.exit(3)
-    for i in range(a.intervals):
-        run.log("score", a.x)
+    values = [float(v) for v in a.curve.split(",")] if a.curve else [a.x] * a.intervals
+    for value in values:
+        run.log("score", value)
         time.sleep(a.sleep * (4 if a.slow_below is not None and a.x < a.slow_below else 1))
+    if a.linger_below is not None and max(values) < a.linger_below:
+        time.sleep(20)  # to be judged (and stopped) however late the driver looks
     print("trained", a.x)
 """
 
@@ -142,6 +148,31 @@ def test_bandit_stops_the_trial_far_behind_and_records_why(src, home, cli):
     assert "stopped by BanditPolicy at interval" in table and "best:" in table
 
 
+CURVES = {"a": "0.9,0.9,0.9,0.9", "b": "0.5,0.7,0.95,0.95", "c": "0.1,0.2,0.3,0.4", "d": "0.6,0.8,0.96,0.97"}
+
+
+@pytest.mark.parametrize("policy", [MedianStoppingPolicy(delay_evaluation=3), TruncationSelectionPolicy(34)])
+def test_median_and_truncation_stop_the_expected_trial_of_crafted_curves(src, home, policy):
+    """One trial at a time (so each is judged against the earlier ones' whole curves, at its own interval):
+    median at interval 3 (running averages .9 .717 .2 -> median .717) and truncation at interval 1 (the
+    worst 34% of 3 trials: one) stop trial c only; b, behind a, and d, behind a at first, survive both."""
+    cfg = config(src, GridParameterSampling({"--curve": choice(*CURVES.values())}), policy=policy,
+                 script_params={"--sleep": 0.1, "--linger-below": 0.5}, max_concurrent_runs=1)
+    sweep = Experiment("tune", home=home).submit(cfg)
+    assert sweep.wait_for_completion(timeout=120)["status"] == "Completed"
+    by_curve = {name: t for name, curve in CURVES.items() for t in sweep.get_trials()
+                if t["hyperparameters"]["--curve"] == curve}
+    assert {name: t["status"] for name, t in by_curve.items()} == {"a": "Completed", "b": "Completed",
+                                                                    "c": "Canceled", "d": "Completed"}
+    decision = by_curve["c"]["stopped"]
+    assert decision["policy"] == policy.name
+    if isinstance(policy, MedianStoppingPolicy):
+        assert decision["interval"] == 3 and decision["median"] == pytest.approx((0.5 + 0.7 + 0.95) / 3)
+        assert decision["value"] == pytest.approx(0.3)
+    else:
+        assert decision["interval"] == 1 and (decision["rank"], decision["trials"]) == (3, 3)
+
+
 def _wait(predicate, timeout=60.0, what="condition"):
     deadline = time.monotonic() + timeout
     while True:
@@ -156,14 +187,16 @@ def test_driver_sigkill_then_resume_accounts_for_every_trial_once(src, home, cli
     result = cli("sweep", "-d", "--param=--x=choice(1, 2, 3, 4, 5, 6)", "--sampling", "grid",
                  "--primary-metric", "score", "--goal", "maximize", "--max-total-runs", "6",
                  "--max-concurrent-runs", "2", "--slots", "2", "--source-dir", str(src), "train.py", "--",
-                 "--intervals", "8", "--sleep", "0.25", check=True)
+                 "--intervals", "20", "--sleep", "0.25", check=True)
     sweep_id = result.stdout.strip()
     record = Path(home) / "runs" / sweep_id
     # two trials running, a third not yet started: kill the driver, and one trial's own supervisor
-    running = _wait(lambda: [t for t in trials_of(home, sweep_id) if t["status"] == "Running"
-                             and status_of(home, t["run_id"]).get("started")] if len(trials_of(home, sweep_id)) == 2
-                    else None, what="two running trials")
-    assert len(running) == 2
+    def two_running():
+        trials = trials_of(home, sweep_id)
+        running = [t for t in trials if t["status"] == "Running" and status_of(home, t["run_id"]).get("started")]
+        return running if len(trials) == 2 and len(running) == 2 else None
+
+    running = _wait(two_running, what="two running trials")
     driver = json.loads((record / "lease.json").read_text())["pid"]
     os.kill(driver, signal.SIGKILL)
     victim, survivor = running

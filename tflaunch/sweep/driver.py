@@ -304,7 +304,9 @@ class SweepDriver:
         if time.monotonic() - self._lease_at >= 2.0:
             self.record.write_lease()
             self._lease_at = time.monotonic()
-            self._save()
+            changed = self._changed
+            self._save()  # the elapsed time, for max_duration_minutes after a resume
+            self._changed = changed  # not a change of the trials: the polling may stay slow
 
     def _handle_signals(self) -> None:
         while self._signals:
@@ -463,11 +465,11 @@ class SweepDriver:
                 trial["started"] = status.get("started")
             self._save()
         if state in (RUNNING, FINALIZING) or state in TERMINAL:
-            self._follow_metric(trial, child)
+            self._follow_metric(trial, child, judge=state not in TERMINAL)  # an ended trial is not stopped
         if state in TERMINAL:
             self._end(trial, state, status.get("error"), status)
 
-    def _follow_metric(self, trial: dict[str, Any], child: RunRecord) -> None:
+    def _follow_metric(self, trial: dict[str, Any], child: RunRecord, judge: bool = True) -> None:
         try:
             points = curve(child.dir, self.metric)
         except (OSError, ValueError) as exc:
@@ -482,7 +484,7 @@ class SweepDriver:
                   and math.isfinite(v)]
         trial["last"] = points[-1] if isinstance(points[-1], (int, float)) and math.isfinite(points[-1]) else None
         trial["best"] = (max(finite) if self.maximize else min(finite)) if finite else None
-        if trial["stopped"] is None and trial["status"] not in TERMINAL:
+        if judge and trial["stopped"] is None and trial["status"] not in TERMINAL:
             for n in range(seen + 1, len(points) + 1):
                 if due(self.policy, n) and self._evaluate(trial, n):
                     break
