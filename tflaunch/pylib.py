@@ -14,11 +14,9 @@ import logging
 import os
 import shutil
 
-__all__ = ["library_path", "VAR"]
+__all__ = ["library_path"]
 
 log = logging.getLogger(__name__)
-
-VAR = "TFLAUNCH_PYTHONPATH"
 
 
 def _sources(package_dir: str) -> list[str]:

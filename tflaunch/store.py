@@ -639,10 +639,6 @@ class RunRecord:
             raise PathSafetyError(f"{name!r} leads outside run {self.id} (through a symbolic link)")
         return target
 
-    def process_log_files(self) -> list[tuple[str, str]]:
-        """The processes' output files as (path, "stdout" | "stderr"), in rank order."""
-        return [(path, kind) for path, kind, _ in self.process_log_streams()]
-
     def process_log_streams(self) -> list[tuple[str, str, str]]:
         """(path, "stdout" | "stderr", line prefix) per output file, in rank order; the prefix is
         ``"[rank N] "`` (``"[ps 0] "`` with TF_CONFIG) when the run has several processes, else empty."""

@@ -40,11 +40,10 @@ if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
 
     from .spec import JobSpec
 
-__all__ = ["Task", "ROLES", "TF_BACKENDS", "place", "cluster_tasks", "ports_per_host", "assign_ports",
+__all__ = ["Task", "TF_BACKENDS", "place", "cluster_tasks", "ports_per_host", "assign_ports",
            "cluster_json", "tf_config", "TF_CONFIG_LIMIT", "describe_roles", "job_hosts", "check_size",
            "backend"]
 
-ROLES = ("chief", "worker", "ps", "evaluator")
 TF_BACKENDS = ("ps", "multiworker")
 # Linux refuses an environment string longer than MAX_ARG_STRLEN (32 pages: 131072 bytes incl. the NUL).
 TF_CONFIG_LIMIT = 131072 - len("TF_CONFIG=") - 1

@@ -3,7 +3,7 @@
 Every backend produces an :class:`AgentConnection`: commands go to the agent's stdin, events come
 back on its stdout, and closing the connection (or losing it) makes the agent stop the run's
 processes. Backends: :mod:`tflaunch.launch.local` (a child process) and :mod:`tflaunch.launch.ssh`
-(the OpenSSH client); :mod:`tflaunch.launch.group` drives the agents of a run together.
+(the OpenSSH client); :class:`tflaunch.supervise.Supervisor` drives the agents of a run together.
 """
 from __future__ import annotations
 
