@@ -12,7 +12,6 @@ import time
 
 from . import store as store_mod
 from .errors import RunFailedError, SpecError
-from .spec import Estimator
 from .store import TERMINAL, RunRecord, Store
 from .tail import follow_files, write_text
 from . import metrics as metrics_mod
@@ -22,6 +21,8 @@ if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
     from typing import Any, Iterator, TextIO
 
 __all__ = ["Workspace", "Experiment", "Run", "RunStatus"]
+
+_context: Any = None  # this process's Run.get_context()
 
 
 class RunStatus:
@@ -130,10 +131,9 @@ class Experiment:
         options = SubmitOptions(experiment=self.name, home=self.workspace.home, tags=dict(tags or {}),
                                 grace=DEFAULT_GRACE if grace is None else grace, scratch=scratch,
                                 workspace_config=self.workspace.config)
-        if type(config).__name__ == "HyperDriveConfig":  # tflaunch.sweep is imported only for sweeps
-            from .sweep.run import HyperDriveRun
-            from .sweep.submit import submit_sweep
-            return HyperDriveRun(self, submit_sweep(config, options).id)
+        submit_to = getattr(config, "submit_to", None)  # a HyperDriveConfig: its sweep (tflaunch.sweep)
+        if callable(submit_to):
+            return submit_to(self, options)
         record = start(prepare(config, options))  # a SlurmTarget: sbatch, the run is Queued
         return Run(self, record.id)
 
@@ -155,11 +155,28 @@ class Run:
 
     @classmethod
     def get_context(cls, allow_offline: bool = True) -> Any:
-        """The run this script runs in (``run.log(...)`` from any rank); outside tflaunch an
-        :class:`~tflaunch.tracking.OfflineRun` that prints instead (``allow_offline=False``: an error)."""
-        from .tracking import get_context
+        """The run this script runs in (``run.log(...)`` from any rank; one object per process); outside
+        tflaunch an :class:`~tflaunch.tracking.OfflineRun` that prints instead (``allow_offline=False``: an
+        error)."""
+        global _context
+        if _context is not None and getattr(_context, "_pid", None) == os.getpid():
+            return _context
+        run_id = os.environ.get("TFLAUNCH_RUN_ID")
+        if run_id:
+            from .tracking import script_writer
 
-        return get_context(allow_offline)
+            experiment = Experiment(os.environ.get("TFLAUNCH_EXPERIMENT") or "default",
+                                    home=os.environ.get("TFLAUNCH_HOME") or None)
+            _context = Run._in_script(experiment, run_id, script_writer())
+        elif allow_offline:
+            from .tracking import OfflineRun
+
+            _context = OfflineRun()
+        else:
+            raise RuntimeError("Run.get_context(allow_offline=False): this process is not part of a tflaunch run "
+                               "(TFLAUNCH_RUN_ID is not set)")
+        _context._pid = os.getpid()
+        return _context
 
     @classmethod
     def _in_script(cls, experiment: Experiment, run_id: str, writer: Any) -> "Run":
@@ -321,7 +338,7 @@ class Run:
         ``file://`` URL (tflaunch has no server)."""
         from urllib.parse import quote
 
-        from .cli_tracking import write_report
+        from .compare import write_report
 
         path = write_report([self._record], self._record.path("report.html"), title=f"run {self.id}")
         return "file://" + quote(path)

@@ -42,7 +42,7 @@ def route(argv: Sequence[str]) -> list[str]:
 
 
 def add_commands(commands: Any, common: argparse.ArgumentParser, parser_class: type) -> None:
-    from .cli import add_job_options
+    from .cli_job import add_job_options
 
     sweep = commands.add_parser("sweep", parents=[common], help="hyperparameter sweeps (HyperDrive): start, show, "
                                                                 "cancel, resume",
@@ -105,7 +105,7 @@ def add_commands(commands: Any, common: argparse.ArgumentParser, parser_class: t
 
 def _config(args: argparse.Namespace) -> tuple[Any, str | None, dict[str, str]]:
     """The HyperDriveConfig from --config and/or the options (options win)."""
-    from .cli import estimator_from_args
+    from .cli_job import estimator_from_args
     from .sweep.config import HyperDriveConfig, load_config
     from .sweep.policy import policy_from_dict
     from .sweep.sampling import sampling_from_dict
@@ -173,7 +173,7 @@ _RECORD_OPTIONS = ("experiment", "tag", "detach", "dry_run", "json", "grace", "s
 
 def _job_options_given(args: argparse.Namespace) -> list[str]:
     """The job options (``--hosts``, ``--gpu``, ...) given on the command line: ``--option`` names."""
-    from .cli import add_job_options
+    from .cli_job import add_job_options
 
     probe = argparse.ArgumentParser(add_help=False)
     add_job_options(probe)
@@ -266,7 +266,7 @@ def _print_plan(plan: dict[str, Any]) -> None:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from .cli import _store
+    from .cli_job import store_from_args as _store
     from .sweep import trials as T
     from .sweep.submit import sweep_record
 
@@ -316,7 +316,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from .cli import _store
+    from .cli_job import store_from_args as _store
     from .store import TERMINAL
     from .submit import cancel_run
     from .sweep.submit import sweep_record
@@ -336,7 +336,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from .cli import _store
+    from .cli_job import store_from_args as _store
     from .sweep.submit import resume_sweep, sweep_record
 
     record = sweep_record(_store(args), args.sweep)

@@ -135,9 +135,7 @@ class Datastore:
     the reference's ``Datastore.get(workspace, name)`` does."""
 
     def __init__(self, path: Any = None, name: str | None = None, *, workspace: Any = None) -> None:
-        from .api import Workspace
-
-        if isinstance(path, Workspace):  # Datastore(ws, 'name')
+        if hasattr(path, "datastores") and hasattr(path, "home"):  # Datastore(ws, 'name'): a Workspace
             workspace, path, name = path, None, name
         if path is None:
             if workspace is None:

@@ -19,7 +19,7 @@ def _build() -> type:
     import tensorflow as tf
 
     from .rank import rank_info
-    from .tracking import get_context
+    from .api import Run
 
     class MetricsCallback(tf.keras.callbacks.Callback):
         """Logs every value of Keras' ``logs`` at the end of each epoch as metric ``<prefix><name>`` with
@@ -31,7 +31,7 @@ def _build() -> type:
             super().__init__()
             if batch_frequency is not None and (not isinstance(batch_frequency, int) or batch_frequency < 1):
                 raise ValueError(f"MetricsCallback: batch_frequency must be an integer >= 1, got {batch_frequency!r}")
-            self.run = run if run is not None else get_context()
+            self.run = run if run is not None else Run.get_context()
             self.prefix = prefix
             self.batch_frequency = batch_frequency
             self.active = all_ranks or rank_info()["rank"] == 0

@@ -657,12 +657,7 @@ class RunRecord:
                 labels[int(row["rank"])] = f"{row['label']} "
         except (OSError, ValueError, KeyError, TypeError):
             pass
-        try:
-            from .spec import JobSpec
-
-            world = JobSpec.from_dict(self.definition()["spec"]).world_size
-        except (OSError, ValueError, KeyError, TypeError, StoreError):
-            world = 1
+        world = max(len(labels), len({rank for rank, _, _, _ in found}))  # processes.json: every process
         return [(path, kind, labels.get(rank, f"[rank {rank}] ") if world > 1 else "")
                 for rank, _, path, kind in sorted(found)]
 

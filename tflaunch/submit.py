@@ -315,10 +315,9 @@ def cancel_run(record: RunRecord, reason: str) -> dict[str, Any]:
     Slurm's KillWait). Returns the status before."""
     status = record.read_status() or {}
     if status.get("kind") == "sweep":  # its trials too (also when its driver is gone)
-        from .sweep.submit import cancel_trials
         if status.get("status") not in TERMINAL:
             record.request_cancel(reason)
-        cancel_trials(record, reason)
+        _cancel_trials(record, reason)
     if status.get("status") in TERMINAL:
         return status
     record.request_cancel(reason)
@@ -329,6 +328,26 @@ def cancel_run(record: RunRecord, reason: str) -> dict[str, Any]:
         cancel(str(job))
         record.event("slurm_canceled", job_id=str(job))
     return status
+
+
+def _cancel_trials(record: RunRecord, reason: str) -> list[str]:
+    """Cancel every trial of the sweep ``record`` that has not ended; return their run ids."""
+    from .sweep import trials
+
+    try:
+        state = trials.load(record.dir)
+    except (OSError, ValueError):
+        return []
+    canceled = []
+    for trial in state.get("trials", []):
+        if trial.get("status") in trials.ENDED or not os.path.isdir(os.path.join(record.store.runs_dir,
+                                                                                  trial["run_id"])):
+            continue
+        child = record.store.run(trial["run_id"])
+        if (child.read_status() or {}).get("status") not in TERMINAL:
+            cancel_run(child, f"sweep {record.id}: {reason}")
+            canceled.append(child.id)
+    return canceled
 
 
 def known_gpus(spec: JobSpec, hosts: list[Host]) -> dict[str, list[str]] | None:

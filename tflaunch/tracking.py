@@ -1,9 +1,10 @@
-"""``Run.get_context()``: the run a training script belongs to, for ``run.log(...)`` on any rank.
+"""What ``Run.get_context()`` (:mod:`tflaunch.api`) is made of: the writer of a training script's metrics,
+and the offline run.
 
-Under tflaunch (``TFLAUNCH_RUN_ID`` set) it is the job's run, logging to this process's own files in the
-record (see :mod:`tflaunch.metrics`), or under ``./logs/.tflaunch-metrics/`` on a host that does not see
-the record. Outside tflaunch it is an :class:`OfflineRun` that prints what would be logged, as the
-reference SDK's offline run does, so the same script runs under ``python train.py`` too.
+Under tflaunch (``TFLAUNCH_RUN_ID`` set) the script's run logs to this process's own files in the record
+(see :mod:`tflaunch.metrics`), or under ``./logs/.tflaunch-metrics/`` on a host that does not see the
+record (:func:`script_writer`). Outside tflaunch it is an :class:`OfflineRun` that prints what would be
+logged, as the reference SDK's offline run does, so the same script runs under ``python train.py`` too.
 """
 from __future__ import annotations
 
@@ -18,14 +19,9 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
     from typing import Any
 
-    from .api import Run
-
-__all__ = ["get_context", "OfflineRun", "script_writer"]
+__all__ = ["OfflineRun", "script_writer"]
 
 log = logging.getLogger(__name__)
-
-_context: Any = None
-
 
 def script_writer(env: dict[str, str] | None = None) -> MetricsWriter:
     """The writer of this process of a tflaunch job: the record's ``metrics/`` when this host sees it."""
@@ -38,27 +34,6 @@ def script_writer(env: dict[str, str] | None = None) -> MetricsWriter:
     else:  # no shared filesystem: kept with ./logs, which is sent back when the job ends
         directory = os.path.abspath(FALLBACK_DIR)
     return MetricsWriter(directory, rank)
-
-
-def get_context(allow_offline: bool = True) -> Run | OfflineRun:
-    """This script's run (one object per process); an :class:`OfflineRun` outside tflaunch."""
-    global _context
-    if _context is not None and getattr(_context, "_pid", None) == os.getpid():
-        return _context
-    run_id = os.environ.get("TFLAUNCH_RUN_ID")
-    if run_id:
-        from .api import Experiment, Run
-
-        experiment = Experiment(os.environ.get("TFLAUNCH_EXPERIMENT") or "default",
-                                home=os.environ.get("TFLAUNCH_HOME") or None)
-        _context = Run._in_script(experiment, run_id, script_writer())
-    elif allow_offline:
-        _context = OfflineRun()
-    else:
-        raise RuntimeError("Run.get_context(allow_offline=False): this process is not part of a tflaunch run "
-                           "(TFLAUNCH_RUN_ID is not set)")
-    _context._pid = os.getpid()
-    return _context
 
 
 class OfflineRun:

@@ -18,22 +18,32 @@ that runs the trials), :mod:`.submit` (submit, resume, cancel), :mod:`.run` (:cl
 """
 from __future__ import annotations
 
-from .config import HyperDriveConfig, PrimaryMetricGoal
-from .policy import (BanditPolicy, EarlyTerminationPolicy, MedianStoppingPolicy, NoTerminationPolicy,
-                     TruncationSelectionPolicy)
-from .sampling import BayesianParameterSampling, GridParameterSampling, ParameterSampling, RandomParameterSampling
-from .space import (choice, lognormal, loguniform, normal, qlognormal, qloguniform, qnormal, quniform, randint,
-                    uniform)
+# The names are imported when first used (PEP 562): `tflaunch.sweep.trials`, which the core reads to
+# cancel a sweep's trials, then needs nothing else of the package.
+_HOMES = {
+    "config": ("HyperDriveConfig", "PrimaryMetricGoal"),
+    "policy": ("BanditPolicy", "EarlyTerminationPolicy", "MedianStoppingPolicy", "NoTerminationPolicy",
+               "TruncationSelectionPolicy"),
+    "sampling": ("BayesianParameterSampling", "GridParameterSampling", "ParameterSampling",
+                 "RandomParameterSampling"),
+    "space": ("choice", "lognormal", "loguniform", "normal", "qlognormal", "qloguniform", "qnormal", "quniform",
+              "randint", "uniform"),
+    "run": ("HyperDriveRun",),
+}
+_WHERE = {name: module for module, names in _HOMES.items() for name in names}
 
-__all__ = ["HyperDriveConfig", "PrimaryMetricGoal", "RandomParameterSampling", "GridParameterSampling",
-           "BayesianParameterSampling", "ParameterSampling", "choice", "randint", "uniform", "quniform",
-           "loguniform", "qloguniform", "normal", "qnormal", "lognormal", "qlognormal", "BanditPolicy",
-           "MedianStoppingPolicy", "TruncationSelectionPolicy", "NoTerminationPolicy", "EarlyTerminationPolicy",
-           "HyperDriveRun"]
+__all__ = sorted(_WHERE)
 
 
 def __getattr__(name: str):
-    if name == "HyperDriveRun":  # imports tflaunch.api: only when asked for
-        from .run import HyperDriveRun
-        return HyperDriveRun
-    raise AttributeError(f"module 'tflaunch.sweep' has no attribute {name!r}")
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tflaunch.sweep' has no attribute {name!r}")
+    import importlib
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))

@@ -135,6 +135,13 @@ class HyperDriveConfig:
             raise SpecError(f"job_array: must be True or False, got {job_array!r}")
         self.job_array = job_array
 
+    def submit_to(self, experiment: Any, options: Any) -> Any:
+        """Start the sweep in ``experiment`` (what ``Experiment.submit(config)`` does); its HyperDriveRun."""
+        from .run import HyperDriveRun
+        from .submit import submit_sweep
+
+        return HyperDriveRun(experiment, submit_sweep(self, options).id)
+
     def to_dict(self) -> dict[str, Any]:
         """The recorded form (without the estimator, recorded as the sweep's spec)."""
         sampling = self.hyperparameter_sampling.to_dict()

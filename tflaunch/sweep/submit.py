@@ -3,13 +3,11 @@ check, once), record the parent run with the sweep's spec and snapshot, start it
 cancel (shared by the CLI and the Python API)."""
 from __future__ import annotations
 
-import os
 import random
 
 from ..errors import SpecError, TflaunchError
 from ..store import TERMINAL, RunRecord
 from . import trials as T
-from .config import HyperDriveConfig
 from .sampling import BayesianParameterSampling
 
 TYPE_CHECKING = False
@@ -18,8 +16,7 @@ if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
 
     from ..submit import Prepared, SubmitOptions
 
-__all__ = ["prepare_sweep", "submit_sweep", "resume_sweep", "cancel_trials", "sweep_dry_run", "is_sweep",
-           "sweep_record"]
+__all__ = ["prepare_sweep", "submit_sweep", "resume_sweep", "sweep_dry_run", "is_sweep", "sweep_record"]
 
 
 def _hosts(estimator: Any) -> list[list[Any]] | None:
@@ -36,11 +33,11 @@ def _hosts(estimator: Any) -> list[list[Any]] | None:
     return None if found is None else [[h.name, h.slots] for h in found]
 
 
-def prepare_sweep(config: HyperDriveConfig, options: SubmitOptions) -> Prepared:
+def prepare_sweep(config: Any, options: SubmitOptions) -> Prepared:
     """Check the sweep and its job as a run would be checked; nothing is written."""
     from ..submit import prepare
 
-    if not isinstance(config, HyperDriveConfig):
+    if not hasattr(config, "hyperparameter_sampling"):  # a HyperDriveConfig (not imported: it imports this)
         raise SpecError(f"submit(): expected a HyperDriveConfig, got {type(config).__name__}")
     if isinstance(config.hyperparameter_sampling, BayesianParameterSampling):
         config.hyperparameter_sampling.require()
@@ -56,7 +53,7 @@ def prepare_sweep(config: HyperDriveConfig, options: SubmitOptions) -> Prepared:
     return prepared
 
 
-def submit_sweep(config: HyperDriveConfig, options: SubmitOptions) -> RunRecord:
+def submit_sweep(config: Any, options: SubmitOptions) -> RunRecord:
     """Record the sweep (its parent run) and start its driver in the background."""
     from ..submit import create_run
     from .driver import spawn_driver
@@ -120,23 +117,3 @@ def resume_sweep(record: RunRecord) -> int:
                             + (f" ({error.get('reason')})" if error else "")
                             + "; only a sweep whose driver was lost can be resumed")
     return spawn_driver(record, resume=True)
-
-
-def cancel_trials(record: RunRecord, reason: str) -> list[str]:
-    """Cancel every trial of the sweep that has not ended; return their run ids."""
-    from ..store import Store
-    from ..submit import cancel_run
-
-    try:
-        state = T.load(record.dir)
-    except (OSError, ValueError):
-        return []
-    canceled = []
-    for trial in state.get("trials", []):
-        if trial.get("status") in T.ENDED or not os.path.isdir(os.path.join(record.store.runs_dir, trial["run_id"])):
-            continue
-        child = Store(record.store.home).run(trial["run_id"])
-        if (child.read_status() or {}).get("status") not in TERMINAL:
-            cancel_run(child, f"sweep {record.id}: {reason}")
-            canceled.append(child.id)
-    return canceled
