@@ -12,7 +12,7 @@ from .errors import SpecError
 from .gpus import NO_GPU_ROLES, split
 from .hosts import Host, is_local
 from .spec import JobSpec
-from .store import LOG_DIR
+from .store import rank_log
 from .tfconfig import (TF_BACKENDS, Task, assign_ports, backend, check_size, cluster_json, job_hosts, place,
                        ports_per_host, tf_config)
 
@@ -211,7 +211,7 @@ def plan(spec: JobSpec, ctx: RunContext, hosts: Sequence[Host] | None = None, *,
         processes.append(ProcessPlan(
             host=host, rank=t.rank, local_rank=t.local_rank, world_size=world, role=t.role,
             index=t.index, argv=list(argvs[host]), cwd=work_dirs.get(host, ctx.work_dir), env=env,
-            stdout=f"{LOG_DIR}/rank-{t.rank}.stdout", stderr=f"{LOG_DIR}/rank-{t.rank}.stderr",
+            stdout=rank_log(t.rank, "stdout"), stderr=rank_log(t.rank, "stderr"),
             port=task_ports.get(t.rank), tf_cluster=cluster,
         ))
     return processes

@@ -316,6 +316,12 @@ class MultiWorkerConfiguration(_NativeTF):
         return f"MultiWorkerConfiguration(evaluator={self.evaluator})"
 
 
+def procs_per_host(process_count_per_node: int, distributed: Mapping[str, Any] | None) -> int:
+    """Processes each host is asked for: a ps job's tasks are spread over the hosts by their slots, so it
+    asks for 1 (and takes what the slots hold); any other job, ``process_count_per_node``."""
+    return 1 if (distributed or {}).get("backend") == "ps" else process_count_per_node
+
+
 def world_size(node_count: int, process_count_per_node: int, distributed: Mapping[str, Any] | None) -> int:
     """Number of processes a job asks for."""
     backend = (distributed or {}).get("backend")
@@ -354,6 +360,10 @@ class JobSpec:
     @property
     def world_size(self) -> int:
         return world_size(self.node_count, self.process_count_per_node, self.distributed)
+
+    @property
+    def procs_per_host(self) -> int:
+        return procs_per_host(self.process_count_per_node, self.distributed)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -641,10 +651,9 @@ class Estimator:
         from .target import resolve_target
 
         nodes, ppn = self._check_counts()
-        world = world_size(nodes, ppn, self._distributed())
-        if isinstance(self.distributed_training, TensorflowConfiguration):
-            ppn = 1
-        return resolve_target(self.compute_target, nodes, ppn, world=world)
+        distributed = self._distributed()
+        return resolve_target(self.compute_target, nodes, procs_per_host(ppn, distributed),
+                              world=world_size(nodes, ppn, distributed))
 
     def job_spec(self) -> JobSpec:
         """The normalized spec; relative paths are resolved against the current directory.

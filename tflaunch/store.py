@@ -60,10 +60,16 @@ STORE_FORMAT = 1
 RUN_ID_RE = re.compile(r"^\d{8}-\d{6}-\d{3}-[0-9a-f]{8}$")
 EXPERIMENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$")
 LOG_DIR = "tflaunch_logs"
+RANK_LOG_PREFIX = "rank-"  # rank_log()
 RESERVE_BYTES = 256 * 1024
 STATUS_FROM_DEFINITION = ("kind", "parent", "trial", "hyperparameters")  # sweeps (tflaunch.sweep)
 USER_FILE_DIRS = ("outputs", "logs", LOG_DIR, "hosts")  # hosts/: see tflaunch.collect
 _INDEX_HEADER = "tflaunch-runs-index 2"  # 2: run objects carry "metrics"
+
+
+def rank_log(rank: int, stream: str) -> str:
+    """A process's output file in the record: ``tflaunch_logs/rank-N.stdout`` / ``.stderr``."""
+    return f"{LOG_DIR}/{RANK_LOG_PREFIX}{rank}.{stream}"
 
 
 def resolve_home(home: str | os.PathLike | None = None) -> str:
@@ -649,8 +655,9 @@ class RunRecord:
         found = []
         for name in names:
             stem, _, kind = name.rpartition(".")
-            if kind in ("stdout", "stderr") and stem.startswith("rank-") and stem[5:].isdigit():
-                found.append((int(stem[5:]), kind == "stderr", self.path(LOG_DIR, name), kind))
+            rank = stem[len(RANK_LOG_PREFIX):]
+            if kind in ("stdout", "stderr") and stem.startswith(RANK_LOG_PREFIX) and rank.isdigit():
+                found.append((int(rank), kind == "stderr", self.path(LOG_DIR, name), kind))
         labels: dict[int, str] = {}
         try:
             for row in fsio.read_json(self.path("processes.json")):

@@ -24,7 +24,7 @@ from .spec import Estimator, JobSpec
 from .store import CANCELED, FAILED, QUEUED, TERMINAL, RunRecord, Store, now_iso, validate_experiment_name
 from .supervise import DEFAULT_GRACE, in_job_command
 from .target import target_hosts
-from .tfconfig import TF_BACKENDS
+from .tfconfig import TF_BACKENDS, backend
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
@@ -88,7 +88,7 @@ def prepare(estimator: Estimator, options: SubmitOptions) -> Prepared:
         check_slurm(spec)
     hosts = target_hosts(spec.compute_target)[:spec.node_count]
     gpus = known_gpus(spec, hosts)
-    if (spec.distributed or {}).get("backend") == "mpi":
+    if backend(spec) == "mpi":
         check_mpi(spec)
     check_inputs(spec, hosts)
     request_environment(spec, store.home, options.workspace_config)
@@ -112,7 +112,7 @@ def request_environment(spec: JobSpec, home: str, workspace_config: dict[str, An
     request = envs.request_environment(
         spec.python, pip_packages=packages.get("pip") or (), requirements_file=packages.get("requirements_file"),
         conda_packages=packages.get("conda") or (), framework_version=version, use_gpu=spec.use_gpu, index=index,
-        inherit=packages.get("inherit", True), mpi=dist.get("mpi") if dist.get("backend") == "mpi" else None,
+        inherit=packages.get("inherit", True), mpi=dist.get("mpi") if backend(spec) == "mpi" else None,
         env=spec.environment_variables, home=home)
     spec.environment = {**request.to_dict(), "key": request.key} if request is not None else None
 
@@ -222,7 +222,7 @@ def batch_script(spec: JobSpec, run_id: str, experiment: str, record_dir: str, h
     from .slurm import batch_script as render
 
     target = spec.compute_target or {}
-    ps = (spec.distributed or {}).get("backend") == "ps"
+    ps = backend(spec) == "ps"
     command = in_job_command(home, run_id)
     return render(run_id=run_id, experiment=experiment, record_dir=record_dir,
                   options=SlurmOptions.from_dict(target.get("slurm")), nodes=spec.node_count,
@@ -397,7 +397,7 @@ def dry_run(prepared: Prepared) -> dict[str, Any]:
     ports = ports_needed(spec, hosts)
     remote = [h.name for h in hosts if not is_local(h.name)]
     addresses = {}
-    if remote and (ports or (spec.distributed or {}).get("backend") in TF_BACKENDS):
+    if remote and (ports or backend(spec) in TF_BACKENDS):
         addresses = resolve_addresses(remote, SshOptions.from_dict((spec.compute_target or {}).get("ssh")))
         addresses.update({h.name: socket.gethostname() for h in hosts if is_local(h.name)})
     environment = None
@@ -419,7 +419,7 @@ def dry_run(prepared: Prepared) -> dict[str, Any]:
         script = batch_script(spec, run_id, prepared.options.experiment, run_dir, store.home)
         slurm_plan = {"script": script, "sbatch": ["sbatch", "--parsable", os.path.join(run_dir, "slurm", "job.sbatch")],
                       "note": "hosts are placeholders until Slurm allocates the nodes"}
-    if (spec.distributed or {}).get("backend") == "mpi":
+    if backend(spec) == "mpi":
         from .mpijob import launch_for
         launcher = launch_for(spec, processes, run_id, remote=bool(remote)).to_dict()
         launcher["mpi"] = spec.distributed["mpi"]

@@ -34,11 +34,11 @@ from .launch import AgentConnection
 from .launch.local import discard_agent, process_spec, spawn_agent
 from .launch.ssh import SshOptions, resolve_addresses, spawn_ssh_agent
 from .plan import ProcessPlan, RunContext, machine_ids, plan, ports_needed
-from .tfconfig import TF_BACKENDS
+from .tfconfig import TF_BACKENDS, backend
 from .snapshot import MANIFEST, materialize
 from .spec import JobSpec
 from .store import (CANCELED, COMPLETED, FAILED, FINALIZING, LOG_DIR, RUNNING, TERMINAL, RunRecord, Store,
-                    now_iso)
+                    now_iso, rank_log)
 from .slurm import in_allocation
 from .target import allocation_target, target_hosts
 
@@ -126,8 +126,8 @@ class Supervisor:
         self._target_error: str | None = None
         if self.submitted:
             try:
-                ppn = 1 if (self.spec.distributed or {}).get("backend") == "ps" else self.spec.process_count_per_node
-                self.target = self.spec.compute_target = allocation_target(self.target, self.spec.node_count, ppn)
+                self.target = self.spec.compute_target = allocation_target(self.target, self.spec.node_count,
+                                                                           self.spec.procs_per_host)
             except SpecError as exc:
                 self._target_error = str(exc)
         self.hosts = target_hosts(self.spec.compute_target)[:self.spec.node_count]
@@ -151,7 +151,7 @@ class Supervisor:
         self.deadline: float | None = None  # max_run_duration_seconds, counted from the first start
         self.warnings: list[str] = []
         distributed = self.spec.distributed or {}
-        self.backend = distributed.get("backend") or "plain"
+        self.backend = backend(self.spec)
         self.evaluator_grace = float(distributed.get("evaluator_grace") or 0)
         self.lead_done = False  # the chief (worker 0 when there is none) exited 0: the others wind down
         self.lead_ended = 0.0
@@ -807,7 +807,7 @@ class Supervisor:
         elif self.mpi is not None and self.mpi.is_launcher(index):
             path = self.mpi.log_path
         else:
-            path = f"{LOG_DIR}/rank-{index}.stderr"
+            path = rank_log(index, "stderr")
         data = tail.tail_bytes(self.record.path(path))
         lines = data.decode("utf-8", "replace").replace("\r", "\n").splitlines()
         return "\n".join(lines[-10:])
