@@ -1,17 +1,11 @@
 """The import graph of the package: no module reaches itself again through its imports, counting the lazy
-ones inside functions (they run too) and leaving out ``if TYPE_CHECKING:`` blocks (they never run).
-
-The one circle left is the supervisor's with its two plug-ins without an interface (issue "One seam per
-backend": launchers behind a small interface); it may only shrink."""
+ones inside functions (they run too) and leaving out ``if TYPE_CHECKING:`` blocks (they never run)."""
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
 from conftest import REPO
-
-KNOWN = [{"tflaunch.supervise", "tflaunch.hostprep", "tflaunch.mpijob"}]
-
 
 def import_graph(root: Path) -> dict[str, set[str]]:
     files = {}
@@ -75,10 +69,8 @@ def circles(graph: dict[str, set[str]]) -> list[set[str]]:
     return found
 
 
-def test_no_import_circle_but_the_known_one_which_may_only_shrink():
-    found = circles(import_graph(REPO / "tflaunch"))
-    for component in found:
-        assert any(component <= known for known in KNOWN), f"an import circle: {sorted(component)}"
+def test_no_import_circle():
+    assert [sorted(c) for c in circles(import_graph(REPO / "tflaunch"))] == []
 
 
 def test_the_checker_finds_a_circle_through_a_lazy_import(tmp_path):

@@ -33,7 +33,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
     from typing import Any
 
-    from .supervise import HostRun, Supervisor
+    from .launch.hostrun import HostRun
+    from .supervise import Supervisor
 
 __all__ = ["HostPrep", "PrepFailure", "setup_script", "ENV_LOG"]
 
@@ -343,7 +344,7 @@ class HostPrep:
             return local, False
         from .launch import AgentConnection
         from .launch.local import spawn_agent
-        from .supervise import ORPHAN_GRACE, HostRun
+        from .launch.hostrun import ORPHAN_GRACE, HostRun
 
         sup = self.sup
         with open(sup.record.path(LOG_DIR, "launcher.log"), "ab") as agent_log:

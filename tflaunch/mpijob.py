@@ -44,7 +44,8 @@ if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
     from typing import Any
 
     from .spec import JobSpec
-    from .supervise import HostRun, Supervisor
+    from .launch.hostrun import HostRun
+    from .supervise import Supervisor
 
 __all__ = ["MpiJob", "MPIRUN", "MPIRUN_LOG", "SRUN_LOG", "PER_RANK", "launch_for", "step_launch"]
 
@@ -158,7 +159,7 @@ class MpiJob:
             sup._followers.append(tail.Follower(sup.record.path(self.log_path), sup.stderr, prefix=f"[{self.name}] "))
 
     def launch(self, preview: list[ProcessPlan]) -> None:
-        from .supervise import ORPHAN_GRACE, HostRun, LaunchFailure
+        from .launch.hostrun import ORPHAN_GRACE, HostRun, LaunchFailure
 
         sup = self.sup
         if sup.step:
@@ -230,7 +231,7 @@ class MpiJob:
 
     def spawn_launcher(self) -> HostRun:
         """Start this machine's agent for an srun step (early: its start-up overlaps the preparations)."""
-        from .supervise import HostRun
+        from .launch.hostrun import HostRun
 
         if self.launcher is None:
             sup = self.sup
@@ -244,7 +245,7 @@ class MpiJob:
     def _launch_step(self) -> None:
         """Inside a Slurm allocation: plan with the allocation's nodes, write the rank wrapper and its
         table where every node sees them, start the one launcher from this machine's agent."""
-        from .supervise import ORPHAN_GRACE, LaunchFailure
+        from .launch.hostrun import ORPHAN_GRACE, LaunchFailure
 
         sup = self.sup
         spec, hosts = sup.spec, sup.hosts
@@ -394,7 +395,7 @@ class MpiJob:
         runs = [run for run in sup.runs if run is not self.launcher and not run.conn.eof]
         for run in runs:
             run.conn.send({"cmd": "sweep", "grace": SWEEP_GRACE})
-        from .supervise import LaunchFailure
+        from .launch.hostrun import LaunchFailure
         try:
             sup._wait(lambda: all(run.swept or run.conn.eof for run in runs), time.monotonic() + 10 + SWEEP_GRACE,
                       "to stop what mpirun left")

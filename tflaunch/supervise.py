@@ -31,6 +31,7 @@ from .gpus import host_gpus
 from .hostprep import HostPrep, PrepFailure
 from .hosts import is_local
 from .launch import AgentConnection
+from .launch.hostrun import ORPHAN_GRACE, HostRun, LaunchFailure  # also tflaunch.supervise's names
 from .launch.local import discard_agent, process_spec, spawn_agent
 from .launch.ssh import SshOptions, resolve_addresses, spawn_ssh_agent
 from .plan import ProcessPlan, RunContext, machine_ids, plan, ports_needed
@@ -51,7 +52,6 @@ __all__ = ["Supervisor", "spawn_detached", "Detached", "detached_main", "DEFAULT
 log = logging.getLogger(__name__)
 
 DEFAULT_GRACE = 10.0
-ORPHAN_GRACE = 2.0
 CANCEL_POLL = 0.5
 STREAM_POLL = 0.1
 HELLO_MARGIN = 20.0  # beyond ssh's connect timeout: login, the remote interpreter's start-up
@@ -63,36 +63,6 @@ def _signal_name(returncode: int) -> str:
         return signal.Signals(-returncode).name
     except ValueError:
         return f"signal {-returncode}"
-
-
-class LaunchFailure(Exception):
-    """A host could not be brought up; the run ends Failed (launch_failed)."""
-
-
-class HostRun:
-    """One host of the run: its agent connection and what it reported."""
-
-    def __init__(self, name: str, node: int, conn: AgentConnection) -> None:
-        self.name = name
-        self.node = node
-        self.conn = conn
-        self.hello: dict[str, Any] | None = None
-        self.shared = conn.local
-        self.work_dir = ""
-        self.unpacked = False
-        self.collected = False
-        self.cleaned = False
-        self.error: str | None = None
-        self.processes: list[ProcessPlan] = []
-        self.collect_file: Any = None
-        self.launcher_only = False  # MPI: the agent that runs mpirun on this machine, which is not a host
-        self.rank_ready = False  # MPI: the rank wrapper knows its working directory here
-        self.swept = False  # MPI: what mpirun left here was stopped
-        self.execs: dict[str, dict[str, Any]] = {}  # helper processes that ended (setup, builds, copies)
-
-    @property
-    def finished(self) -> bool:
-        return self.conn.done or self.conn.eof
 
 
 def prestart_agents(compute_target: dict[str, Any] | None, python: str | None = None,
