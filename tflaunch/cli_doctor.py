@@ -56,12 +56,8 @@ def add_command(commands: Any, common: argparse.ArgumentParser, seconds: Any) ->
                         "else on PATH)")
     p.add_argument("--remote-scratch", metavar="DIR",
                    help="the scratch root to check (default: each host's $TMPDIR or /tmp)")
-    p.add_argument("--ssh-port", type=int, metavar="PORT", help="ssh port for every host")
-    p.add_argument("--ssh-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="option for ssh -o (repeatable); ~/.ssh/config applies as usual")
-    p.add_argument("--ssh-config", metavar="FILE", help="ssh client configuration file (ssh -F)")
-    p.add_argument("--connect-timeout", type=seconds, default=10.0, metavar="SECONDS",
-                   help="ssh connect timeout per host (default: 10)")
+    from .cli_job import add_ssh_options
+    add_ssh_options(p)
     p.add_argument("--timeout", type=seconds, metavar="SECONDS",
                    help="how long a host may take to answer (default: the connect timeout + 20; with Slurm 120, "
                         "the wait in the queue included)")

@@ -11,7 +11,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
     from typing import Any
 
-__all__ = ["add_job_options", "estimator_from_args", "key_value", "positive_float", "store_from_args"]
+__all__ = ["add_job_options", "add_ssh_options", "estimator_from_args", "key_value", "positive_float", "store_from_args"]
 
 
 def store_from_args(args: argparse.Namespace) -> Any:
@@ -37,6 +37,16 @@ def positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
     return value
+
+
+def add_ssh_options(parser: argparse.ArgumentParser) -> None:
+    """How the ssh client reaches the hosts (``run``, ``sweep``, ``doctor``)."""
+    parser.add_argument("--ssh-port", type=int, metavar="PORT", help="ssh port for every host")
+    parser.add_argument("--ssh-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="option for ssh -o (repeatable); ~/.ssh/config applies as usual")
+    parser.add_argument("--ssh-config", metavar="FILE", help="ssh client configuration file (ssh -F)")
+    parser.add_argument("--connect-timeout", type=positive_float, default=10.0, metavar="SECONDS",
+                        help="ssh connect timeout per host (default: 10)")
 
 
 def add_job_options(run: argparse.ArgumentParser) -> None:
@@ -113,12 +123,7 @@ def add_job_options(run: argparse.ArgumentParser) -> None:
     slurm.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
                        help="any other sbatch option, as it is (repeatable; --sbatch-arg=--constraint=a100)")
     run.add_argument("--oversubscribe", action="store_true", help="allow more processes per host than slots")
-    run.add_argument("--ssh-port", type=int, metavar="PORT", help="ssh port for every host")
-    run.add_argument("--ssh-option", action="append", default=[], metavar="KEY=VALUE",
-                     help="option for ssh -o (repeatable); ~/.ssh/config applies as usual")
-    run.add_argument("--ssh-config", metavar="FILE", help="ssh client configuration file (ssh -F)")
-    run.add_argument("--connect-timeout", type=positive_float, default=10.0, metavar="SECONDS",
-                     help="ssh connect timeout per host (default: 10)")
+    add_ssh_options(run)
     run.add_argument("--keep-remote", action="store_true",
                      help="keep the copy of the job on hosts without a shared filesystem")
     run.add_argument("--remote-scratch", metavar="DIR",

@@ -152,9 +152,11 @@ def _config(args: argparse.Namespace) -> tuple[Any, str | None, dict[str, str]]:
             if policy.get("kind", "none") in ("none", "NoTerminationPolicy"):
                 raise SpecError(f"--{key.replace('_', '-')} goes with --policy bandit|median|truncation")
             policy[key] = value
+    option = {"primary_metric_name": "primary_metric", "primary_metric_goal": "goal"}  # else the same name
+
     def pick(name: str, default: Any = None) -> Any:
-        value = getattr(args, name.replace("primary_metric_name", "primary_metric").replace(
-            "primary_metric_goal", "goal"), None)
+        """The option's value when given, else the config file's, else ``default``."""
+        value = getattr(args, option.get(name, name), None)
         return value if value is not None else base.get(name, default)
 
     config = HyperDriveConfig(
@@ -293,7 +295,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     best = summary["best"]
     if best:
         lines.append(f"best:        trial {best['index']} ({best['run_id']}) {config['primary_metric_name']} "
-                     f"{textfmt.value(best['value'])}  " + " ".join(f"{k}={T._text(v)}"
+                     f"{textfmt.value(best['value'])}  " + " ".join(f"{k}={T.value_text(v)}"
                                                                  for k, v in best["hyperparameters"].items()))
     sys.stdout.write("\n".join(lines) + "\n")
     names = list(config["hyperparameter_sampling"]["parameter_space"])
@@ -309,7 +311,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         elif t.get("error"):
             note = str(t["error"].get("reason"))
         rows.append((str(t["index"]), t["run_id"], t["status"],
-                     *[T._text(t["hyperparameters"].get(n)) for n in names], str(t.get("intervals") or 0),
+                     *[T.value_text(t["hyperparameters"].get(n)) for n in names], str(t.get("intervals") or 0),
                      textfmt.value(t.get("best")), textfmt.value(t.get("last")), note))
     sys.stdout.write(textfmt.table(rows))
     return 0

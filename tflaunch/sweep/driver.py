@@ -392,7 +392,7 @@ class SweepDriver:
 
     def _started(self, trial: dict[str, Any]) -> None:
         trial["status"] = (self._child(trial).read_status(check_lease=False) or {}).get("status", T.STARTING)
-        what = " ".join(f"{k} {T._text(v)}" for k, v in trial["hyperparameters"].items())
+        what = " ".join(f"{k} {T.value_text(v)}" for k, v in trial["hyperparameters"].items())
         self._say(f"trial {trial['index']} ({trial['run_id']}) started: {what}")
         self.record.event("trial_started", index=trial["index"], run_id=trial["run_id"],
                           hyperparameters=trial["hyperparameters"])

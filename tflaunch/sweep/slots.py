@@ -69,29 +69,28 @@ class Pool:
         if self.free_gpus is not None:
             if len(self.free_gpus) < self.gpu_need:
                 return None
-            gpus, self.free_gpus = self.free_gpus[:self.gpu_need], self.free_gpus[self.gpu_need:]
+            gpus = self.free_gpus[:self.gpu_need]
         size = dict(self.hosts)
         allocation = {"hosts": [[n, size[n] if self.exclusive else self.per_host] for n in chosen], "gpus": gpus}
-        self.hold(allocation, check=False)
+        self.hold(allocation)
         return allocation
 
-    def hold(self, allocation: dict[str, Any] | None, *, check: bool = True) -> None:
-        """Mark ``allocation`` as taken (a trial adopted by a resumed driver)."""
-        if not allocation or allocation.get("hosts") is None or self.hosts is None:
-            return
-        for name, slots in allocation["hosts"]:
-            if name in self.free:
-                self.free[name] -= int(slots)
-        if check and allocation.get("gpus") and self.free_gpus is not None:
+    def hold(self, allocation: dict[str, Any] | None) -> None:
+        """Mark ``allocation`` as taken (also a trial adopted by a resumed driver)."""
+        self._count(allocation, -1)
+        if allocation and allocation.get("gpus") and self.free_gpus is not None:
             self.free_gpus = [g for g in self.free_gpus if g not in allocation["gpus"]]
 
     def give(self, allocation: dict[str, Any] | None) -> None:
         """Free what a finished trial held."""
+        self._count(allocation, +1)
+        if allocation and allocation.get("gpus") and self.free_gpus is not None:
+            order = {g: i for i, g in enumerate(self.gpus or [])}
+            self.free_gpus = sorted(set(self.free_gpus) | set(allocation["gpus"]), key=lambda g: order.get(g, 0))
+
+    def _count(self, allocation: dict[str, Any] | None, sign: int) -> None:
         if not allocation or allocation.get("hosts") is None or self.hosts is None:
             return
         for name, slots in allocation["hosts"]:
             if name in self.free:
-                self.free[name] += int(slots)
-        if allocation.get("gpus") and self.free_gpus is not None:
-            order = {g: i for i, g in enumerate(self.gpus or [])}
-            self.free_gpus = sorted(set(self.free_gpus) | set(allocation["gpus"]), key=lambda g: order.get(g, 0))
+                self.free[name] += sign * int(slots)

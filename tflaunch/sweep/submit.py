@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
 
     from ..submit import Prepared, SubmitOptions
 
-__all__ = ["prepare_sweep", "submit_sweep", "resume_sweep", "sweep_dry_run", "is_sweep", "sweep_record"]
+__all__ = ["prepare_sweep", "submit_sweep", "resume_sweep", "sweep_dry_run", "sweep_record"]
 
 
 def _hosts(estimator: Any) -> list[list[Any]] | None:
@@ -88,15 +88,11 @@ def sweep_dry_run(prepared: Prepared, count: int = 10) -> dict[str, Any]:
             "run": dry_run(prepared)}
 
 
-def is_sweep(record: RunRecord) -> bool:
-    return (record.read_status(check_lease=False) or {}).get("kind") == "sweep"
-
-
 def sweep_record(store: Any, ref: str) -> RunRecord:
     """The sweep (parent run) ``ref``; SpecError when the run is not a sweep."""
     record = store.run(ref)
-    if not is_sweep(record):
-        status = record.read_status(check_lease=False) or {}
+    status = record.read_status(check_lease=False) or {}
+    if status.get("kind") != "sweep":
         hint = f" (it is a trial of sweep {status['parent']})" if status.get("parent") else ""
         raise SpecError(f"run {record.id} is not a sweep{hint}; see `tflaunch runs list`")
     return record

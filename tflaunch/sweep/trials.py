@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
     from typing import Any, Iterable
 
 __all__ = ["STATE", "SWEEP_LOG", "STARTING", "LOST", "ENDED", "load", "save", "best_trial", "summary",
-           "trial_argv", "better"]
+           "trial_argv", "better", "value_text"]
 
 STATE = "sweep.json"
 SWEEP_LOG = os.path.join("tflaunch_logs", "sweep.log")
@@ -82,7 +82,7 @@ def trial_argv(arguments: list[str], hyperparameters: dict[str, Any]) -> list[st
     out = list(arguments)
     for name, value in hyperparameters.items():
         flag = name if name.startswith("-") else f"--{name}"
-        text = _text(value)
+        text = value_text(value)
         for i, arg in enumerate(out):
             if arg == flag and i + 1 < len(out):
                 out[i + 1] = text
@@ -95,7 +95,7 @@ def trial_argv(arguments: list[str], hyperparameters: dict[str, Any]) -> list[st
     return out
 
 
-def _text(value: Any) -> str:
+def value_text(value: Any) -> str:
     if isinstance(value, bool) or value is None:
         return str(value)
     if isinstance(value, float):
