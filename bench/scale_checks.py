@@ -1,6 +1,6 @@
 """In-process operations the tests run at scale, each timed against a floor measured in the same run.
 
-The tests check what these return (tests/test_registry.py, test_report.py, test_hosts.py); their speed
+The tests check what these return (tests/test_models.py, test_report.py, test_hosts.py); their speed
 is measured here (median of N):
   Model.list over 1,000 registered versions (4 names x 250)
       baseline: reading and parsing the same 1,000 model.json files (os.scandir + json.loads)
@@ -27,7 +27,7 @@ from _util import scratch
 
 from tflaunch import report
 from tflaunch.hosts import expand_nodelist
-from tflaunch.registry import Model, register
+from tflaunch.models import Model, register
 
 
 def median_time(fn: Callable[[], object], repeat: int) -> float:

@@ -1,4 +1,4 @@
-"""`tflaunch models ...` and `Run.register_model` on real runs (the registry itself: test_registry.py)."""
+"""`tflaunch models ...` and `Run.register_model` on real runs (the registry itself: test_models.py)."""
 from __future__ import annotations
 
 import json

@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from tflaunch.sweep import (BanditPolicy, BayesianParameterSampling, GridParamet
                             MedianStoppingPolicy, PrimaryMetricGoal, RandomParameterSampling,
                             TruncationSelectionPolicy, choice, uniform)
 
-from conftest import REPO, cli_env, pids_with_token
+from conftest import cli_env, pids_with_token
 
 TRAIN = """
     import argparse, json, os, socket, sys, time

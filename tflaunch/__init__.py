@@ -25,9 +25,9 @@ _EXPORTS = {
     "TflaunchError": "errors", "SpecError": "errors", "SnapshotError": "errors", "StoreError": "errors",
     "RunNotFoundError": "errors", "PathSafetyError": "errors", "RunFailedError": "errors",
     "Datastore": "data", "Dataset": "data", "DataReference": "data", "FileDataset": "data",
-    "rank_info": "rank", "ModelNotFoundError": "errors", "ExportError": "errors", "Model": "registry", "OfflineRun": "tracking",
+    "rank_info": "rank", "ModelNotFoundError": "errors", "ExportError": "errors", "Model": "models", "OfflineRun": "tracking",
 }
-_SUBMODULES = {"keras", "onnx", "registry", "metrics", "tracking", "report", "data", "envs", "config"}
+_SUBMODULES = {"keras", "onnx", "models", "metrics", "tracking", "report", "data", "envs", "config"}
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 

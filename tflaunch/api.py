@@ -361,10 +361,10 @@ class Run:
                        model_framework_version: str | None = None, description: str | None = None,
                        datasets: Any = None, **unknown: Any) -> Any:
         """Register the run's file or directory ``model_path`` (``outputs/model``; default: the run's whole
-        ``outputs/``) as a new version of model ``model_name``; returns the :class:`~tflaunch.registry.Model`.
+        ``outputs/``) as a new version of model ``model_name``; returns the :class:`~tflaunch.models.Model`.
         Inside the job, before the outputs are collected, the path is taken from the script's working
         directory. ``model_framework``/``model_framework_version``/``datasets`` are kept in its properties."""
-        from . import registry
+        from . import models
 
         for name in unknown:
             what = ("tflaunch deploys no models: register it, then download it where it is served"
@@ -382,12 +382,12 @@ class Run:
         if self._in_job:
             local = _job_local_path(model_path)
             if local is not None:
-                return registry.register(self.experiment.workspace.home, model_name, local, tags=tags,
-                                         properties=properties, description=description,
-                                         source_run={"id": self.id, "experiment": self.experiment.name,
-                                                     "path": model_path})
-        return registry.register_from_run(self._record, model_name, model_path, tags=tags,
-                                          properties=properties, description=description)
+                return models.register(self.experiment.workspace.home, model_name, local, tags=tags,
+                                       properties=properties, description=description,
+                                       source_run={"id": self.id, "experiment": self.experiment.name,
+                                                   "path": model_path})
+        return models.register_from_run(self._record, model_name, model_path, tags=tags,
+                                        properties=properties, description=description)
 
 
 def _recorded_inputs(record: RunRecord) -> list[dict[str, Any]]:

@@ -254,7 +254,7 @@ def _model_line(model: Any) -> tuple[str, ...]:
 
 
 def cmd_models_register(args: argparse.Namespace) -> int:
-    from .registry import register_from_run
+    from .models import register_from_run
 
     record = _store(args).run(args.run)
     model = register_from_run(record, args.name, args.path, tags=dict(args.tag), properties=dict(args.property),
@@ -267,7 +267,7 @@ def cmd_models_register(args: argparse.Namespace) -> int:
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
-    from .registry import Model
+    from .models import Model
 
     tags: list[Any] = []
     for item in args.tag:
@@ -283,7 +283,7 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
 
 def _model(args: argparse.Namespace) -> Any:
-    from .registry import Model, parse_ref
+    from .models import Model, parse_ref
 
     name, version = parse_ref(args.model)
     return Model(name, version, home=_store(args).home)
@@ -337,11 +337,11 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     store = _store(args)
     path, record, inner = resolve_model_path(store, args.model)
     if args.register:  # check the name before spending a minute converting
-        from .registry import validate_model_name
+        from .models import validate_model_name
         validate_model_name(args.register)
     result = export(path, args.output, args.opset, tolerance=args.tolerance, python=args.python)
     if args.register:
-        from .registry import register
+        from .models import register
 
         properties = {"format": "onnx", "onnx_max_abs_diff": result["max_abs_diff"],
                       "onnx_tolerance": result["tolerance"], "onnx_opset": result["opset"],

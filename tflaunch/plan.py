@@ -8,12 +8,13 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+from .distributions import distribution
 from .errors import SpecError
 from .gpus import NO_GPU_ROLES, split
 from .hosts import Host, is_local
 from .spec import JobSpec
 from .store import rank_log
-from .tfconfig import (TF_BACKENDS, Task, assign_ports, backend, check_size, cluster_json, job_hosts, place,
+from .tfconfig import (Task, assign_ports, check_size, cluster_json, job_hosts, place,
                        ports_per_host, tf_config)
 
 TYPE_CHECKING = False
@@ -93,9 +94,10 @@ def ports_needed(spec: JobSpec, hosts: Sequence[Host]) -> dict[str, int]:
     (for a rendezvous the script sets up itself). MPI jobs rendezvous through mpirun: none.
     """
     hosts = job_hosts(spec, hosts)
-    if backend(spec) == "mpi":
+    kind = distribution(spec.distributed)
+    if not kind.rendezvous_ports:
         return {}
-    if backend(spec) in TF_BACKENDS:
+    if kind.tf_config:
         if (spec.distributed or {}).get("port_base") is not None:
             return {}
         counts = ports_per_host(place(spec, hosts), spec.node_count)
@@ -137,7 +139,7 @@ def plan(spec: JobSpec, ctx: RunContext, hosts: Sequence[Host] | None = None, *,
     work_dirs = work_dirs or {}
     addresses = addresses or {}
     machines = machines or machine_ids(hosts)
-    kind = backend(spec)
+    kind = distribution(spec.distributed)
     common = {
         "PYTHONUNBUFFERED": "1",
         "TFLAUNCH_RUN_ID": ctx.run_id,
@@ -150,7 +152,7 @@ def plan(spec: JobSpec, ctx: RunContext, hosts: Sequence[Host] | None = None, *,
         common["TFLAUNCH_PYTHONPATH"] = ctx.pythonpath
     cluster = ""
     task_ports: dict[int, int | str] = {}
-    if kind in TF_BACKENDS:
+    if kind.tf_config:
         reserved = [(ports or {}).get(h.name) or [] for h in hosts]
         task_ports = assign_ports(tasks, reserved, (spec.distributed or {}).get("port_base"),
                                   [machines[h.name] for h in hosts])
@@ -159,17 +161,16 @@ def plan(spec: JobSpec, ctx: RunContext, hosts: Sequence[Host] | None = None, *,
             raise SpecError(f"port_base (--port-base): a machine needs ports up to {max(too_high)}, above 65535")
         cluster = cluster_json(tasks, [addresses.get(h.name, h.name) for h in hosts], task_ports)
         check_size(cluster, world)
-        if kind == "ps":
-            common["GRPC_FAIL_FAST"] = "use_caller"  # TensorFlow's guide for ParameterServerStrategy
     else:
         for name, count in ports_needed(spec, hosts).items():
             reserved = (ports or {}).get(name) or []
             port = str(reserved[0]) if reserved else "PORT"
             common[COORDINATOR_VAR] = f"{addresses.get(name, name)}:{port}"
+    common.update(kind.env)
     if not spec.use_gpu:
         common["CUDA_VISIBLE_DEVICES"] = ""
     devices: dict[int, str] = {}
-    if spec.use_gpu and kind != "mpi":  # MPI (Horovod): every rank sees its host's GPUs, picks by local rank
+    if spec.use_gpu and kind.gpu_split:  # else (MPI, Horovod): every rank sees its host's GPUs, picks by local rank
         # per machine: two host entries of one machine share its GPUs
         by_machine: dict[str, list[Task]] = {}
         for t in tasks:

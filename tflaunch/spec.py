@@ -13,6 +13,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
+from .distributions import distribution
 from .errors import SpecError
 
 TYPE_CHECKING = False
@@ -319,7 +320,7 @@ class MultiWorkerConfiguration(_NativeTF):
 def procs_per_host(process_count_per_node: int, distributed: Mapping[str, Any] | None) -> int:
     """Processes each host is asked for: a ps job's tasks are spread over the hosts by their slots, so it
     asks for 1 (and takes what the slots hold); any other job, ``process_count_per_node``."""
-    return 1 if (distributed or {}).get("backend") == "ps" else process_count_per_node
+    return 1 if distribution(distributed).spread else process_count_per_node
 
 
 def world_size(node_count: int, process_count_per_node: int, distributed: Mapping[str, Any] | None) -> int:

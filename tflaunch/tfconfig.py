@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from .distributions import DISTRIBUTIONS, backend_name
 from .errors import SpecError
 from .hosts import Host
 
@@ -44,7 +45,7 @@ __all__ = ["Task", "TF_BACKENDS", "place", "cluster_tasks", "ports_per_host", "a
            "cluster_json", "tf_config", "TF_CONFIG_LIMIT", "describe_roles", "job_hosts", "check_size",
            "backend"]
 
-TF_BACKENDS = ("ps", "multiworker")
+TF_BACKENDS = tuple(name for name, d in DISTRIBUTIONS.items() if d.tf_config)
 # Linux refuses an environment string longer than MAX_ARG_STRLEN (32 pages: 131072 bytes incl. the NUL).
 TF_CONFIG_LIMIT = 131072 - len("TF_CONFIG=") - 1
 
@@ -61,8 +62,8 @@ class Task:
 
 
 def backend(spec: JobSpec) -> str:
-    """The job's backend: ``plain``, ``ps``, ``multiworker`` or ``mpi``."""
-    return (spec.distributed or {}).get("backend") or "plain"
+    """The job's backend: ``plain``, ``ps``, ``multiworker`` or ``mpi`` (see :mod:`tflaunch.distributions`)."""
+    return backend_name(spec.distributed)
 
 
 def _roles(spec: JobSpec) -> list[tuple[str, int]]:

@@ -14,7 +14,8 @@
 The layers: :mod:`.space` (parameter expressions), :mod:`.sampling` (grid, random, Bayesian), :mod:`.policy`
 (early termination, pure), :mod:`.config` (HyperDriveConfig and the JSON config file), :mod:`.slots` (what
 the compute target runs at once), :mod:`.trials` (the state file), :mod:`.driver` (the background process
-that runs the trials), :mod:`.submit` (submit, resume, cancel), :mod:`.run` (:class:`HyperDriveRun`).
+that runs the trials; :mod:`.starting` and :mod:`.following` are its parts that start the trials and follow
+them), :mod:`.submit` (submit, resume, cancel), :mod:`.run` (:class:`HyperDriveRun`).
 """
 from __future__ import annotations
 

@@ -18,24 +18,24 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import math
 import os
 import shutil
 import signal
 import time
 
-from .. import fsio
 from ..errors import TflaunchError
 from ..spec import JobSpec
 from ..store import CANCELED, COMPLETED, FAILED, FINALIZING, RUNNING, TERMINAL, RunRecord, Store, now_iso
 from . import trials as T
-from .policy import due, policy_from_dict
+from .following import FAIL_FAST, TrialFollowing, curve
+from .policy import policy_from_dict
 from .sampling import sampling_from_dict
 from .slots import Pool
+from .starting import TrialStarting
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
-    from typing import Any, Sequence
+    from typing import Any
 
 __all__ = ["SweepDriver", "main", "DRIVER_BOOT", "spawn_driver", "trial_shape", "curve", "FAIL_FAST"]
 
@@ -43,8 +43,6 @@ log = logging.getLogger(__name__)
 
 POLL = 0.05  # seconds between looks at the trials while something happens
 MAX_POLL = 0.5  # when nothing has for a while
-START_TIMEOUT = 60.0  # for a trial's supervisor to take its lease
-FAIL_FAST = 3  # failed trials with none succeeded yet: stop the sweep
 DRIVER_BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); "
                "from tflaunch.sweep.driver import main; sys.exit(main(sys.argv[2:]))")
 LOCK = ".sweep.lock"
@@ -88,23 +86,10 @@ def _cpus() -> int:
         return os.cpu_count() or 1
 
 
-def curve(run_dir: str, name: str) -> list[Any]:
-    """The primary metric ``name`` as the trial logged it: its lowest rank's points, in order."""
-    from ..metrics import load
-
-    series = load(run_dir).get(name)
-    if series is None or not len(series):
-        return []
-    ranks = [r for r in series.rank if r is not None]
-    lowest = min(ranks) if ranks else None
-    points = [(t if isinstance(t, (int, float)) else 0.0, i, v)
-              for i, (v, r, t) in enumerate(zip(series.value, series.rank, series.time)) if r == lowest]
-    points.sort()
-    return [v for _, _, v in points if not isinstance(v, (list, dict, str))]
-
-
-class SweepDriver:
-    """Runs one sweep (a parent run record) to its end in this process."""
+class SweepDriver(TrialStarting, TrialFollowing):
+    """Runs one sweep (a parent run record) to its end in this process. Starting trials is
+    :class:`~tflaunch.sweep.starting.TrialStarting`'s part, following them (status, metric, the policy's
+    decisions, their ends) :class:`~tflaunch.sweep.following.TrialFollowing`'s."""
 
     def __init__(self, record: RunRecord, *, resume: bool = False) -> None:
         self.record = record
@@ -288,18 +273,6 @@ class SweepDriver:
             self._changed = False
             time.sleep(delay)
 
-    def _check_starting(self) -> None:
-        """Trials whose supervisors were started: ready (they hold their leases), or failed to start."""
-        for index, starting in list(self.starting.items()):
-            try:
-                if starting.poll():
-                    del self.starting[index]
-                elif time.monotonic() - starting.started > START_TIMEOUT:
-                    starting.wait(0)
-            except TflaunchError as exc:
-                del self.starting[index]
-                self._say(f"trial {index} ({starting.record.id}) could not start: {exc}")
-
     def _heartbeat(self) -> None:
         if time.monotonic() - self._lease_at >= 2.0:
             self.record.write_lease()
@@ -320,226 +293,6 @@ class SweepDriver:
             self.stop_reason, self.stop_detail = reason, detail
             self.state["stop_reason"] = {"reason": reason, "message": detail}
             self._say(f"stopping the sweep: {detail}")
-
-    # -- starting trials -----------------------------------------------------------------------------
-    def _next(self, taken: Sequence[dict[str, Any]] = ()) -> dict[str, Any] | None:
-        """The next trial to start: one recorded but never created (and not among ``taken``), a lost trial's
-        replacement, or a new draw."""
-        for trial in self.state["trials"]:
-            if trial["status"] == T.STARTING and trial["index"] not in self.children and trial not in taken:
-                return trial
-        if self._counted() >= self.max_total:
-            return None
-        for trial in self.state["trials"]:
-            if trial["status"] == T.LOST and trial.get("replaced_by") is None and trial.get("replaces") is None:
-                return self._record_trial(trial["hyperparameters"], trial.get("sampler_values"), replaces=trial)
-        if self.exhausted:
-            return None
-        history = [t for t in self.state["trials"] if t["status"] != T.LOST]
-        suggestion = self.sampling.suggest(self.state["draws"], history, self.config["primary_metric_goal"])
-        if suggestion is None:
-            self.exhausted = True
-            self._say(f"the parameter space is used up after {self.state['draws']} trials")
-            return None
-        self.state["draws"] += 1
-        return self._record_trial(*suggestion)
-
-    def _record_trial(self, hyperparameters: dict[str, Any], sampler_values: dict[str, Any] | None,
-                      replaces: dict[str, Any] | None = None) -> dict[str, Any]:
-        trial = {"index": len(self.state["trials"]), "run_id": Store.new_run_id(), "status": T.STARTING,
-                 "hyperparameters": hyperparameters, "sampler_values": sampler_values, "allocation": None,
-                 "intervals": 0, "best": None, "last": None, "stopped": None, "error": None,
-                 "replaces": None if replaces is None else replaces["index"], "replaced_by": None,
-                 "created": now_iso(), "started": None, "ended": None}
-        if replaces is not None:
-            replaces["replaced_by"] = trial["index"]
-        self.state["trials"].append(trial)
-        return trial
-
-    def _fill(self) -> None:
-        if self.array and not self.state["trials"]:
-            self._start_array()
-            return
-        while len([t for t in self._active() if t["index"] in self.children]) < self.max_concurrent:
-            allocation = self.pool.take()
-            if allocation is None:
-                return
-            trial = self._next()
-            if trial is None:
-                self.pool.give(allocation)
-                return
-            trial["allocation"] = allocation
-            self._save(sync=True)  # recorded before its run exists: a driver killed now leaves nothing unaccounted
-            self._start(trial)
-
-    def _trial_spec(self, trial: dict[str, Any]) -> JobSpec:
-        """The sweep's spec with the trial's arguments, environment and hosts."""
-        spec = JobSpec.from_dict(self.spec.to_dict())
-        spec.arguments = T.trial_argv(spec.arguments, trial["hyperparameters"])
-        spec.environment_variables = {**spec.environment_variables, "TFLAUNCH_PARENT_RUN_ID": self.record.id,
-                                      "TFLAUNCH_HYPERPARAMETERS": fsio.json_dumps(trial["hyperparameters"])}
-        allocation = trial.get("allocation") or {}
-        if allocation.get("hosts") is not None and (spec.compute_target or {}).get("kind") != "local":
-            spec.compute_target = dict(spec.compute_target, hosts=[list(h) for h in allocation["hosts"]])
-        return spec
-
-    def _create(self, trial: dict[str, Any], spec: JobSpec) -> RunRecord:
-        from ..submit import create_child_run
-
-        extra = {"parent": self.record.id, "trial": trial["index"], "hyperparameters": trial["hyperparameters"]}
-        child = self.children[trial["index"]] = create_child_run(self.record, spec, trial["run_id"], extra)
-        return child
-
-    def _started(self, trial: dict[str, Any]) -> None:
-        trial["status"] = (self._child(trial).read_status(check_lease=False) or {}).get("status", T.STARTING)
-        what = " ".join(f"{k} {T.value_text(v)}" for k, v in trial["hyperparameters"].items())
-        self._say(f"trial {trial['index']} ({trial['run_id']}) started: {what}")
-        self.record.event("trial_started", index=trial["index"], run_id=trial["run_id"],
-                          hyperparameters=trial["hyperparameters"])
-
-    def _start_array(self) -> None:
-        """Every trial at once, as one Slurm job array (see :mod:`tflaunch.sweep.slurm_array`)."""
-        from .slurm_array import submit_array
-
-        trials = []
-        while len(trials) < self.max_total:
-            trial = self._next(trials)
-            if trial is None:
-                break
-            trial["allocation"] = self.pool.take()
-            trials.append(trial)
-        self._save(sync=True)  # recorded before their runs exist
-        created = []
-        for trial in trials:
-            try:
-                self._create(trial, self._trial_spec(trial))
-                created.append(trial)
-            except (TflaunchError, OSError) as exc:
-                self._say(f"trial {trial['index']} ({trial['run_id']}) could not be recorded: {exc}")
-                self._end(trial, FAILED, {"reason": "launch_failed", "message": str(exc)})
-        if not created:
-            return
-        experiment = (self.record.read_status(check_lease=False) or {}).get("experiment") or "default"
-        try:
-            job = submit_array(self.record, [self._child(t) for t in created], self.spec, experiment,
-                               self.config.get("max_concurrent_runs"))
-            self._say(f"{len(created)} trials submitted as Slurm job array {job}")
-        except TflaunchError as exc:
-            self._say(f"the trials' job array was refused: {exc}")
-        for trial in created:
-            self._started(trial)
-        self._save()
-
-    def _start(self, trial: dict[str, Any]) -> None:
-        from ..submit import sbatch_run
-        from ..supervise import Detached
-
-        spec = self._trial_spec(trial)
-        allocation = trial.get("allocation") or {}
-        env = {"CUDA_VISIBLE_DEVICES": ",".join(allocation["gpus"])} if allocation.get("gpus") else None
-        try:
-            child = self._create(trial, spec)
-            if (spec.compute_target or {}).get("kind") == "slurm":
-                sbatch_run(child, spec, child.read_status(check_lease=False)["experiment"])
-            else:  # ready when it holds the trial's lease: several start at once (see _check_starting)
-                self.starting[trial["index"]] = Detached(child, env=env)
-        except (TflaunchError, OSError) as exc:
-            self.children.setdefault(trial["index"], RunRecord(self.store, trial["run_id"]))
-            self._say(f"trial {trial['index']} ({trial['run_id']}) could not start: {exc}")
-            if not os.path.isdir(os.path.join(self.store.runs_dir, trial["run_id"])):
-                self._end(trial, FAILED, {"reason": "launch_failed", "message": str(exc)})
-                return
-        self._started(trial)
-        self._save()
-
-    # -- following trials ----------------------------------------------------------------------------
-    def _poll(self, trial: dict[str, Any]) -> None:
-        child = self._child(trial)
-        status = child.read_status() or {}
-        state = status.get("status")
-        if state is None:
-            return
-        if state != trial["status"] and state not in TERMINAL:
-            trial["status"] = state
-            if state == RUNNING:
-                trial["started"] = status.get("started")
-            self._save()
-        if state in (RUNNING, FINALIZING) or state in TERMINAL:
-            self._follow_metric(trial, child, judge=state not in TERMINAL)  # an ended trial is not stopped
-        if state in TERMINAL:
-            self._end(trial, state, status.get("error"), status)
-
-    def _follow_metric(self, trial: dict[str, Any], child: RunRecord, judge: bool = True) -> None:
-        try:
-            points = curve(child.dir, self.metric)
-        except (OSError, ValueError) as exc:
-            log.warning("trial %s: cannot read its metrics: %s", trial["index"], exc)
-            return
-        self.curves[trial["index"]] = points
-        seen = trial["intervals"]
-        if len(points) <= seen:
-            return
-        trial["intervals"] = len(points)
-        finite = [float(v) for v in points if isinstance(v, (int, float)) and not isinstance(v, bool)
-                  and math.isfinite(v)]
-        trial["last"] = points[-1] if isinstance(points[-1], (int, float)) and math.isfinite(points[-1]) else None
-        trial["best"] = (max(finite) if self.maximize else min(finite)) if finite else None
-        if judge and trial["stopped"] is None and trial["status"] not in TERMINAL:
-            for n in range(seen + 1, len(points) + 1):
-                if due(self.policy, n) and self._evaluate(trial, n):
-                    break
-        self._save()
-
-    def _evaluate(self, trial: dict[str, Any], n: int) -> bool:
-        curves = {str(t["index"]): self.curves.get(t["index"], []) for t in self.state["trials"]
-                  if t["status"] != T.LOST}
-        finished = [str(t["index"]) for t in self.state["trials"] if t["status"] in TERMINAL]
-        decision = self.policy.evaluate(str(trial["index"]), curves, n, self.maximize, finished)
-        if decision is None:
-            return False
-        if "best_trial" in decision:
-            leader = self.state["trials"][int(decision["best_trial"])]
-            decision.update(best_trial=leader["index"], best_run_id=leader["run_id"])
-        trial["stopped"] = decision
-        self._save()
-        from ..submit import cancel_run
-
-        child = self._child(trial)
-        reason = f"stopped by {decision['policy']} at interval {n}: {decision['message']}"
-        try:
-            fsio.atomic_write_json(child.path("early_termination.json"), decision)
-            child.event("early_terminated", **decision)
-        except OSError as exc:
-            log.warning("trial %s: cannot record the policy's decision: %s", trial["index"], exc)
-        cancel_run(child, reason)
-        self._say(f"trial {trial['index']} ({trial['run_id']}) {reason}")
-        return True
-
-    def _end(self, trial: dict[str, Any], status: str, error: dict[str, Any] | None,
-             run: dict[str, Any] | None = None) -> None:
-        run = run or {}
-        if status == FAILED and (error or {}).get("reason") == "launcher_lost" and trial.get("replaces") is None:
-            status = T.LOST
-        trial.update(status=status, error=error, ended=run.get("ended") or now_iso(),
-                     started=trial.get("started") or run.get("started"))
-        self.pool.give(trial.get("allocation"))
-        metric = "" if trial["best"] is None else f", best {self.metric} {trial['best']:.6g}"
-        why = f" ({error.get('reason')}: {error.get('message')})" if error and status in (FAILED, T.LOST) else ""
-        self._say(f"trial {trial['index']} ({trial['run_id']}) {status}{metric}{why}"
-                  + (", to be replaced" if status == T.LOST else ""))
-        self.record.event("trial_ended", index=trial["index"], run_id=trial["run_id"], status=status,
-                          best=trial["best"])
-        self._save()
-
-    def _fail_fast(self) -> None:
-        counted = [t for t in self.state["trials"] if t["status"] != T.LOST]
-        failed = [t for t in counted if t["status"] == FAILED]
-        good = [t for t in counted if t["status"] == COMPLETED or (t["status"] == CANCELED and t["stopped"])]
-        if not good and len(failed) >= min(FAIL_FAST, self.max_total) and self.stop_reason is None:
-            last = failed[-1]
-            message = (last.get("error") or {}).get("message", "unknown error")
-            self._stop("fail_fast", f"the first {len(failed)} trials failed (trial {last['index']}, run "
-                                    f"{last['run_id']}: {message})")
 
     # -- stopping ------------------------------------------------------------------------------------
     def _cancel_active(self, reason: str) -> None:

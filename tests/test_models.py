@@ -18,7 +18,7 @@ import pytest
 
 from tflaunch import PathSafetyError, SpecError, StoreError, Workspace
 from tflaunch._version import __version__
-from tflaunch.registry import Model, ModelNotFoundError, parse_ref, register, register_from_run
+from tflaunch.models import Model, ModelNotFoundError, parse_ref, register, register_from_run
 from tflaunch.store import Store
 
 from conftest import REPO
@@ -195,7 +195,7 @@ def test_copy_across_filesystems_and_verify(home):
 CHILD = """
 import os, sys, time
 sys.path.insert(0, {repo!r})
-from tflaunch.registry import register
+from tflaunch.models import register
 home, name, source, go = sys.argv[1:5]
 while go != "-" and not os.path.exists(go):
     time.sleep(0.001)
