@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from tflaunch import rank
-from tflaunch.rank import FRAME_MAX, Demux, frames, identity
+from tflaunch.launch.demux import Demux
+from tflaunch.rank import FRAME_MAX, frames, identity
 
 
 @pytest.mark.parametrize("env,expected", [

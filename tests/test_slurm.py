@@ -11,7 +11,7 @@ import pytest
 
 from tflaunch import rank, slurm
 from tflaunch.errors import SpecError
-from tflaunch.mpijob import step_launch
+from tflaunch.launch.srun_step import step_launch
 from tflaunch.plan import RunContext, plan
 from tflaunch.spec import Estimator, MultiWorkerConfiguration, TensorflowConfiguration
 from tflaunch.target import SlurmTarget, SSHTarget, allocation_target

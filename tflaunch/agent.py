@@ -475,262 +475,20 @@ def spawn(argv, cwd, env, stdout_path, stderr_path):
     return pid, relayed
 
 
-class Agent:
-    """One host's share of a run: setup reply, uploads, processes, output relay, collection."""
+class Relay:
+    """The output that goes back over the connection: pipes from the job's processes (``output``
+    events) and from helper processes (``exec_output`` events, keyed ``"aux:<id>"``)."""
 
-    def __init__(self, spec):
-        self.token = spec["token"]
-        self.agent_id = "%s:%s" % (self.token, spec.get("agent_id", 0))
-        self.grace = float(spec.get("grace", 10))
-        self.orphan_grace = float(spec.get("orphan_grace", 2))
-        self.procs = {}
-        self.returncodes = {}
-        self.pgids = set()
-        self.pipes = {}  # read fd -> (index, 1 | 2) for relayed output
-        self.kill_at = None
-        self.kill_some = {}  # index -> when to SIGKILL its process group
-        self.orphaned = False
-        self.started = False
-        self.finished = False  # "done" sent
-        self.exclude = {os.getpid(), os.getppid()}
-        self.sockets = []
-        self.scratch = scratch_dir(spec.get("scratch_root"), "%s-%s" % (self.token, spec.get("agent_id", 0)))
-        self.made_scratch = False
-        self.upload = None  # open file receiving "data" frames
-        self.pending = None  # a command waiting for its n bytes of data
-        self.spec = spec
-        self.sweep = bool(spec.get("sweep"))  # stop = the whole run on this host (MPI daemons and ranks)
-        self.rank_files = None  # the rank wrapper's directory, written for an MPI job
-        self.aux = {}  # exec id -> {"pid", "capture", "env"}: helper processes before the job's
-        self.setup_env = None  # {"set": {...}, "unset": [...]}: what the --setup shell changed
-        self.owned = []  # paths made for the run here (downloaded data): removed at the end unless keep
-        self.keep = bool(spec.get("keep"))
+    def __init__(self, send):
+        self.send = send
+        self.pipes = {}  # read fd -> (index | "aux:<id>", 1 | 2)
 
-    # -- output ---------------------------------------------------------------------------------------
-    def send(self, obj, data=None):
-        if self.orphaned:
-            return
-        if data is not None:
-            obj["n"] = len(data)
-        payload = (json.dumps(obj) + "\n").encode()
-        if data:
-            payload += data
-        try:
-            view = memoryview(payload)
-            while view:
-                view = view[os.write(1, view):]
-        except OSError:
-            self.orphan()
-
-    def hello(self):
-        spec = self.spec
-        shared = None
-        probe = spec.get("probe")
-        if probe:
-            try:
-                with open(probe["path"], "r") as fh:
-                    shared = fh.read() == probe["content"]
-            except (OSError, ValueError):
-                shared = False
-        home_shared = None
-        if spec.get("home_probe"):
-            try:
-                with open(spec["home_probe"]["path"], "r") as fh:
-                    home_shared = fh.read() == spec["home_probe"]["content"]
-            except (OSError, ValueError):
-                home_shared = False
-        paths = {}
-        for path in spec.get("paths") or ():
-            paths[path] = "dir" if os.path.isdir(path) else "file" if os.path.exists(path) else None
-        ports = []
-        if spec.get("ports"):  # bound and held until the processes start: no one else gets them
-            self.sockets = reserve_ports(int(spec["ports"]), lease_dir(os.path.dirname(self.scratch)))
-            ports = [s.getsockname()[1] for s in self.sockets]
-        rank = spec.get("rank")
-        rank_error = None
-        if rank:
-            try:
-                self.rank_files = write_rank_files(self.token, rank.get("files"), rank.get("cwd"))
-            except OSError as exc:
-                rank_error = "cannot write the MPI rank wrapper: %s" % exc
-        self.send({"event": "hello", "hostname": os.uname().nodename, "pid": os.getpid(), "shared": shared,
-                   "home_shared": home_shared, "paths": paths, "executable": sys.executable,
-                   "scratch": self.scratch, "ports": ports, "python": sys.version.split()[0],
-                   "gpus": find_gpus() if spec.get("gpus") else None, "rank_dir": self.rank_files,
-                   "rank_error": rank_error,
-                   **({"report": host_report(spec["report"])} if "report" in spec else {})})
-
-    # -- processes ------------------------------------------------------------------------------------
-    def start(self, specs):
-        for s in self.sockets:
-            s.close()
-        self.sockets = []
-        self.started = True
-        for p in specs:
-            env = self.base_env()
-            env.update(p.get("env", {}))
-            add_pythonpath(env, p["cwd"])
-            env[TOKEN_VAR] = self.token
-            env[AGENT_VAR] = self.agent_id
-            try:
-                pid, fds = spawn(p["argv"], p["cwd"], env, p.get("stdout"), p.get("stderr"))
-            except (OSError, ValueError, TypeError) as exc:
-                self.send({"event": "spawn_failed", "index": p["index"], "error": str(exc)})
-                self.terminate(0)
-                return
-            self.procs[p["index"]] = pid
-            self.pgids.add(pid)
-            for fd, stream in fds:
-                self.pipes[fd] = (p["index"], stream)
-            self.send({"event": "started", "index": p["index"], "pid": pid})
-
-    def base_env(self):
-        """The environment processes start from: the agent's, with what the ``--setup`` shell changed."""
-        env = dict(os.environ)
-        if self.setup_env:
-            env.update(self.setup_env["set"])
-            for name in self.setup_env["unset"]:
-                env.pop(name, None)
-        return env
-
-    def exec_aux(self, cmd):
-        """Start a helper process (``exec``): its output is relayed, its end reported as ``exec_done``."""
-        aux_id = str(cmd["id"])
-        env = self.base_env()
-        env.update(cmd.get("env") or {})
-        env[TOKEN_VAR] = self.token
-        env[AGENT_VAR] = self.agent_id
-        capture = None
-        if cmd.get("capture_env"):
-            directory = lease_dir(os.path.dirname(self.scratch))
-            capture = os.path.join(directory, "env-%s-%s-%d.json" % (self.agent_id.replace(":", "-"),
-                                                                   aux_id, os.getpid()))
-            env["TFLAUNCH_ENV_OUT"] = capture
-        if cmd.get("owns"):
-            self.owned.append(cmd["owns"])  # before it starts: a half-made copy goes too
-        try:
-            pid, fds = spawn(cmd["argv"], cmd.get("cwd") or "/", env, None, None)
-        except (OSError, ValueError, TypeError) as exc:
-            self.send({"event": "exec_done", "id": aux_id, "returncode": 127, "error": str(exc)})
-            return
-        self.aux[aux_id] = {"pid": pid, "capture": capture, "env": env}
-        self.pgids.add(pid)
+    def add(self, key, fds):
         for fd, stream in fds:
-            self.pipes[fd] = ("aux:" + aux_id, stream)
+            self.pipes[fd] = (key, stream)
 
-    def reap_aux(self):
-        for aux_id, info in list(self.aux.items()):
-            try:
-                done, status = os.waitpid(info["pid"], os.WNOHANG)
-            except ChildProcessError:
-                done, status = info["pid"], 255 << 8
-            if not done:
-                continue
-            del self.aux[aux_id]
-            for fd, (index, _) in list(self.pipes.items()):  # its last output first
-                if index == "aux:" + aux_id:
-                    while fd in self.pipes:
-                        self.relay(fd, block=True)
-            code = exit_code(status)
-            event = {"event": "exec_done", "id": aux_id, "returncode": code}
-            if info["capture"]:
-                try:
-                    if code == 0:
-                        with open(info["capture"]) as fh:
-                            after = json.load(fh)
-                        before = info["env"]
-                        ignore = (TOKEN_VAR, AGENT_VAR, "TFLAUNCH_ENV_OUT", "_", "SHLVL", "PWD", "OLDPWD")
-                        self.setup_env = {
-                            "set": {k: v for k, v in after.items() if before.get(k) != v and k not in ignore},
-                            "unset": [k for k in before if k not in after and k not in ignore]}
-                        event["env_changed"] = sorted(self.setup_env["set"]) + sorted(self.setup_env["unset"])
-                except (OSError, ValueError) as exc:
-                    event.update(returncode=code or 1, error="cannot read the environment it left: %s" % exc)
-                finally:
-                    try:
-                        os.unlink(info["capture"])
-                    except OSError:
-                        pass
-            self.send(event)
-
-    def remove_owned(self):
-        import shutil
-        for path in list(self.owned):
-            for victim in (path, path + ".partial"):  # a copy is made aside, then renamed
-                if os.path.isdir(victim) and not os.path.islink(victim):
-                    shutil.rmtree(victim, ignore_errors=True)
-                elif os.path.lexists(victim):
-                    try:
-                        os.unlink(victim)
-                    except OSError:
-                        pass
-            self.owned.remove(path)
-            parent = os.path.dirname(path)
-            while parent.startswith(self.scratch) and parent != os.path.dirname(self.scratch):
-                try:
-                    os.rmdir(parent)  # the agent's folders, once empty
-                except OSError:
-                    break
-                parent = os.path.dirname(parent)
-
-    def mine(self, sig):
-        """Signal this agent's processes (and their descendants, found by AGENT_VAR); in sweep mode,
-        every process of the run on this host (found by TOKEN_VAR)."""
-        return signal_run(sig, *self.whose())
-
-    def whose(self):
-        if self.sweep:
-            return self.token, self.pgids, self.exclude, TOKEN_VAR
-        return self.agent_id, self.pgids, self.exclude, AGENT_VAR
-
-    def terminate(self, grace, indices=None):
-        if indices is not None:  # some processes only: their process groups, SIGKILL after the grace
-            at = time.monotonic() + grace
-            for index in indices:
-                pid = self.procs.get(index)
-                if pid is None or index in self.returncodes:
-                    continue
-                try:
-                    os.killpg(pid, signal.SIGTERM)
-                except OSError:
-                    continue
-                self.kill_some[index] = min(self.kill_some.get(index, at), at)
-            return
-        self.mine(signal.SIGTERM)
-        at = time.monotonic() + grace
-        self.kill_at = at if self.kill_at is None else min(self.kill_at, at)
-
-    def kill_due(self):
-        """SIGKILL the process groups whose grace (``terminate`` with indices) is over."""
-        now = time.monotonic()
-        for index, at in list(self.kill_some.items()):
-            if index in self.returncodes:
-                del self.kill_some[index]
-            elif now >= at:
-                del self.kill_some[index]
-                try:
-                    os.killpg(self.procs[index], signal.SIGKILL)
-                except OSError:
-                    pass
-
-    def orphan(self):
-        if not self.orphaned:
-            self.orphaned = True
-            self.terminate(self.orphan_grace)
-
-    def reap(self):
-        """Collect exited processes; return how many are still running."""
-        for index, pid in list(self.procs.items()):
-            if index in self.returncodes:
-                continue
-            try:
-                done, status = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                done, status = pid, 255 << 8
-            if done:
-                self.returncodes[index] = code = exit_code(status)
-                self.send({"event": "exited", "index": index, "pid": pid, "returncode": code})
-        return len(self.procs) - len(self.returncodes)
+    def fds(self):
+        return list(self.pipes)
 
     def relay(self, fd, block=False):
         if block:
@@ -752,11 +510,16 @@ class Agent:
             os.close(fd)
             del self.pipes[fd]
 
-    def finish(self):
-        """All processes exited: stop leftovers, drain relayed output, report "done"."""
-        token, pgids, exclude, var = self.whose()
-        leftovers = stop_run(token, pgids, min(self.grace, 1.0), exclude, var)
-        deadline = time.monotonic() + 2.0
+    def drain_key(self, key):
+        """Relay what the pipes of ``key`` still hold, until they close (a process that exited)."""
+        for fd, (index, _) in list(self.pipes.items()):
+            if index == key:
+                while fd in self.pipes:
+                    self.relay(fd, block=True)
+
+    def drain(self, seconds):
+        """Relay what every pipe still holds for up to ``seconds``, then close them all."""
+        deadline = time.monotonic() + seconds
         while self.pipes and time.monotonic() < deadline:
             ready, _, _ = select.select(list(self.pipes), [], [], max(0.0, deadline - time.monotonic()))
             for fd in ready:
@@ -764,49 +527,254 @@ class Agent:
         for fd in list(self.pipes):
             os.close(fd)
         self.pipes.clear()
+
+
+class Processes:
+    """The job's processes on this host: start them, signal them (``terminate``, ``kill``, a grace
+    then SIGKILL), reap them, report ``started``/``exited``/``done``, stop what the run left behind."""
+
+    def __init__(self, token, agent_id, grace, sweep, pgids, relay, base_env, send):
+        self.token = token
+        self.agent_id = agent_id
+        self.grace = grace
+        self.sweep = sweep  # stop = the whole run on this host (MPI daemons and ranks)
+        self.pgids = pgids  # shared with the helpers: every process group this agent started
+        self.relay = relay
+        self.base_env = base_env  # () -> the environment a process starts from
+        self.send = send
+        self.procs = {}
+        self.returncodes = {}
+        self.kill_at = None
+        self.kill_some = {}  # index -> when to SIGKILL its process group
+        self.started = False
+        self.finished = False  # "done" sent
+        self.exclude = {os.getpid(), os.getppid()}
+        self.sockets = []  # reserved ports, held until the processes start
+
+    def hold_ports(self, count, directory):
+        """Bind ``count`` ports (see :func:`reserve_ports`) and hold them until :meth:`start`."""
+        self.sockets = reserve_ports(count, directory)
+        return [s.getsockname()[1] for s in self.sockets]
+
+    def start(self, specs):
+        for s in self.sockets:
+            s.close()
+        self.sockets = []
+        self.started = True
+        for p in specs:
+            env = self.base_env()
+            env.update(p.get("env", {}))
+            add_pythonpath(env, p["cwd"])
+            env[TOKEN_VAR] = self.token
+            env[AGENT_VAR] = self.agent_id
+            try:
+                pid, fds = spawn(p["argv"], p["cwd"], env, p.get("stdout"), p.get("stderr"))
+            except (OSError, ValueError, TypeError) as exc:
+                self.send({"event": "spawn_failed", "index": p["index"], "error": str(exc)})
+                self.terminate(0)
+                return
+            self.procs[p["index"]] = pid
+            self.pgids.add(pid)
+            self.relay.add(p["index"], fds)
+            self.send({"event": "started", "index": p["index"], "pid": pid})
+
+    def whose(self):
+        if self.sweep:
+            return self.token, self.pgids, self.exclude, TOKEN_VAR
+        return self.agent_id, self.pgids, self.exclude, AGENT_VAR
+
+    def mine(self, sig):
+        """Signal this agent's processes (and their descendants, found by AGENT_VAR); in sweep mode,
+        every process of the run on this host (found by TOKEN_VAR)."""
+        return signal_run(sig, *self.whose())
+
+    def stop_mine(self, grace):
+        """:func:`stop_run` on :meth:`whose` processes; return how many needed SIGKILL."""
+        token, pgids, exclude, var = self.whose()
+        return stop_run(token, pgids, grace, exclude, var)
+
+    def terminate(self, grace, indices=None):
+        if indices is not None:  # some processes only: their process groups, SIGKILL after the grace
+            at = time.monotonic() + grace
+            for index in indices:
+                pid = self.procs.get(index)
+                if pid is None or index in self.returncodes:
+                    continue
+                try:
+                    os.killpg(pid, signal.SIGTERM)
+                except OSError:
+                    continue
+                self.kill_some[index] = min(self.kill_some.get(index, at), at)
+            return
+        self.mine(signal.SIGTERM)
+        at = time.monotonic() + grace
+        self.kill_at = at if self.kill_at is None else min(self.kill_at, at)
+
+    def kill_now(self):
+        self.kill_at = time.monotonic()
+
+    def timeout(self, longest):
+        """How long the loop may wait: ``longest``, or less when a SIGKILL falls due sooner."""
+        timeout = longest
+        for at in [self.kill_at] + list(self.kill_some.values()):
+            if at is not None:
+                timeout = max(0.0, min(timeout, at - time.monotonic()))
+        return timeout
+
+    def kill_overdue(self):
+        """SIGKILL what a grace is over for: everything (``kill_at``), or some process groups."""
+        if self.kill_at is not None and time.monotonic() >= self.kill_at:
+            self.mine(signal.SIGKILL)
+            self.kill_at = None
+        if self.kill_some:
+            self.kill_due()
+
+    def kill_due(self):
+        """SIGKILL the process groups whose grace (``terminate`` with indices) is over."""
+        now = time.monotonic()
+        for index, at in list(self.kill_some.items()):
+            if index in self.returncodes:
+                del self.kill_some[index]
+            elif now >= at:
+                del self.kill_some[index]
+                try:
+                    os.killpg(self.procs[index], signal.SIGKILL)
+                except OSError:
+                    pass
+
+    def reap(self):
+        """Collect exited processes; return how many are still running."""
+        for index, pid in list(self.procs.items()):
+            if index in self.returncodes:
+                continue
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done, status = pid, 255 << 8
+            if done:
+                self.returncodes[index] = code = exit_code(status)
+                self.send({"event": "exited", "index": index, "pid": pid, "returncode": code})
+        return len(self.procs) - len(self.returncodes)
+
+    def finish(self):
+        """All processes exited: stop leftovers, drain relayed output, report "done"."""
+        leftovers = self.stop_mine(min(self.grace, 1.0))
+        self.relay.drain(2.0)
         self.finished = True
         self.send({"event": "done", "killed_leftovers": leftovers})
 
-    # -- commands -------------------------------------------------------------------------------------
-    def command(self, cmd, data):
-        name = cmd.get("cmd")
-        try:
-            if name == "start":
-                self.start(cmd["processes"])
-            elif name == "terminate":
-                self.terminate(float(cmd.get("grace", self.grace)), cmd.get("indices"))
-            elif name == "kill":
-                self.kill_at = time.monotonic()
-            elif name == "data":
-                if self.upload is None:
-                    self.make_scratch()
-                    self.upload = open(os.path.join(self.scratch, ".upload.tar"), "wb")
-                self.upload.write(data)
-            elif name == "unpack":
-                if cmd.get("owned"):
-                    self.owned.append(cmd["dest"])
-                self.unpack(cmd["dest"])
-            elif name == "exec":
-                self.exec_aux(cmd)
+    def stop_left(self):
+        """The agent ends: stop what is left of the run here (only the helpers' process groups when the
+        job's processes never started); return whether they started (or this is an MPI sweep)."""
+        if self.pgids and not (self.started or self.sweep):  # helper processes only (setup, builds, copies)
+            stop_run(self.agent_id, self.pgids, min(self.grace, 1.0), self.exclude, AGENT_VAR)
+        if self.started or self.sweep:
+            self.stop_mine(min(self.grace, 1.0))
+            return True
+        return False
 
-            elif name == "collect":
-                self.collect(cmd["dir"], cmd["names"])
-            elif name == "cleanup":
-                self.cleanup()
-                self.send({"event": "cleaned"})
-            elif name == "rank_cwd":
-                info = dict(cmd.get("info") or {})
-                if self.setup_env:
-                    info["setup_env"] = self.setup_env
-                files = {"host.%s.json" % os.uname().nodename: [json.dumps(info), 0o644]} if info else None
-                self.rank_files = write_rank_files(self.token, files, cmd["cwd"])  # (other files: at hello)
-                self.send({"event": "rank_ready", "dir": self.rank_files})
-            elif name == "sweep":
-                token, pgids, exclude, var = self.whose()
-                count = stop_run(token, pgids, float(cmd.get("grace", 1.0)), exclude, var)
-                self.send({"event": "swept", "count": count})
-        except Exception as exc:  # report, never die: the launcher decides what a failure means
-            self.send({"event": "error", "cmd": name, "error": "%s: %s" % (type(exc).__name__, exc)})
+
+class Helpers:
+    """Helper processes (``exec``) before the job's: a ``--setup`` shell, an environment build, a data
+    copy. Their output is relayed, their end reported as ``exec_done``; what the ``--setup`` shell changed
+    in the environment is what the job's processes start from (:meth:`base_env`)."""
+
+    IGNORED = (TOKEN_VAR, AGENT_VAR, "TFLAUNCH_ENV_OUT", "_", "SHLVL", "PWD", "OLDPWD")
+
+    def __init__(self, token, agent_id, pgids, relay, files, send):
+        self.token = token
+        self.agent_id = agent_id
+        self.pgids = pgids  # shared with the job's processes: every process group this agent started
+        self.relay = relay
+        self.files = files
+        self.send = send
+        self.aux = {}  # exec id -> {"pid", "capture", "env"}
+        self.setup_env = None  # {"set": {...}, "unset": [...]}: what the --setup shell changed
+
+    def base_env(self):
+        """The environment processes start from: the agent's, with what the ``--setup`` shell changed."""
+        env = dict(os.environ)
+        if self.setup_env:
+            env.update(self.setup_env["set"])
+            for name in self.setup_env["unset"]:
+                env.pop(name, None)
+        return env
+
+    def start(self, cmd):
+        """Start a helper process (``exec``): its output is relayed, its end reported as ``exec_done``."""
+        aux_id = str(cmd["id"])
+        env = self.base_env()
+        env.update(cmd.get("env") or {})
+        env[TOKEN_VAR] = self.token
+        env[AGENT_VAR] = self.agent_id
+        capture = None
+        if cmd.get("capture_env"):
+            directory = lease_dir(os.path.dirname(self.files.scratch))
+            capture = os.path.join(directory, "env-%s-%s-%d.json" % (self.agent_id.replace(":", "-"),
+                                                                   aux_id, os.getpid()))
+            env["TFLAUNCH_ENV_OUT"] = capture
+        if cmd.get("owns"):
+            self.files.owned.append(cmd["owns"])  # before it starts: a half-made copy goes too
+        try:
+            pid, fds = spawn(cmd["argv"], cmd.get("cwd") or "/", env, None, None)
+        except (OSError, ValueError, TypeError) as exc:
+            self.send({"event": "exec_done", "id": aux_id, "returncode": 127, "error": str(exc)})
+            return
+        self.aux[aux_id] = {"pid": pid, "capture": capture, "env": env}
+        self.pgids.add(pid)
+        self.relay.add("aux:" + aux_id, fds)
+
+    def reap(self):
+        for aux_id, info in list(self.aux.items()):
+            try:
+                done, status = os.waitpid(info["pid"], os.WNOHANG)
+            except ChildProcessError:
+                done, status = info["pid"], 255 << 8
+            if not done:
+                continue
+            del self.aux[aux_id]
+            self.relay.drain_key("aux:" + aux_id)  # its last output first
+            code = exit_code(status)
+            event = {"event": "exec_done", "id": aux_id, "returncode": code}
+            if info["capture"]:
+                self.read_capture(info, code, event)
+            self.send(event)
+
+    def read_capture(self, info, code, event):
+        """Take what a ``capture_env`` helper changed in the environment (when it succeeded) as
+        :attr:`setup_env`, say so in its ``exec_done`` ``event``; remove the file it wrote."""
+        try:
+            if code == 0:
+                with open(info["capture"]) as fh:
+                    after = json.load(fh)
+                before = info["env"]
+                ignore = self.IGNORED
+                self.setup_env = {
+                    "set": {k: v for k, v in after.items() if before.get(k) != v and k not in ignore},
+                    "unset": [k for k in before if k not in after and k not in ignore]}
+                event["env_changed"] = sorted(self.setup_env["set"]) + sorted(self.setup_env["unset"])
+        except (OSError, ValueError) as exc:
+            event.update(returncode=code or 1, error="cannot read the environment it left: %s" % exc)
+        finally:
+            try:
+                os.unlink(info["capture"])
+            except OSError:
+                pass
+
+
+class Files:
+    """This agent's files on the host: its scratch directory, uploads (``data`` then ``unpack``),
+    ``collect``, the MPI rank files, the paths it owns, and their removal (``cleanup``, the end)."""
+
+    def __init__(self, token, scratch, keep, send):
+        self.token = token
+        self.scratch = scratch
+        self.keep = keep  # keep owned paths at the end
+        self.send = send
+        self.made_scratch = False
+        self.upload = None  # open file receiving "data" frames
+        self.rank_files = None  # the rank wrapper's directory, written for an MPI job
+        self.owned = []  # paths made for the run here (downloaded data): removed at the end unless keep
 
     def make_scratch(self):
         if not self.made_scratch:
@@ -814,8 +782,22 @@ class Agent:
             os.makedirs(self.scratch, mode=0o700, exist_ok=True)
             self.made_scratch = True
 
-    def unpack(self, dest):
+    def write_rank(self, files, cwd):
+        """:func:`write_rank_files` for this run; return (and remember) the directory."""
+        self.rank_files = write_rank_files(self.token, files, cwd)
+        return self.rank_files
+
+    def receive(self, data):
+        """A chunk of an upload (``data``): appended to the scratch directory's tar file."""
+        if self.upload is None:
+            self.make_scratch()
+            self.upload = open(os.path.join(self.scratch, ".upload.tar"), "wb")
+        self.upload.write(data)
+
+    def unpack(self, dest, owned=False):
         import tarfile
+        if owned:
+            self.owned.append(dest)
         path = os.path.join(self.scratch, ".upload.tar")
         if self.upload is not None:
             self.upload.close()
@@ -848,6 +830,26 @@ class Agent:
         os.unlink(path)
         self.send({"event": "collected", "bytes": total})
 
+    def remove_owned(self):
+        import shutil
+        for path in list(self.owned):
+            for victim in (path, path + ".partial"):  # a copy is made aside, then renamed
+                if os.path.isdir(victim) and not os.path.islink(victim):
+                    shutil.rmtree(victim, ignore_errors=True)
+                elif os.path.lexists(victim):
+                    try:
+                        os.unlink(victim)
+                    except OSError:
+                        pass
+            self.owned.remove(path)
+            parent = os.path.dirname(path)
+            while parent.startswith(self.scratch) and parent != os.path.dirname(self.scratch):
+                try:
+                    os.rmdir(parent)  # the agent's folders, once empty
+                except OSError:
+                    break
+                parent = os.path.dirname(parent)
+
     def cleanup(self):
         if not self.keep:
             self.remove_owned()
@@ -862,6 +864,131 @@ class Agent:
                 os.rmdir(os.path.dirname(self.scratch))  # the per-user folder, when it is empty
             except OSError:
                 pass
+
+    def leave(self, kept):
+        """The launcher went away after the job ran: remove the owned paths (unless keep) and the rank
+        files; the scratch directory stays, and when ``kept`` (processes ran there) stderr says so."""
+        if self.owned and not self.keep:
+            self.remove_owned()
+        if self.rank_files:
+            import shutil
+            shutil.rmtree(self.rank_files, ignore_errors=True)
+        if self.made_scratch and kept and os.path.isdir(self.scratch):
+            sys.stderr.write("tflaunch agent: launcher gone; kept %s\n" % self.scratch)
+
+
+class Agent:
+    """One host's share of a run: the protocol (setup reply, commands, events) and the main loop; the
+    work is done by what it owns: :class:`Processes`, :class:`Helpers`, :class:`Files`, :class:`Relay`."""
+
+    def __init__(self, spec):
+        self.spec = spec
+        self.token = spec["token"]
+        self.agent_id = "%s:%s" % (self.token, spec.get("agent_id", 0))
+        self.grace = float(spec.get("grace", 10))
+        self.orphan_grace = float(spec.get("orphan_grace", 2))
+        self.orphaned = False
+        self.pending = None  # a command waiting for its n bytes of data
+        scratch = scratch_dir(spec.get("scratch_root"), "%s-%s" % (self.token, spec.get("agent_id", 0)))
+        self.files = Files(self.token, scratch, bool(spec.get("keep")), self.send)
+        self.relay = Relay(self.send)
+        pgids = set()  # every process group this agent started: the job's and the helpers'
+        self.helpers = Helpers(self.token, self.agent_id, pgids, self.relay, self.files, self.send)
+        self.processes = Processes(self.token, self.agent_id, self.grace, bool(spec.get("sweep")), pgids,
+                                   self.relay, self.helpers.base_env, self.send)
+
+    # -- output ---------------------------------------------------------------------------------------
+    def send(self, obj, data=None):
+        if self.orphaned:
+            return
+        if data is not None:
+            obj["n"] = len(data)
+        payload = (json.dumps(obj) + "\n").encode()
+        if data:
+            payload += data
+        try:
+            view = memoryview(payload)
+            while view:
+                view = view[os.write(1, view):]
+        except OSError:
+            self.orphan()
+
+    def orphan(self):
+        if not self.orphaned:
+            self.orphaned = True
+            self.processes.terminate(self.orphan_grace)
+
+    def hello(self):
+        spec = self.spec
+        shared = None
+        probe = spec.get("probe")
+        if probe:
+            try:
+                with open(probe["path"], "r") as fh:
+                    shared = fh.read() == probe["content"]
+            except (OSError, ValueError):
+                shared = False
+        home_shared = None
+        if spec.get("home_probe"):
+            try:
+                with open(spec["home_probe"]["path"], "r") as fh:
+                    home_shared = fh.read() == spec["home_probe"]["content"]
+            except (OSError, ValueError):
+                home_shared = False
+        paths = {}
+        for path in spec.get("paths") or ():
+            paths[path] = "dir" if os.path.isdir(path) else "file" if os.path.exists(path) else None
+        ports = []
+        if spec.get("ports"):  # bound and held until the processes start: no one else gets them
+            directory = lease_dir(os.path.dirname(self.files.scratch))
+            ports = self.processes.hold_ports(int(spec["ports"]), directory)
+        rank = spec.get("rank")
+        rank_error = None
+        if rank:
+            try:
+                self.files.write_rank(rank.get("files"), rank.get("cwd"))
+            except OSError as exc:
+                rank_error = "cannot write the MPI rank wrapper: %s" % exc
+        self.send({"event": "hello", "hostname": os.uname().nodename, "pid": os.getpid(), "shared": shared,
+                   "home_shared": home_shared, "paths": paths, "executable": sys.executable,
+                   "scratch": self.files.scratch, "ports": ports, "python": sys.version.split()[0],
+                   "gpus": find_gpus() if spec.get("gpus") else None, "rank_dir": self.files.rank_files,
+                   "rank_error": rank_error,
+                   **({"report": host_report(spec["report"])} if "report" in spec else {})})
+
+    # -- commands -------------------------------------------------------------------------------------
+    def command(self, cmd, data):
+        name = cmd.get("cmd")
+        try:
+            if name == "start":
+                self.processes.start(cmd["processes"])
+            elif name == "terminate":
+                self.processes.terminate(float(cmd.get("grace", self.grace)), cmd.get("indices"))
+            elif name == "kill":
+                self.processes.kill_now()
+            elif name == "data":
+                self.files.receive(data)
+            elif name == "unpack":
+                self.files.unpack(cmd["dest"], cmd.get("owned"))
+            elif name == "exec":
+                self.helpers.start(cmd)
+            elif name == "collect":
+                self.files.collect(cmd["dir"], cmd["names"])
+            elif name == "cleanup":
+                self.files.cleanup()
+                self.send({"event": "cleaned"})
+            elif name == "rank_cwd":
+                info = dict(cmd.get("info") or {})
+                if self.helpers.setup_env:
+                    info["setup_env"] = self.helpers.setup_env
+                files = {"host.%s.json" % os.uname().nodename: [json.dumps(info), 0o644]} if info else None
+                directory = self.files.write_rank(files, cmd["cwd"])  # (other files: at hello)
+                self.send({"event": "rank_ready", "dir": directory})
+            elif name == "sweep":
+                count = self.processes.stop_mine(float(cmd.get("grace", 1.0)))
+                self.send({"event": "swept", "count": count})
+        except Exception as exc:  # report, never die: the launcher decides what a failure means
+            self.send({"event": "error", "cmd": name, "error": "%s: %s" % (type(exc).__name__, exc)})
 
     def feed(self, buf):
         """Run the complete commands in ``buf``; return what is left (a partial command)."""
@@ -889,33 +1016,30 @@ class Agent:
 
     # -- main loop ------------------------------------------------------------------------------------
     def loop(self):
+        processes, helpers = self.processes, self.helpers
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
         os.set_blocking(wake_w, False)
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
-        signal.signal(signal.SIGTERM, lambda *_: self.terminate(self.grace))
+        signal.signal(signal.SIGTERM, lambda *_: processes.terminate(self.grace))
         for sig in (signal.SIGINT, signal.SIGHUP):  # a handler, not SIG_IGN: exec resets handlers only
             signal.signal(sig, lambda *_: None)
         self.hello()
         if self.spec.get("processes") is not None:
-            self.start(self.spec["processes"])
+            processes.start(self.spec["processes"])
         buf = b""
         while True:
-            if self.aux:
-                self.reap_aux()
-            running = self.reap()
-            if self.started and not running and not self.finished:
-                self.finish()
-            if self.orphaned and not running and not self.aux:
+            if helpers.aux:
+                helpers.reap()
+            running = processes.reap()
+            if processes.started and not running and not processes.finished:
+                processes.finish()
+            if self.orphaned and not running and not helpers.aux:
                 break
-            timeout = 0.5
-            for at in [self.kill_at] + list(self.kill_some.values()):
-                if at is not None:
-                    timeout = max(0.0, min(timeout, at - time.monotonic()))
-            fds = [wake_r] + list(self.pipes) + ([] if self.orphaned else [0])
+            fds = [wake_r] + self.relay.fds() + ([] if self.orphaned else [0])
             try:
-                ready, _, _ = select.select(fds, [], [], timeout)
+                ready, _, _ = select.select(fds, [], [], processes.timeout(0.5))
             except InterruptedError:
                 ready = []
             for fd in ready:
@@ -931,26 +1055,12 @@ class Agent:
                     else:
                         buf = self.feed(buf + data)
                 else:
-                    self.relay(fd)
-            if self.kill_at is not None and time.monotonic() >= self.kill_at:
-                self.mine(signal.SIGKILL)
-                self.kill_at = None
-            if self.kill_some:
-                self.kill_due()
-        if self.pgids and not (self.started or self.sweep):  # helper processes only (setup, builds, copies)
-            stop_run(self.agent_id, self.pgids, min(self.grace, 1.0), self.exclude, AGENT_VAR)
-        if self.started or self.sweep:
-            token, pgids, exclude, var = self.whose()
-            stop_run(token, pgids, min(self.grace, 1.0), exclude, var)
-            if self.owned and not self.keep:
-                self.remove_owned()
-            if self.rank_files:
-                import shutil
-                shutil.rmtree(self.rank_files, ignore_errors=True)
-            if self.made_scratch and (self.procs or self.sweep) and os.path.isdir(self.scratch):
-                sys.stderr.write("tflaunch agent: launcher gone; kept %s\n" % self.scratch)
+                    self.relay.relay(fd)
+            processes.kill_overdue()
+        if processes.stop_left():
+            self.files.leave(kept=bool(processes.procs) or processes.sweep)
         else:
-            self.cleanup()  # nothing ran: a half-finished upload is of no use to anyone
+            self.files.cleanup()  # nothing ran: a half-finished upload is of no use to anyone
 
 
 def scratch_dir(root, name):

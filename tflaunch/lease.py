@@ -96,6 +96,21 @@ class LeaseMixin:
         data = (fsio.json_dumps(lease) + "\n").encode("ascii")
         self._retry_when_full(lambda: fsio.atomic_write_bytes(self.path("lease.json"), data, fsync=False))
 
+    def drop_lease(self) -> None:
+        """The run has its final status: no one holds it any more."""
+        try:
+            os.unlink(self.path("lease.json"))
+        except OSError:
+            pass
+
+    def end_unstarted(self, status: str, **fields: Any) -> dict[str, Any]:
+        """End a run that never started (its submission or environment failed, it was interrupted):
+        the reserve freed, the final ``status`` with ``fields``, the lease dropped."""
+        self.release_reserve()
+        final = self.write_status(status, ended=now_iso(), **fields)
+        self.drop_lease()
+        return final
+
     def lease_slurm_job(self, job_id: str) -> None:
         """A submitted run is held by its Slurm job until tflaunch starts inside it."""
         data = (fsio.json_dumps({"slurm_job_id": str(job_id), "submitted_by": local_identity()["host"]}) + "\n")

@@ -37,7 +37,7 @@ class RunContext:
     run_dir: str
     work_dir: str
     home: str
-    pythonpath: str | None = None  # tflaunch for the script's imports (see tflaunch.pylib)
+    pythonpath: str | None = None  # tflaunch for the script's imports (see tflaunch.pythonpath)
 
 
 @dataclass

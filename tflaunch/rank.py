@@ -96,7 +96,8 @@ def _escape(data):
     return data.replace(ESC, ESC + b"D").replace(MARK, ESC + b"E")
 
 
-def _unescape(data):
+def unescape(data):
+    """A frame's data as the program wrote it (see :func:`_escape`)."""
     return data.replace(ESC + b"E", MARK).replace(ESC + b"D", ESC) if ESC in data else data
 
 
@@ -410,54 +411,6 @@ def main(argv):
     code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
     _write(2, control(rank, b"x", str(code)))
     return code if code >= 0 else 128 - code
-
-
-class Demux:
-    """The launcher's side: splits mpirun's output (fd 1 and 2) into per-rank streams.
-
-    ``write(rank, fd, data)`` receives a rank's output, ``other(fd, data)`` what mpirun itself wrote,
-    ``event(rank, kind, text)`` the ``s``/``x`` reports.
-    """
-
-    def __init__(self, write, other, event):
-        self.write = write
-        self.other = other
-        self.event = event
-        self.pending = {1: b"", 2: b""}
-
-    def feed(self, fd, data):
-        buf = self.pending[fd] + data
-        lines = buf.split(b"\n")
-        self.pending[fd] = lines.pop()
-        for line in lines:
-            self._line(fd, line)
-
-    def close(self):
-        for fd, rest in self.pending.items():
-            if rest:
-                self._line(fd, rest)
-            self.pending[fd] = b""
-
-    def _line(self, fd, line):
-        cut = line.find(MARK, 1)
-        if cut > 0:  # a frame cut by a reader upstream, then another rank's frame: keep that one whole
-            self.other(fd, line[:cut] + b"\n")
-            self._line(fd, line[cut:])
-            return
-        if line.startswith(MARK):
-            head, sep, body = line[1:].partition(SEP)
-            if sep and head.isdigit() and body:
-                rank, kind, payload = int(head), body[:1], body[1:]
-                if kind == b"l":
-                    self.write(rank, fd, _unescape(payload) + b"\n")
-                    return
-                if kind == b"p":
-                    self.write(rank, fd, _unescape(payload))
-                    return
-                if kind in (b"s", b"x"):
-                    self.event(rank, kind.decode(), payload.decode("utf-8", "replace"))
-                    return
-        self.other(fd, line + b"\n")
 
 
 if __name__ == "__main__":

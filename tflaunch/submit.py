@@ -11,20 +11,21 @@ import logging
 import os
 import socket
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from . import __version__, fsio, gitinfo, snapshot
 from .errors import SnapshotError, SpecError
 from .gpus import host_gpus
 from .hosts import Host, is_local
 from .launch.ssh import SshOptions, resolve_addresses
-from .plan import RunContext, plan, ports_needed
+from .distributions import distribution
+from .plan import ProcessPlan, RunContext, plan, ports_needed
 from .probe import check_framework, resolve_python
 from .spec import Estimator, JobSpec
-from .store import CANCELED, FAILED, QUEUED, TERMINAL, RunRecord, Store, now_iso, validate_experiment_name
-from .supervise import DEFAULT_GRACE, in_job_command
+from .store import CANCELED, FAILED, TERMINAL, RunRecord, Store, now_iso, validate_experiment_name
+from .schedule import submission
+from .supervise import DEFAULT_GRACE
 from .target import target_hosts
-from .tfconfig import TF_BACKENDS, backend
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
@@ -57,6 +58,17 @@ class Prepared:
     options: SubmitOptions
     gpus: dict[str, list[str]] | None = None  # GPUs known before launch (see known_gpus)
     definition_extra: dict[str, Any] = field(default_factory=dict)  # more fields for run.json (a sweep's)
+    run_id: str = ""  # the run's id, chosen before it is recorded (the plan and the dry run show it)
+    processes: list[ProcessPlan] = field(default_factory=list)  # the plan, with what is known before launch
+
+
+def run_context(store: Store, options: SubmitOptions, run_id: str) -> RunContext:
+    """The run's context as its supervisor will have it: its record's and working directory's paths (not the
+    copy of tflaunch for the script's imports, made only when the run starts)."""
+    run_dir = os.path.join(store.runs_dir, run_id)
+    work_dir = os.path.join(options.scratch, run_id) if options.scratch else os.path.join(run_dir, "work")
+    return RunContext(run_id=run_id, experiment=options.experiment, run_dir=run_dir, work_dir=work_dir,
+                      home=store.home)
 
 
 def _platform() -> str:
@@ -65,7 +77,9 @@ def _platform() -> str:
 
 
 def prepare(estimator: Estimator, options: SubmitOptions) -> Prepared:
-    """Validate everything about the job without writing anything."""
+    """Validate everything about the job without writing anything: the spec is resolved (its interpreter,
+    snapshot root, MPI, scheduler variables, environment request: a new spec each time, the estimator's is
+    not changed) and planned once, with the run's own id and paths."""
     if not isinstance(estimator, Estimator):
         raise SpecError(f"submit() needs an Estimator or TensorFlow object, got {type(estimator).__name__}")
     validate_experiment_name(options.experiment)
@@ -76,35 +90,43 @@ def prepare(estimator: Estimator, options: SubmitOptions) -> Prepared:
             raise SpecError(f"tags: keys and values must be strings, got {key!r}: {value!r}")
     store = Store(options.home)
     spec = estimator.job_spec()
-    spec.python = resolve_python(spec.python)
+    spec = replace(spec, python=resolve_python(spec.python))
     scan = snapshot.scan(spec.source_directory, spec.entry_script, home=store.home,
                          limits=options.limits or snapshot.SnapshotLimits.from_env())
-    spec.source_directory, spec.entry_script = scan.root, scan.entry_script
+    spec = replace(spec, source_directory=scan.root, entry_script=scan.entry_script)
     if options.scratch is not None:
         options.scratch = os.path.abspath(options.scratch)
         if not os.path.isdir(options.scratch):
             raise SpecError(f"scratch (--scratch): {options.scratch} is not a directory")
-    if (spec.compute_target or {}).get("kind") == "slurm":
-        check_slurm(spec)
+    submitter = submission(spec.compute_target)
+    if submitter is not None:  # what the scheduler gives the processes (a checkpoint signal's name)
+        spec = replace(spec, environment_variables={**submitter.check(spec), **spec.environment_variables})
     hosts = target_hosts(spec.compute_target)[:spec.node_count]
     gpus = known_gpus(spec, hosts)
-    if backend(spec) == "mpi":
-        check_mpi(spec)
+    if distribution(spec.distributed).launcher == "mpirun":
+        spec = replace(spec, distributed={**spec.distributed, **find_mpi(spec)})
+    run_id = Store.new_run_id()
+    processes = plan(spec, run_context(store, options, run_id), hosts, gpus=gpus)  # too few GPUs: SpecError
+    if distribution(spec.distributed).launcher == "mpirun":
+        from .launch.mpi import launch_for  # the flavour can express the job
+        launch_for(spec, processes, run_id, remote=not all(is_local(h.name) for h in hosts))
     check_inputs(spec, hosts)
-    request_environment(spec, store.home, options.workspace_config)
+    spec = replace(spec, environment=environment_request(spec, store.home, options.workspace_config))
     environment = None if _env_has_tensorflow(spec.environment) else check_framework(spec, scan.root)
-    return Prepared(store, spec, scan, environment, options, gpus)
+    return Prepared(store, spec, scan, environment, options, gpus, run_id=run_id, processes=processes)
 
 
-def request_environment(spec: JobSpec, home: str, workspace_config: dict[str, Any] | None = None) -> None:
-    """``spec.environment``: the environment the job needs built (:mod:`tflaunch.envs`), from its packages,
-    its framework version and the index options (the job's, over the workspace's and the home's config)."""
+def environment_request(spec: JobSpec, home: str, workspace_config: dict[str, Any] | None = None,
+                        ) -> dict[str, Any] | None:
+    """What ``spec.environment`` records: the environment the job needs built (:mod:`tflaunch.envs`), from
+    its packages, its framework version and the index options (the job's, over the workspace's and the
+    home's config); None when it needs none."""
     packages = spec.packages or {}
     version = (spec.framework or {}).get("version")
     if version is not None and "." not in version:
         version = None  # '2': any 2.x the interpreter has (check_framework); an environment needs a series
     if not (packages.get("pip") or packages.get("conda") or packages.get("requirements_file") or version):
-        return
+        return spec.environment
     from . import config, envs
 
     index = envs.IndexOptions.layered(config.index_defaults(home, workspace_config), packages.get("index"))
@@ -112,9 +134,9 @@ def request_environment(spec: JobSpec, home: str, workspace_config: dict[str, An
     request = envs.request_environment(
         spec.python, pip_packages=packages.get("pip") or (), requirements_file=packages.get("requirements_file"),
         conda_packages=packages.get("conda") or (), framework_version=version, use_gpu=spec.use_gpu, index=index,
-        inherit=packages.get("inherit", True), mpi=dist.get("mpi") if backend(spec) == "mpi" else None,
+        inherit=packages.get("inherit", True), mpi=dist.get("mpi") if distribution(dist).launcher == "mpirun" else None,
         env=spec.environment_variables, home=home)
-    spec.environment = {**request.to_dict(), "key": request.key} if request is not None else None
+    return {**request.to_dict(), "key": request.key} if request is not None else None
 
 
 def _env_has_tensorflow(environment: dict[str, Any] | None) -> bool:
@@ -158,7 +180,8 @@ def create_run(prepared: Prepared) -> RunRecord:
         "git": git,
         **prepared.definition_extra,
     }
-    record = prepared.store.create_run(options.experiment, definition, tags=options.tags)
+    record = prepared.store.create_run(options.experiment, definition, run_id=prepared.run_id or None,
+                                       tags=options.tags)
     if patch is not None:
         try:
             fsio.atomic_write_bytes(record.path(gitinfo.PATCH_NAME), patch)
@@ -203,73 +226,18 @@ def create_child_run(parent: RunRecord, spec: JobSpec, run_id: str, extra: dict[
     return record
 
 
-def check_slurm(spec: JobSpec) -> None:
-    """A job to submit with sbatch: what Slurm must be asked for is known; sbatch is here."""
-    from .slurm import CHECKPOINT_SIGNAL_VAR, SlurmOptions, require, signal_name
-
-    options = SlurmOptions.from_dict(spec.compute_target["slurm"])
-    if spec.use_gpu and not spec.gpus_per_node:
-        raise SpecError("--gpu with --slurm: give --gpus-per-node N, the GPUs to ask Slurm for on each node")
-    require("sbatch")
-    if options.signal:
-        spec.environment_variables.setdefault(CHECKPOINT_SIGNAL_VAR, signal_name(options.signal) or "")
-
-
-def batch_script(spec: JobSpec, run_id: str, experiment: str, record_dir: str, home: str, **array: Any) -> str:
-    """The batch script of a run submitted with ``--slurm`` (see :func:`tflaunch.slurm.batch_script`;
-    ``array``: a sweep's job array, its ``array``, ``prelude`` and ``command_tail``)."""
-    from .slurm import SlurmOptions
-    from .slurm import batch_script as render
-
-    target = spec.compute_target or {}
-    ps = backend(spec) == "ps"
-    command = in_job_command(home, run_id)
-    return render(run_id=run_id, experiment=experiment, record_dir=record_dir,
-                  options=SlurmOptions.from_dict(target.get("slurm")), nodes=spec.node_count,
-                  ntasks_per_node=None if ps else spec.process_count_per_node,
-                  ntasks=spec.world_size if ps else None,
-                  gpus_per_node=spec.gpus_per_node if spec.use_gpu else None,
-                  command=command[:-1] if array else command, **array)
-
-
 def submit_slurm(prepared: Prepared) -> RunRecord:
-    """Record the run, write its batch script into the record and ``sbatch`` it: the run is Queued,
-    leased by its Slurm job. A refused submission ends the run Failed with sbatch's message (and
-    raises SlurmError)."""
+    """Record the run and submit it to its scheduler (:mod:`tflaunch.schedule`: sbatch): the run is Queued,
+    leased by its job. A refused submission ends the run Failed with the scheduler's message (and raises)."""
     return sbatch_run(create_run(prepared), prepared.spec, prepared.options.experiment)
 
 
 def sbatch_run(record: RunRecord, spec: JobSpec, experiment: str) -> RunRecord:
-    """``sbatch`` a recorded run (see :func:`submit_slurm`)."""
-    from . import fsio
-    from .slurm import OUTPUT, SCRIPT, SlurmError, submit
-
+    """Submit a recorded run (see :func:`submit_slurm`): its environment is built here first (the login node
+    may reach an index the nodes cannot)."""
     if spec.environment:
-        build_environment_here(record, spec)  # the login node may reach an index the nodes cannot
-    script = batch_script(spec, record.id, experiment, record.dir, record.store.home)
-    path = record.path(SCRIPT)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fsio.atomic_write_bytes(path, script.encode("utf-8"))
-    os.chmod(path, 0o755)
-    try:
-        job = submit(path)
-    except (SlurmError, KeyboardInterrupt) as exc:
-        record.release_reserve()
-        if isinstance(exc, KeyboardInterrupt):
-            record.write_status(CANCELED, ended=now_iso(), cancel_reason="interrupted while submitting to Slurm")
-        else:
-            record.write_status(FAILED, ended=now_iso(), error={"reason": "slurm_rejected", "message": str(exc)})
-        try:
-            os.unlink(record.path("lease.json"))
-        except OSError:
-            pass
-        raise
-    record.lease_slurm_job(job)
-    record.event("slurm_submitted", job_id=job, script=SCRIPT)
-    # tflaunch inside the job waits for Queued before it starts: this never overwrites its Running
-    record.write_status(QUEUED, slurm={"job_id": job, "submitted": True, "script": SCRIPT,
-                                       "output": OUTPUT.replace("%j", job)})
-    return record
+        build_environment_here(record, spec)
+    return submission(spec.compute_target).submit(record, spec, experiment)
 
 
 def build_environment_here(record: RunRecord, spec: JobSpec) -> None:
@@ -284,23 +252,18 @@ def build_environment_here(record: RunRecord, spec: JobSpec) -> None:
         with open(record.path(ENV_LOG), "ab") as fh:
             result = envs.ensure_environment(envs.EnvRequest.from_dict(spec.environment),
                                              envs.home_envs_root(record.store.home), log=fh)
-    except (TflaunchError, KeyboardInterrupt) as exc:
-        record.release_reserve()
-        if isinstance(exc, KeyboardInterrupt):
-            record.write_status(CANCELED, ended=now_iso(), cancel_reason="interrupted while building the environment")
-        else:
-            record.write_status(FAILED, ended=now_iso(), error={"reason": "environment", "message": str(exc)})
-        try:
-            os.unlink(record.path("lease.json"))
-        except OSError:
-            pass
+    except KeyboardInterrupt:
+        record.end_unstarted(CANCELED, cancel_reason="interrupted while building the environment")
+        raise
+    except TflaunchError as exc:
+        record.end_unstarted(FAILED, error={"reason": "environment", "message": str(exc)})
         raise
     record.event("environment", key=result.key, built=result.built, seconds=round(result.seconds, 3))
 
 
 def start(prepared: Prepared) -> RunRecord:
     """Record the run and start it in the background (a local supervisor, or a Slurm job)."""
-    if (prepared.spec.compute_target or {}).get("kind") == "slurm":
+    if submission(prepared.spec.compute_target) is not None:
         return submit_slurm(prepared)
     from .supervise import spawn_detached
 
@@ -321,12 +284,9 @@ def cancel_run(record: RunRecord, reason: str) -> dict[str, Any]:
     if status.get("status") in TERMINAL:
         return status
     record.request_cancel(reason)
-    info = status.get("slurm") or {}
-    job = (record.lease() or {}).get("slurm_job_id") or info.get("job_id")
-    if info.get("submitted") and job:
-        from .slurm import cancel
-        cancel(str(job))
-        record.event("slurm_canceled", job_id=str(job))
+    submitter = submission((record.definition().get("spec") or {}).get("compute_target"))
+    if submitter is not None:  # submitted to a scheduler: cancel the job there too
+        submitter.cancel(record, status)
     return status
 
 
@@ -358,46 +318,35 @@ def known_gpus(spec: JobSpec, hosts: list[Host]) -> dict[str, list[str]] | None:
         return None
     from .agent import find_gpus
 
-    gpus = {h.name: host_gpus(h.name, find_gpus() if is_local(h.name) else {}, spec.gpus_per_node)
+    return {h.name: host_gpus(h.name, find_gpus() if is_local(h.name) else {}, spec.gpus_per_node)
             for h in hosts if is_local(h.name) or spec.gpus_per_node}
-    ctx = RunContext(run_id="check", experiment="check", run_dir="/", work_dir="/", home="/")
-    plan(spec, ctx, hosts, gpus=gpus)  # too few GPUs for the processes of a host: SpecError
-    return gpus
 
 
-def check_mpi(spec: JobSpec) -> None:
-    """Find and identify the job's mpirun (recorded in ``spec.distributed["mpi"]``) and check that its
-    flavour can express the job; SpecError otherwise."""
-    from .mpijob import launch_for
+def find_mpi(spec: JobSpec) -> dict[str, Any]:
+    """The job's mpirun, found and identified: what ``spec.distributed`` records of it (``mpi``, and
+    ``srun_mpi`` for ``--mpi-launcher srun``); SpecError when there is none or it cannot be used so."""
     from .mpirun import SRUN_MPI, detect, find_mpirun
 
     dist = spec.distributed
     install = detect(find_mpirun(dist.get("mpirun"), spec.python))
-    dist["mpi"] = install.to_dict()
+    found: dict[str, Any] = {"mpi": install.to_dict()}
     if dist.get("launcher") == "srun":
         if (spec.compute_target or {}).get("source") != "SLURM_JOB_NODELIST":
             raise SpecError("--mpi-launcher srun: only inside a Slurm allocation (salloc/sbatch: SLURM_JOB_NODELIST "
                             "is not set)")
-        dist["srun_mpi"] = dist.get("srun_mpi") or SRUN_MPI[install.flavour]
-    ctx = RunContext(run_id="check", experiment="check", run_dir="/", work_dir="/", home="/")
-    hosts = target_hosts(spec.compute_target)[:spec.node_count]
-    launch_for(spec, plan(spec, ctx, hosts), "check", remote=not all(is_local(h.name) for h in hosts))
+        found["srun_mpi"] = dist.get("srun_mpi") or SRUN_MPI[install.flavour]
+    return found
 
 
 def dry_run(prepared: Prepared) -> dict[str, Any]:
     """What ``create_run`` + launch would do, as a JSON-able dict (nothing is written)."""
-    store, spec = prepared.store, prepared.spec
-    run_id = Store.new_run_id()
-    run_dir = os.path.join(store.runs_dir, run_id)
-    scratch = prepared.options.scratch
-    work_dir = os.path.join(scratch, run_id) if scratch else os.path.join(run_dir, "work")
-    ctx = RunContext(run_id=run_id, experiment=prepared.options.experiment, run_dir=run_dir,
-                     work_dir=work_dir, home=store.home)
+    store, spec, run_id = prepared.store, prepared.spec, prepared.run_id
+    ctx = run_context(store, prepared.options, run_id)
     hosts = target_hosts(spec.compute_target)[:spec.node_count]
     ports = ports_needed(spec, hosts)
     remote = [h.name for h in hosts if not is_local(h.name)]
     addresses = {}
-    if remote and (ports or backend(spec) in TF_BACKENDS):
+    if remote and (ports or distribution(spec.distributed).tf_config):
         addresses = resolve_addresses(remote, SshOptions.from_dict((spec.compute_target or {}).get("ssh")))
         addresses.update({h.name: socket.gethostname() for h in hosts if is_local(h.name)})
     environment = None
@@ -412,15 +361,17 @@ def dry_run(prepared: Prepared) -> dict[str, Any]:
                        "request": spec.environment}
         if built is not None:
             pythons = {h.name: built.python for h in hosts}
-    processes = plan(spec, ctx, hosts, addresses=addresses, gpus=prepared.gpus, pythons=pythons)
+    processes = prepared.processes
+    if addresses or pythons:  # known now, as the hosts will tell: the plan with them
+        processes = plan(spec, ctx, hosts, addresses=addresses, gpus=prepared.gpus, pythons=pythons)
     launcher = None
-    slurm_plan = None
-    if (spec.compute_target or {}).get("kind") == "slurm":
-        script = batch_script(spec, run_id, prepared.options.experiment, run_dir, store.home)
-        slurm_plan = {"script": script, "sbatch": ["sbatch", "--parsable", os.path.join(run_dir, "slurm", "job.sbatch")],
-                      "note": "hosts are placeholders until Slurm allocates the nodes"}
-    if backend(spec) == "mpi":
-        from .mpijob import launch_for
+    scheduled: dict[str, Any] = {"slurm": None}
+    submitter = submission(spec.compute_target)
+    if submitter is not None:
+        scheduled[submitter.NAME] = submitter.describe(spec, run_id, prepared.options.experiment, ctx.run_dir,
+                                                       store.home)
+    if distribution(spec.distributed).launcher == "mpirun":
+        from .launch.mpi import launch_for
         launcher = launch_for(spec, processes, run_id, remote=bool(remote)).to_dict()
         launcher["mpi"] = spec.distributed["mpi"]
     return {
@@ -439,7 +390,7 @@ def dry_run(prepared: Prepared) -> dict[str, Any]:
         "addresses": addresses,
         "processes": [p.to_dict() for p in processes],
         "launcher": launcher,
-        "slurm": slurm_plan,
+        **scheduled,
         "environment": environment,
         "setup_commands": list(spec.setup_commands),
         "inputs": list(spec.inputs),

@@ -5,7 +5,9 @@
 with the OpenSSH client; :class:`SlurmTarget` is an allocation still to be asked for with ``sbatch``.
 :func:`resolve_target` turns any of them into the recorded form (``JobSpec.compute_target``): the
 hosts the job uses, how to reach them (:func:`allocation_target` fills in a submitted job's hosts
-once it runs).
+once it runs). Any object with a ``recorded(node_count, procs_per_node, world)`` method is a compute
+target (a scheduler's target class need not be listed here); the recorded ``kind`` of one that is
+submitted names its scheduler (:mod:`tflaunch.schedule`).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
     from typing import Any
 
-__all__ = ["SSHTarget", "SlurmTarget", "resolve_target", "allocation_target", "LAUNCHERS"]
+__all__ = ["SSHTarget", "SlurmTarget", "is_target", "resolve_target", "allocation_target", "LAUNCHERS"]
 
 LAUNCHERS = ("srun", "ssh")  # how processes start inside a Slurm allocation (default srun)
 
@@ -89,6 +91,19 @@ class SSHTarget:
     def __repr__(self) -> str:
         return f"SSHTarget(hosts={[f'{h.name}:{h.slots}' for h in self.hosts]!r})"
 
+    def recorded(self, node_count: int, procs_per_node: int, world: int = 0) -> dict[str, Any]:
+        """The recorded form: the ``node_count`` hosts the job uses and how to reach them."""
+        hosts = select_hosts(self.hosts, node_count, procs_per_node, oversubscribe=self.oversubscribe,
+                             source=self.source)
+        return {"kind": "ssh", "source": self.source, "hosts": [[h.name, h.slots] for h in hosts],
+                "ssh": self.ssh.to_dict(), "keep_remote": self.keep_remote, "remote_scratch": self.remote_scratch,
+                "oversubscribe": self.oversubscribe, "launcher": self.launcher}
+
+
+def is_target(target: Any) -> bool:
+    """Whether ``target`` is a compute target object (it has ``recorded()``: SSHTarget, SlurmTarget, ...)."""
+    return not isinstance(target, str) and callable(getattr(target, "recorded", None))
+
 
 def resolve_target(target: Any, node_count: int, procs_per_node: int,
                    env: Mapping[str, str] | None = None, *, world: int = 0) -> dict[str, Any]:
@@ -97,18 +112,8 @@ def resolve_target(target: Any, node_count: int, procs_per_node: int,
     ``None``/``"local"``: the Slurm or PBS allocation tflaunch runs in, else this machine (which
     takes any number of processes: ``world``, the job's process count, becomes its slot count).
     """
-    if isinstance(target, SSHTarget):
-        hosts = select_hosts(target.hosts, node_count, procs_per_node, oversubscribe=target.oversubscribe,
-                             source=target.source)
-        return {"kind": "ssh", "source": target.source, "hosts": [[h.name, h.slots] for h in hosts],
-                "ssh": target.ssh.to_dict(), "keep_remote": target.keep_remote,
-                "remote_scratch": target.remote_scratch, "oversubscribe": target.oversubscribe,
-                "launcher": target.launcher}
-    if isinstance(target, SlurmTarget):
-        slots = max(procs_per_node, -(-world // node_count))
-        return {"kind": "slurm", "source": "sbatch", "hosts": [[f"(slurm node {i + 1})", slots] for i in range(node_count)],
-                "ssh": SshOptions().to_dict(), "keep_remote": False, "remote_scratch": None, "oversubscribe": False,
-                "launcher": target.options.launcher, "slurm": target.options.to_dict()}
+    if is_target(target):
+        return target.recorded(node_count, procs_per_node, world)
     if target is not None and not (isinstance(target, str) and target.lower() == "local"):
         raise SpecError(f"compute_target (--compute-target): {target!r} is not supported; "
                         "give 'local', an SSHTarget(hosts=[...]) or a SlurmTarget(...)")
@@ -138,6 +143,13 @@ class SlurmTarget:
 
     def __repr__(self) -> str:
         return f"SlurmTarget({self.options.to_dict()!r})"
+
+    def recorded(self, node_count: int, procs_per_node: int, world: int = 0) -> dict[str, Any]:
+        """The recorded form: placeholders for the nodes Slurm will allocate (``kind: slurm``: submitted)."""
+        slots = max(procs_per_node, -(-world // node_count))
+        return {"kind": "slurm", "source": "sbatch", "hosts": [[f"(slurm node {i + 1})", slots] for i in range(node_count)],
+                "ssh": SshOptions().to_dict(), "keep_remote": False, "remote_scratch": None, "oversubscribe": False,
+                "launcher": self.options.launcher, "slurm": self.options.to_dict()}
 
 
 def allocation_target(target: Mapping[str, Any], node_count: int, procs_per_node: int,

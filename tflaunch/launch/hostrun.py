@@ -1,6 +1,6 @@
 """One host of a run as its launcher sees it: the agent connection and what the host reported
 (:class:`HostRun`), and the failure that ends a run before its processes start (:class:`LaunchFailure`).
-Shared by the supervisor and its launch helpers (:mod:`tflaunch.hostprep`, :mod:`tflaunch.mpijob`)."""
+Shared by the supervisor and its launch helpers (:mod:`tflaunch.hostprep`, the launchers)."""
 from __future__ import annotations
 
 TYPE_CHECKING = False

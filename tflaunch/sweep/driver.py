@@ -357,10 +357,7 @@ class SweepDriver(TrialStarting, TrialFollowing):
         self._say(f"sweep {self.record.id} {status}" + (f": best trial {best['index']} ({best['run_id']}), "
                                                          f"{self.metric} {best['value']:.6g}" if best else ""))
         final = self.record.write_status(status, **fields)
-        try:
-            os.unlink(self.record.path("lease.json"))
-        except OSError:
-            pass
+        self.record.drop_lease()
         return final
 
 

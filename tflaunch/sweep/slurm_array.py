@@ -15,7 +15,7 @@ import os
 import shlex
 
 from .. import fsio
-from ..store import FAILED, QUEUED, now_iso
+from ..store import FAILED, QUEUED
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
@@ -40,7 +40,7 @@ def submit_array(parent: RunRecord, children: Sequence[RunRecord], spec: JobSpec
     """``sbatch`` the recorded trial runs ``children`` as one array; each is Queued, leased by its task.
     A refused submission ends them Failed with sbatch's message and raises SlurmError."""
     from ..slurm import SCRIPT, SlurmError, submit
-    from ..submit import batch_script
+    from ..schedule.slurm import batch_script
 
     listing = parent.path(LIST)
     os.makedirs(os.path.dirname(listing), exist_ok=True)
@@ -59,12 +59,7 @@ def submit_array(parent: RunRecord, children: Sequence[RunRecord], spec: JobSpec
         job = submit(path)
     except (SlurmError, KeyboardInterrupt) as exc:
         for child in children:
-            child.release_reserve()
-            child.write_status(FAILED, ended=now_iso(), error={"reason": "slurm_rejected", "message": str(exc)})
-            try:
-                os.unlink(child.path("lease.json"))
-            except OSError:
-                pass
+            child.end_unstarted(FAILED, error={"reason": "slurm_rejected", "message": str(exc)})
         raise
     parent.event("slurm_array_submitted", job_id=job, tasks=count, script=SCRIPT)
     script_from_child = os.path.join("..", parent.id, SCRIPT)

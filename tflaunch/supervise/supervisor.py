@@ -1,0 +1,299 @@
+"""The supervisor: one run from Preparing to its final status, in this process.
+
+It holds the run's lease (heartbeat), materializes the working copy, has the run's launcher
+(:mod:`tflaunch.launch.launcher`) start the processes, serves the agents' events (output to the
+record's logs and, when attached, the console), watches for signals and ``runs cancel`` requests, and
+leaves what each exit means to the outcome policy (:mod:`tflaunch.supervise.policy`) and what
+allocates the hosts to the scheduler (:mod:`tflaunch.schedule`). At the end it has the launcher clean up,
+brings remote ``./outputs`` and ``./logs`` home and writes the final status
+(:mod:`tflaunch.supervise.finalize`). It never tests which distribution, launcher or scheduler a run has.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import sys
+import time
+
+from .. import fsio
+from ..collect import COLLECTED
+from ..errors import SpecError
+from ..hostprep import HostPrep, PrepFailure
+from ..launch.hostrun import LaunchFailure
+from ..launch.launcher import launcher_for
+from ..launch.local import discard_agent
+from ..launch.session import Session
+from ..launch.transfer import collect_remote
+from ..plan import plan
+from ..schedule import scheduler_for
+from ..snapshot import MANIFEST, materialize
+from ..spec import JobSpec
+from ..store import LOG_DIR, RUNNING, TERMINAL, now_iso
+from .finalize import finalize, stderr_tail
+from .policy import FailFast
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
+    from typing import Any, TextIO
+
+    from ..launch import AgentConnection
+    from ..launch.hostrun import HostRun
+    from ..store import RunRecord
+
+__all__ = ["Supervisor", "DEFAULT_GRACE"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GRACE = 10.0
+CANCEL_POLL = 0.5
+STREAM_POLL = 0.1
+
+
+class Supervisor:
+    """Runs one prepared run record to completion in this process."""
+
+    def __init__(self, record: RunRecord, *, stream: bool = False, stdout: TextIO | None = None,
+                 stderr: TextIO | None = None, on_lease: Any = None,
+                 agents: dict[str, AgentConnection] | None = None) -> None:
+        self.record = record
+        definition = record.definition()
+        spec = JobSpec.from_dict(definition["spec"])
+        self.scheduler = scheduler_for(record, spec.compute_target)
+        spec.compute_target = self.scheduler.allocation(spec)
+        scratch = definition.get("scratch")
+        self.session = session = Session(
+            record, spec, self.scheduler, grace=float(definition.get("grace", DEFAULT_GRACE)),
+            work_dir=os.path.join(scratch, record.id) if scratch else record.work_dir, stream=stream,
+            stdout=stdout or sys.stdout, stderr=stderr or sys.stderr)
+        self.spec = spec
+        self.on_lease = on_lease
+        self._prestarted = dict(agents or {})  # started early by the caller (see prestart_agents)
+        self.policy = session.policy = FailFast(session)
+        session.serve = self._serve
+        session.prep = self.prep = HostPrep(session)  # setup lines, the job's environment, preflight, data inputs
+        self.launcher = self.policy.launcher = launcher_for(session)
+        self.running = False  # a process has started (status Running)
+        self.prep_tail = ""  # output of the preparation step that failed
+        self._signals: list[int] = []
+        self._interrupts = 0
+        self._next_cancel_poll = 0.0
+
+    # -- signals -------------------------------------------------------------------------------------
+    def _install_signals(self) -> tuple[Any, ...]:
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        old_fd = signal.set_wakeup_fd(self._wake_w)
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        return old_fd, old
+
+    def _restore_signals(self, saved: tuple[Any, ...]) -> None:
+        old_fd, old = saved
+        signal.set_wakeup_fd(old_fd)
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self._signals.append(signum)
+
+    def _handle_signals(self) -> None:
+        policy = self.policy
+        while self._signals:
+            signum = self._signals.pop(0)
+            if signum == signal.SIGINT:
+                self._interrupts += 1
+                if self._interrupts > 1:
+                    policy.kill_now()
+                    continue
+                policy.cancel("interrupted (Ctrl-C)")
+                log.info("press Ctrl-C again to kill the run's processes now")
+            else:
+                request = self.record.cancel_requested()  # `runs cancel` writes a request, then signals
+                if request:
+                    policy.cancel(str(request.get("reason")))
+                    continue
+                ended = self.scheduler.ending(wait=1.0) if signum == signal.SIGTERM else None
+                if ended is not None:
+                    policy.stop(*ended)
+                else:
+                    policy.cancel(f"launcher received {signal.Signals(signum).name}")
+
+    def _check_cancel(self) -> None:
+        request = self.record.cancel_requested()
+        if request is not None:
+            self.policy.cancel(str(request.get("reason") or "cancel requested"))
+
+    # -- main ----------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Supervise the run and return its final run object."""
+        session, policy = self.session, self.policy
+        saved = self._install_signals()
+        try:
+            self.record.write_lease(**self.scheduler.lease_fields())
+            fields = self.scheduler.status_fields([h.name for h in session.hosts])
+            if fields:
+                self.record.write_status(**fields)
+            if self.on_lease is not None:
+                self.on_lease()
+            try:
+                self._prepare_and_launch()
+                if session.started:
+                    self._loop()
+                self.launcher.finish()
+                collect_remote(session)
+            except LaunchFailure as exc:
+                policy.stop("launch_failed", str(exc))
+            except PrepFailure as exc:
+                self.prep_tail = exc.tail
+                policy.stop(exc.reason, str(exc))
+            except BaseException as exc:  # never leave a run Running or processes behind
+                log.exception("run %s: launcher error", self.record.id)
+                policy.stop("internal", f"tflaunch internal error: {exc!r}")
+                session.abandon_agents()
+                if not isinstance(exc, Exception):
+                    raise
+            finally:
+                for run in session.runs:
+                    run.conn.close()
+            if policy.stop_reason == "external":
+                return self.record.read_status(check_lease=False) or {}
+            outcome = policy.outcome(lambda index: stderr_tail(session, self.launcher, index), self.prep_tail)
+            return finalize(session, outcome)
+        finally:
+            for conn in self._prestarted.values():  # never used: canceled before launch
+                if conn.popen.stdin is not None and not conn.popen.stdin.closed:
+                    discard_agent(conn.popen)
+            for f in session.followers:
+                f.close()
+            session.close()
+            self.launcher.close()
+            self.prep.close()
+            self._restore_signals(saved)
+
+    def _prepare_and_launch(self) -> None:
+        record, session = self.record, self.session
+        if self.scheduler.error:
+            raise LaunchFailure(self.scheduler.error)
+        self.launcher.begin()
+        self._check_cancel()
+        manifest = fsio.read_json(record.path(MANIFEST))
+        materialize(manifest, record.store.home, session.work_dir)
+        for name in COLLECTED:
+            os.makedirs(os.path.join(session.work_dir, name), exist_ok=True)
+        self.prep.record_inputs()
+        self._handle_signals()
+        self._check_cancel()
+        if self.policy.stop_reason:
+            return
+        home_env = self.prep.reuse_home_environment()  # built already: no host needs to be asked
+        try:
+            preview = plan(self.spec, session.context(), session.hosts,
+                           pythons={h.name: home_env.python for h in session.hosts} if home_env else None)
+        except SpecError as exc:
+            raise LaunchFailure(str(exc)) from None
+        prefix = len(preview) > 1
+        for p in preview:
+            session.follow(p.stdout, p.label if prefix else "", stderr=False)
+            session.follow(p.stderr, p.label if prefix else "")
+        self.launcher.follow()
+        with open(record.path(LOG_DIR, "launcher.log"), "ab") as agent_log:
+            self.launcher.connect(agent_log, self._prestarted)
+        self.launcher.start(preview)
+
+    # -- events --------------------------------------------------------------------------------------
+    def _serve(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for events or signals and handle them (and `runs cancel` requests)."""
+        session = self.session
+        fds = [self._wake_r] + [run.conn.fileno() for run in session.runs if not run.conn.eof]
+        try:
+            ready = select.select(fds, [], [], max(0.0, timeout))[0]
+        except InterruptedError:
+            ready = []
+        if self._wake_r in ready:
+            try:
+                os.read(self._wake_r, 4096)
+            except BlockingIOError:
+                pass
+        self._handle_signals()
+        for run in session.runs:
+            if run.conn.eof:
+                continue
+            for event in run.conn.read_events():
+                self._on_event(run, event)
+        if time.monotonic() >= self._next_cancel_poll:  # `runs cancel` from another machine: a request file
+            self._check_cancel()
+            self._next_cancel_poll = time.monotonic() + CANCEL_POLL
+
+    def _on_event(self, run: HostRun, event: dict[str, Any]) -> None:
+        if self.launcher.on_event(run, event) or self.prep.on_event(run, event) or self.session.on_event(run, event):
+            return
+        kind = event.get("event")
+        policy = self.policy
+        if kind == "started":
+            if run.conn.local:
+                self.session.pgids.add(int(event["pid"]))
+            self.record.event("process_started", index=event.get("index"), pid=event.get("pid"), host=run.name)
+            if not self.running:
+                self.running = True
+                self.record.write_status(RUNNING, started=now_iso(), **self.prep.status_fields)
+                policy.running(time.monotonic())
+            if policy.stop_reason:  # stopped while starting
+                run.conn.terminate(0 if policy.killed else self.session.grace)
+        elif kind == "exited":
+            policy.process_exited(run.name, int(event["index"]), int(event["returncode"]))
+        elif kind == "spawn_failed":
+            policy.stop("launch_failed", f"could not start {self.spec.entry_script} on host {run.name}: "
+                                         f"{event.get('error')}")
+
+    def _loop(self) -> None:
+        session, policy = self.session, self.policy
+        lease = self.record.lease() or {}
+        interval = float(lease.get("interval", 2.0))
+        next_beat = time.monotonic() + interval
+        self._next_cancel_poll = time.monotonic() + CANCEL_POLL
+        watched = self.launcher.watched()
+        while not all(run.finished for run in watched):
+            now = time.monotonic()
+            wait = min(next_beat, self._next_cancel_poll) - now
+            wakeup = policy.wakeup()
+            if wakeup is not None:
+                wait = min(wait, wakeup - now)
+            if session.stream:
+                wait = min(wait, STREAM_POLL)
+            self._serve(wait)
+            for run in session.runs:
+                if run.conn.eof and not run.conn.done and not run.error:
+                    run.error = "lost"
+                    detail = run.conn.stderr_tail()
+                    policy.stop("agent_lost", f"lost the tflaunch agent on host {run.name}" +
+                                (f": {detail}" if detail else ""))
+                    if run.conn.local:
+                        session.abandon_agents()
+            now = time.monotonic()
+            policy.tick(now)
+            if now >= next_beat:
+                self._heartbeat()
+                next_beat = now + interval
+                if policy.stop_reason == "external":
+                    break
+            if session.stream:
+                for f in session.followers:
+                    f.poll()
+        for f in session.followers:
+            f.poll(final=True)
+
+    def _heartbeat(self) -> None:
+        try:
+            self.record.write_lease(**self.scheduler.lease_fields())
+        except OSError as exc:
+            log.warning("run %s: cannot renew the lease: %s", self.record.id, exc)
+        current = self.record.read_status(check_lease=False) or {}
+        if current.get("status") in TERMINAL:  # someone declared us lost: stop, don't overwrite
+            log.error("run %s was finalized by another process (%s); stopping", self.record.id,
+                      (current.get("error") or {}).get("reason"))
+            self.policy.stop("external", "finalized elsewhere")
+            self.session.abandon_agents()
