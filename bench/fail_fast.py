@@ -30,7 +30,7 @@ time.sleep(120)
 
 
 def trial(argv: list[str], stamp: str, env: dict) -> float:
-    from tflaunch.agent import run_pids
+    from tflaunch.remote.agent import run_pids
     if os.path.exists(stamp):
         os.unlink(stamp)
     result = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -51,7 +51,7 @@ print(json.dumps({"count": len(runs), "times": times}))
 
 def _make_runs(args: tuple[str, int, int]) -> int:
     sys.path.insert(0, str(REPO))
-    from tflaunch.store import COMPLETED, FAILED, Store, now_iso
+    from tflaunch.history.store import COMPLETED, FAILED, Store, now_iso
 
     home, start, count = args
     store = Store(home)

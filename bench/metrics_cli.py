@@ -1,7 +1,7 @@
 """Issue 7 benchmarks, against the issue's goals (ratio = time / goal, below 1 meets it):
 
 * `tflaunch runs metrics RUN` over one run with 1,000,000 points (goal < 1 s): the points are written by the
-  real writer (`tflaunch.metrics.MetricsWriter`, what `run.log` uses: 2 metrics x 500,000 steps), the run is
+  real writer (`tflaunch.history.metrics.MetricsWriter`, what `run.log` uses: 2 metrics x 500,000 steps), the run is
   finished as a launcher finishes it (which parses the metrics once into the run's cache), then the whole
   `python -m tflaunch runs metrics` process is timed: as the user meets it after the run, with the cache
   deleted (a reader that comes while the run is still being written, before any cache), and with `--json`
@@ -26,8 +26,8 @@ from _util import REPO, env_with, run_cmd, scratch
 
 def _make_big_run(home: str, points: int) -> str:
     sys.path.insert(0, str(REPO))
-    from tflaunch.metrics import MetricsWriter, load
-    from tflaunch.store import COMPLETED, Store, now_iso
+    from tflaunch.history.metrics import MetricsWriter, load
+    from tflaunch.history.store import COMPLETED, Store, now_iso
 
     rec = Store(home).create_run("bench", {"spec": {"entry_script": "train.py"}})
     writer = MetricsWriter(rec.path("metrics"), 0)
@@ -49,8 +49,8 @@ def _make_big_run(home: str, points: int) -> str:
 
 def _make_runs(args: tuple[str, int, int]) -> int:
     sys.path.insert(0, str(REPO))
-    from tflaunch.metrics import MetricsWriter
-    from tflaunch.store import COMPLETED, Store, now_iso
+    from tflaunch.history.metrics import MetricsWriter
+    from tflaunch.history.store import COMPLETED, Store, now_iso
 
     home, start, count = args
     store = Store(home)

@@ -1,6 +1,6 @@
 """Planning a parameter-server job on 1,000 hosts x 8 slots (goal: < 1 s).
 
-Times ``tflaunch.plan.plan`` (placement, ports, the cluster, every process's environment) plus building
+Times ``tflaunch.plan.processes.plan`` (placement, ports, the cluster, every process's environment) plus building
 all 8,000 TF_CONFIG strings, as the launcher does before starting the processes: 1 chief, 7,989
 workers and 10 ps tasks, ports as the agents would report them. Host names are short (``n0001``): with
 8,000 tasks TF_CONFIG nears Linux's 128 KiB limit for one environment variable, which tflaunch checks.
@@ -16,10 +16,10 @@ import time
 
 import _util  # noqa: F401  (puts the checkout on sys.path)
 from tflaunch import MultiWorkerConfiguration, SSHTarget, TensorflowConfiguration
-from tflaunch.hosts import Host
-from tflaunch.plan import RunContext, plan
+from tflaunch.spec.hosts import Host
+from tflaunch.plan.processes import RunContext, plan
 from tflaunch.spec import Estimator
-from tflaunch.tfconfig import place
+from tflaunch.plan.tfconfig import place
 
 HOSTS, SLOTS = 1000, 8
 

@@ -25,9 +25,9 @@ from typing import Callable
 
 from _util import scratch
 
-from tflaunch import report
-from tflaunch.hosts import expand_nodelist
-from tflaunch.models import Model, register
+from tflaunch.history import report
+from tflaunch.spec.hosts import expand_nodelist
+from tflaunch.history.models import Model, register
 
 
 def median_time(fn: Callable[[], object], repeat: int) -> float:

@@ -22,7 +22,7 @@ import time
 
 from _util import scratch, sync, timed
 
-from tflaunch.snapshot import SnapshotLimits, materialize, scan, store
+from tflaunch.history.snapshot import SnapshotLimits, materialize, scan, store
 
 
 def generate(root, total_bytes: int, files: int, seed: int = 0) -> None:

@@ -130,7 +130,7 @@ def process_exits(run: dict | Path) -> dict[int, int]:
 def pids_with_token(token: str) -> list[int]:
     """Processes whose environment carries TFLAUNCH_RUN_ID=token (how tflaunch finds a run's processes)."""
     sys.path.insert(0, str(REPO))
-    from tflaunch.agent import run_pids
+    from tflaunch.remote.agent import run_pids
     return sorted(run_pids(token))
 
 

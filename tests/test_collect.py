@@ -1,5 +1,5 @@
 """Outputs from several hosts: lowest rank wins a conflict, the other copies are kept aside."""
-from tflaunch.collect import merge_outputs
+from tflaunch.history.collect import merge_outputs
 
 
 def _tree(root, files):

@@ -1,10 +1,10 @@
 """The distributions table: one row per backend, read by planning instead of testing names."""
 from __future__ import annotations
 
-from tflaunch.distributions import DISTRIBUTIONS, backend_name, distribution
-from tflaunch.plan import RunContext, plan, ports_needed
+from tflaunch.plan.distributions import DISTRIBUTIONS, backend_name, distribution
+from tflaunch.plan.processes import RunContext, plan, ports_needed
 from tflaunch.spec import JobSpec, procs_per_host
-from tflaunch.tfconfig import TF_BACKENDS
+from tflaunch.plan.tfconfig import TF_BACKENDS
 
 CTX = RunContext(run_id="r", experiment="e", run_dir="/r", work_dir="/w", home="/h")
 

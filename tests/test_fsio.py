@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from tflaunch import fsio
-from tflaunch.store import Store
+from tflaunch.history.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
 

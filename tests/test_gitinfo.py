@@ -1,4 +1,4 @@
-"""tflaunch.gitinfo against real git repositories made in temporary directories."""
+"""tflaunch.history.gitinfo against real git repositories made in temporary directories."""
 from __future__ import annotations
 
 import os
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import pids_with_token, wait_no_processes
-from tflaunch import gitinfo
+from tflaunch.history import gitinfo
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 

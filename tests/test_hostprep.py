@@ -1,4 +1,4 @@
-"""Before the processes start (tflaunch.hostprep), for real: --setup lines on every host in one shell (what
+"""Before the processes start (tflaunch.launch.hostprep), for real: --setup lines on every host in one shell (what
 they export reaches the processes; a failing line fails the run, reason `setup`, naming the host and the
 line, its output kept), data inputs checked (mount) or copied / streamed (download) to every host and
 removed afterwards, on this machine and on ssh hosts in network namespaces (h3 sees neither the record

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from tflaunch import hosts as H
+from tflaunch.spec import hosts as H
 from tflaunch.errors import SpecError
-from tflaunch.hosts import (Host, discover, expand_counts, expand_nodelist, from_pbs, from_slurm, is_local,
-                            parse_hostfile, parse_hostfile_text, parse_hosts, select_hosts)
+from tflaunch.spec.hosts import (Host, discover, expand_counts, expand_nodelist, from_pbs, from_slurm, is_local,
+                                 parse_hostfile, parse_hostfile_text, parse_hosts, select_hosts)
 
 
 def error(fn, *args, **kwargs) -> str:

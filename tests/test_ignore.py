@@ -1,7 +1,7 @@
 """The gitignore subset used for snapshots."""
 import pytest
 
-from tflaunch.ignore import is_ignored, parse_rules
+from tflaunch.history.ignore import is_ignored, parse_rules
 
 RULES = parse_rules("""
 # comment

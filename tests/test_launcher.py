@@ -94,7 +94,7 @@ class RecordingLauncher(AgentLauncher):
 def test_a_new_launcher_is_one_registration_line(project, home, monkeypatch):
     from dataclasses import replace
 
-    from tflaunch import distributions
+    from tflaunch.plan import distributions
 
     monkeypatch.setitem(LAUNCHERS, "recording", "test_launcher:RecordingLauncher")  # the registration line
     monkeypatch.setitem(distributions.DISTRIBUTIONS, "plain",

@@ -12,8 +12,8 @@ import pytest
 
 from conftest import REPO, cli_env
 from tflaunch import Experiment, Run
-from tflaunch.metrics import MetricsWriter, load, summary
-from tflaunch.store import Store
+from tflaunch.history.metrics import MetricsWriter, load, summary
+from tflaunch.history.store import Store
 
 
 def _strict_json(text: str):

@@ -18,8 +18,8 @@ import pytest
 
 from tflaunch import PathSafetyError, SpecError, StoreError, Workspace
 from tflaunch._version import __version__
-from tflaunch.models import Model, ModelNotFoundError, parse_ref, register, register_from_run
-from tflaunch.store import Store
+from tflaunch.history.models import Model, ModelNotFoundError, parse_ref, register, register_from_run
+from tflaunch.history.store import Store
 
 from conftest import REPO
 

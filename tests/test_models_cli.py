@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from tflaunch import Experiment, Model, Run
-from tflaunch.store import Store
+from tflaunch.history.store import Store
 
 
 def test_register_in_the_script_from_the_api_and_from_the_cli(project, cli, home, tmp_path):

@@ -1,4 +1,4 @@
-"""tflaunch.mpirun: flavour detection and the mpirun command line each flavour gets (pure)."""
+"""tflaunch.plan.mpirun: flavour detection and the mpirun command line each flavour gets (pure)."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from tflaunch.errors import SpecError
-from tflaunch.mpirun import HOSTLIST_MAX, MpiInstall, launcher, parse_version, ssh_wrapper
+from tflaunch.plan.mpirun import HOSTLIST_MAX, MpiInstall, launcher, parse_version, ssh_wrapper
 
 # What `mpirun --version` says (first lines), from the installs the tests use.
 VERSIONS = {
@@ -131,7 +131,7 @@ def test_network_interface_per_flavour():
 
 
 def test_find_mpirun_prefers_the_job_pythons_own(tmp_path):
-    from tflaunch.mpirun import find_mpirun
+    from tflaunch.plan.mpirun import find_mpirun
 
     venv, system = tmp_path / "venv" / "bin", tmp_path / "usr" / "bin"
     for d in (venv, system):

@@ -1,6 +1,6 @@
 """Planning is pure: spec + run context -> processes with argv, cwd and the environment added."""
-from tflaunch.hosts import Host
-from tflaunch.plan import RunContext, plan
+from tflaunch.spec.hosts import Host
+from tflaunch.plan.processes import RunContext, plan
 from tflaunch.spec import Estimator
 
 CTX = RunContext(run_id="20261123-000000-000-00000000", experiment="e", run_dir="/nowhere/runs/r",

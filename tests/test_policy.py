@@ -8,7 +8,7 @@ import time
 import pytest
 
 from tflaunch import Estimator, MultiWorkerConfiguration, TensorflowConfiguration
-from tflaunch.plan import plan
+from tflaunch.plan.processes import plan
 from tflaunch.submit import SubmitOptions, create_run, prepare
 from tflaunch.supervise import Supervisor
 

@@ -1,4 +1,4 @@
-"""tflaunch.rank: who a rank is (per launcher's variables), the output frames and their demux."""
+"""tflaunch.remote.rank: who a rank is (per launcher's variables), the output frames and their demux."""
 from __future__ import annotations
 
 import os
@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from tflaunch import rank
+from tflaunch.remote import rank
 from tflaunch.launch.demux import Demux
-from tflaunch.rank import FRAME_MAX, frames, identity
+from tflaunch.remote.rank import FRAME_MAX, frames, identity
 
 
 @pytest.mark.parametrize("env,expected", [

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tflaunch import report
+from tflaunch.history import report
 from tflaunch.errors import SpecError
 
 CHROMIUM = "/usr/bin/chromium"

@@ -71,7 +71,7 @@ class FakeScheduler(Scheduler):
 
 
 class FakeTarget:
-    """A compute target of the fake scheduler: what a PbsTarget would be, outside tflaunch/target.py."""
+    """A compute target of the fake scheduler: what a PbsTarget would be, outside tflaunch/spec/target.py."""
 
     def recorded(self, node_count, procs_per_node, world=0):
         return {"kind": "fake", "source": "fake", "hosts": [[f"(fake node {i})", procs_per_node]

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from tflaunch import rank, slurm
+from tflaunch.remote import rank
+from tflaunch import slurm
 from tflaunch.errors import SpecError
 from tflaunch.launch.srun_step import step_launch
-from tflaunch.plan import RunContext, plan
+from tflaunch.plan.processes import RunContext, plan
 from tflaunch.spec import Estimator, MultiWorkerConfiguration, TensorflowConfiguration
-from tflaunch.target import SlurmTarget, SSHTarget, allocation_target
+from tflaunch.spec.target import SlurmTarget, SSHTarget, allocation_target
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -167,9 +168,9 @@ def _step(distributed=None, nodes=2, ppn=2, hosts=(("gpu01", 2), ("gpu02", 2)), 
     spec = est.job_spec()
     ctx = RunContext(run_id="R", experiment="e", run_dir="/r", work_dir="/r/work", home="/h")
     host_list = [h for h in spec.compute_target["hosts"]]
-    from tflaunch.hosts import Host
+    from tflaunch.spec.hosts import Host
     hs = [Host(n, s) for n, s in host_list]
-    from tflaunch.plan import ports_needed
+    from tflaunch.plan.processes import ports_needed
     ports = slurm.step_ports("77", ports_needed(spec, hs))
     processes = plan(spec, ctx, hs, ports=ports, addresses={h.name: f"10.0.0.{i}" for i, h in enumerate(hs)},
                      machines={h.name: h.name for h in hs})

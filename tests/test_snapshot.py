@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from tflaunch import SnapshotError
-from tflaunch import snapshot
-from tflaunch.snapshot import SnapshotLimits, materialize, scan, store
+from tflaunch.history import snapshot
+from tflaunch.history.snapshot import SnapshotLimits, materialize, scan, store
 
 
 def _tree(root: Path, files: dict[str, str | bytes]) -> Path:

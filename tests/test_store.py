@@ -12,8 +12,8 @@ import time
 import pytest
 
 from tflaunch import PathSafetyError, RunNotFoundError, SpecError, StoreError
-from tflaunch.store import (COMPLETED, FAILED, PREPARING, RUN_ID_RE, Store, exit_code_for, now_iso,
-                            parse_iso, with_duration)
+from tflaunch.history.store import (COMPLETED, FAILED, PREPARING, RUN_ID_RE, Store, exit_code_for, now_iso,
+                                    parse_iso, with_duration)
 
 
 def _definition():

@@ -14,7 +14,7 @@ import pytest
 
 from tflaunch import Estimator, Experiment, SSHTarget
 from tflaunch.errors import SpecError
-from tflaunch.store import parse_iso
+from tflaunch.history.store import parse_iso
 from tflaunch.sweep import (BanditPolicy, BayesianParameterSampling, GridParameterSampling, HyperDriveConfig,
                             MedianStoppingPolicy, PrimaryMetricGoal, RandomParameterSampling,
                             TruncationSelectionPolicy, choice, uniform)

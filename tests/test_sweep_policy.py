@@ -6,8 +6,8 @@ import math
 import pytest
 
 from tflaunch.errors import SpecError
-from tflaunch.sweep.policy import (BanditPolicy, MedianStoppingPolicy, NoTerminationPolicy, TruncationSelectionPolicy,
-                                   best_so_far, due, policy_from_dict)
+from tflaunch.sweep.policy import (BanditPolicy, MedianStoppingPolicy, NoTerminationPolicy,
+                                   TruncationSelectionPolicy, best_so_far, due, policy_from_dict)
 
 
 def stopped(policy, curves, n, maximize=True, finished=()):

@@ -7,10 +7,10 @@ import random
 import pytest
 
 from tflaunch import Estimator, MultiWorkerConfiguration, SpecError, SSHTarget, TensorflowConfiguration
-from tflaunch.gpus import host_gpus, split
-from tflaunch.hosts import Host
-from tflaunch.plan import RunContext, plan, ports_needed
-from tflaunch.tfconfig import TF_CONFIG_LIMIT, place
+from tflaunch.plan.gpus import host_gpus, split
+from tflaunch.spec.hosts import Host
+from tflaunch.plan.processes import RunContext, plan, ports_needed
+from tflaunch.plan.tfconfig import TF_CONFIG_LIMIT, place
 
 CTX = RunContext(run_id="20261123-000000-000-00000000", experiment="e", run_dir="/r", work_dir="/r/work", home="/h")
 

@@ -20,14 +20,16 @@ from ._version import __version__
 _EXPORTS = {
     "Estimator": "spec", "TensorFlow": "spec", "MpiConfiguration": "spec", "TensorflowConfiguration": "spec",
     "MultiWorkerConfiguration": "spec",
-    "SSHTarget": "target", "SlurmTarget": "target", "Host": "hosts",
+    "SSHTarget": "spec.target", "SlurmTarget": "spec.target", "Host": "spec.hosts",
     "Experiment": "api", "Run": "api", "Workspace": "api", "RunStatus": "api",
     "TflaunchError": "errors", "SpecError": "errors", "SnapshotError": "errors", "StoreError": "errors",
     "RunNotFoundError": "errors", "PathSafetyError": "errors", "RunFailedError": "errors",
     "Datastore": "data", "Dataset": "data", "DataReference": "data", "FileDataset": "data",
-    "rank_info": "rank", "ModelNotFoundError": "errors", "ExportError": "errors", "Model": "models", "OfflineRun": "tracking",
+    "rank_info": "remote.rank", "ModelNotFoundError": "errors", "ExportError": "errors", "Model": "history.models",
+    "OfflineRun": "tracking",
 }
-_SUBMODULES = {"keras", "onnx", "models", "metrics", "tracking", "report", "data", "envs", "config"}
+_SUBMODULES = {"keras": "keras", "onnx": "onnx", "models": "history.models", "metrics": "history.metrics",
+               "tracking": "tracking", "report": "history.report", "data": "data", "envs": "envs", "config": "config"}
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
@@ -36,7 +38,7 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if name in _SUBMODULES:  # tflaunch.keras.MetricsCallback after a bare `import tflaunch`
         from importlib import import_module
-        return import_module(f"tflaunch.{name}")
+        return import_module(f"tflaunch.{_SUBMODULES[name]}")
     if module is None:
         raise AttributeError(f"module 'tflaunch' has no attribute {name!r}")
     from importlib import import_module

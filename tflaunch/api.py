@@ -10,11 +10,11 @@ import os
 import sys
 import time
 
-from . import store as store_mod
+from .history import store as store_mod
 from .errors import RunFailedError, SpecError
-from .store import TERMINAL, RunRecord, Store
+from .history.store import TERMINAL, RunRecord, Store
 from .tail import follow_files, write_text
-from . import metrics as metrics_mod
+from .history import metrics as metrics_mod
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
@@ -338,7 +338,7 @@ class Run:
         ``file://`` URL (tflaunch has no server)."""
         from urllib.parse import quote
 
-        from .compare import write_report
+        from .history.compare import write_report
 
         path = write_report([self._record], self._record.path("report.html"), title=f"run {self.id}")
         return "file://" + quote(path)
@@ -361,10 +361,10 @@ class Run:
                        model_framework_version: str | None = None, description: str | None = None,
                        datasets: Any = None, **unknown: Any) -> Any:
         """Register the run's file or directory ``model_path`` (``outputs/model``; default: the run's whole
-        ``outputs/``) as a new version of model ``model_name``; returns the :class:`~tflaunch.models.Model`.
+        ``outputs/``) as a new version of model ``model_name``; returns the :class:`~tflaunch.history.models.Model`.
         Inside the job, before the outputs are collected, the path is taken from the script's working
         directory. ``model_framework``/``model_framework_version``/``datasets`` are kept in its properties."""
-        from . import models
+        from .history import models
 
         for name in unknown:
             what = ("tflaunch deploys no models: register it, then download it where it is served"

@@ -3,10 +3,10 @@
 Each host's agent is started exactly as a run starts it (this machine: :func:`~tflaunch.launch.local.spawn_agent`;
 others: :func:`~tflaunch.launch.ssh.spawn_ssh_agent`, ssh in BatchMode with the job's Python; inside or through
 Slurm: one ``srun`` step, one task per node, no ssh, see :mod:`tflaunch.doctor_slurm`) and given a setup with a
-``report`` request (:func:`report_request`). Its hello carries the report (:func:`tflaunch.agent.host_report`):
+``report`` request (:func:`report_request`). Its hello carries the report (:func:`tflaunch.remote.agent.host_report`):
 the job's interpreter and the versions of TensorFlow, Keras, Horovod and mpi4py in it (from package metadata,
 in a subprocess: nothing is imported), the raw ``mpirun --version`` text (parsed with
-:func:`tflaunch.mpirun.parse_version`), the GPUs, the free disk in the home and the scratch root, and the
+:func:`tflaunch.plan.mpirun.parse_version`), the GPUs, the free disk in the home and the scratch root, and the
 host's clock. What the reports say is :mod:`tflaunch.doctor_report`'s: :func:`differences` (pure; also the
 multi-host run's preflight) says which package versions differ between hosts; :func:`summarize` adds the hosts
 that failed and the warnings (:data:`SKEW_WARN_SECONDS`, :data:`DISK_WARN_BYTES`, :data:`DISK_WARN_FRACTION`).
@@ -23,7 +23,7 @@ from .doctor_report import (COMPARED, DEFAULT_PACKAGES, DISK_WARN_BYTES, DISK_WA
                             HostCheck, differences, summarize, table)
 from .doctor_slurm import SLURM_TIMEOUT, check_slurm
 from .errors import SpecError
-from .hosts import is_local
+from .spec.hosts import is_local
 from .launch import AgentConnection
 from .launch.ssh import SshOptions, spawn_ssh_agent
 
@@ -46,13 +46,13 @@ def report_request(python: str, *, home: str | None = None, scratch: str | None 
                    packages: Sequence[str] = DEFAULT_PACKAGES, gpus: bool = False, timeout: float | None = None,
                    ) -> dict[str, Any]:
     """What goes in an agent setup's ``"report"`` (the agent answers with ``hello["report"]``, see
-    :func:`tflaunch.agent.host_report`). Pure.
+    :func:`tflaunch.remote.agent.host_report`). Pure.
 
     ``python``: the job's interpreter (its path on every host); ``packages``: distributions whose version
     to read from its metadata (one subprocess, nothing imported); ``home``/``scratch``: directories whose
     free space to report (scratch: None = the host's $TMPDIR or /tmp); ``mpirun``: None = do not look for
     MPI, a path, or a bare name (``"mpirun"``: the one a run would use, next to the job's Python, else on
-    PATH) whose ``--version`` text to return; ``gpus``: also report :func:`tflaunch.agent.find_gpus`;
+    PATH) whose ``--version`` text to return; ``gpus``: also report :func:`tflaunch.remote.agent.find_gpus`;
     ``timeout``: for the interpreter (default 60 s)."""
     request: dict[str, Any] = {"python": python, "packages": list(packages), "home": home, "scratch": scratch,
                                "mpirun": mpirun, "gpus": bool(gpus)}

@@ -1,7 +1,7 @@
 """What the hosts' reports say (``tflaunch doctor``): one host's outcome, what differs between hosts, the verdict.
 
-:class:`HostCheck` turns a host's report (:func:`tflaunch.agent.host_report`) into its JSON result (the
-raw ``mpirun --version`` text parsed with :func:`tflaunch.mpirun.parse_version`). :func:`differences`
+:class:`HostCheck` turns a host's report (:func:`tflaunch.remote.agent.host_report`) into its JSON result (the
+raw ``mpirun --version`` text parsed with :func:`tflaunch.plan.mpirun.parse_version`). :func:`differences`
 (pure; also the multi-host run's preflight) says which package versions differ between hosts;
 :func:`summarize` adds the hosts that failed and the warnings (:data:`SKEW_WARN_SECONDS`,
 :data:`DISK_WARN_BYTES`, :data:`DISK_WARN_FRACTION`); :func:`table` is the text the command prints.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .mpirun import FLAVOURS, parse_version
+from .plan.mpirun import FLAVOURS, parse_version
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings

@@ -1,6 +1,6 @@
 """``tflaunch doctor`` through Slurm: every node's report from ONE ``srun`` step, one task per node, no ssh.
 
-Each task runs the agent's :func:`~tflaunch.agent.host_report` in the job's Python (:data:`SLURM_TASK`:
+Each task runs the agent's :func:`~tflaunch.remote.agent.host_report` in the job's Python (:data:`SLURM_TASK`:
 the agent's source and the request come in the environment) and prints one line starting with
 :data:`MARK`; a node that does not report fails with what srun said about it.
 """
@@ -41,11 +41,11 @@ SLURM_TASK = (
 
 
 def _agent_source() -> str:
-    from . import agent
+    from .remote import agent
 
     source = agent.__loader__.get_source(agent.__name__)  # type: ignore[union-attr]
     if source is None:
-        raise RuntimeError("the source of tflaunch/agent.py is not available")
+        raise RuntimeError("the source of tflaunch/remote/agent.py is not available")
     return source
 
 
@@ -53,7 +53,7 @@ def check_slurm(request: Mapping[str, Any], *, python: str, nodes: int, partitio
                 expected: Sequence[str] | None = None, timeout: float | None = None,
                 env: Mapping[str, str] | None = None) -> list[HostCheck]:
     """The report of ``nodes`` Slurm nodes, from ONE ``srun`` step with one task per node running the agent's
-    :func:`~tflaunch.agent.host_report` in the job's ``python`` (no ssh). ``expected``: the allocation's
+    :func:`~tflaunch.remote.agent.host_report` in the job's ``python`` (no ssh). ``expected``: the allocation's
     node names when inside one (a node that does not report fails, with what srun said about it); else
     the step makes a short job (``--time=5``, ``partition``). ``env``: the environment for srun (default
     ours). The clock skew is the node's clock when its line left minus ours when it arrived (srun relays

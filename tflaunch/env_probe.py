@@ -15,7 +15,7 @@ import re
 import shutil
 import subprocess
 
-from . import _envbuild
+from .remote import envbuild as _envbuild
 from .env_requirements import PYPI, TF_SERIES, IndexOptions, _series, normalize_name
 from .errors import SpecError
 

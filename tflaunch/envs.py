@@ -6,7 +6,7 @@ job's interpreter already has everything): requirements normalized, the interpre
 cached by its files' stat under the home), a TensorFlow series added when ``framework_version`` asks
 for one the interpreter lacks. Its :attr:`EnvRequest.key` (sha256) names the environment.
 :func:`ensure_environment` reuses a built environment at once (no subprocess), else runs the builder
-(:mod:`tflaunch._envbuild`, standard library only, shipped as source with :func:`builder_command`) in a
+(:mod:`tflaunch.remote.envbuild`, standard library only, shipped as source with :func:`builder_command`) in a
 subprocess: it waits for a concurrent build of the same key, or builds aside and renames into place.
 
 What a job asks for is parsed in :mod:`tflaunch.env_requirements` (requirements, markers, index
@@ -29,10 +29,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from . import _envbuild, env_requirements
+from .remote import envbuild as _envbuild
+from . import env_requirements
 from .env_probe import check_framework_available, find_conda, find_uv, probe_interpreter
-from .env_requirements import (TF_SERIES, IndexOptions, _conda_packages, framework_requirements, parse_requirements,
-                               read_requirements_file)
+from .env_requirements import (TF_SERIES, IndexOptions, _conda_packages, framework_requirements,
+                               parse_requirements, read_requirements_file)
 from .errors import EnvBuildError, EnvBusyError, EnvNotFoundError, SpecError
 
 TYPE_CHECKING = False
@@ -58,7 +59,7 @@ HOROVOD_DEFAULT = "0.28.1"  # Horovod's last release; it builds against TensorFl
 
 def home_envs_root(home: str) -> str:
     """``<home>/envs``: where environments live for hosts that see the home."""
-    from .store import resolve_home
+    from .history.store import resolve_home
 
     return os.path.join(resolve_home(home), ENVS_DIR)
 
@@ -180,14 +181,15 @@ def _horovod(requirements: list[str], mpi: Mapping[str, Any] | None, python: str
                         f"(horovod=={HOROVOD_DEFAULT}); it is compiled for the environment")
     version = m.group(1) or HOROVOD_DEFAULT
     if mpi is None:
-        from .mpirun import detect, find_mpirun
+        from .plan.mpirun import detect, find_mpirun
 
         install = detect(find_mpirun(None, python, env))
         mpi = {"flavour": install.flavour, "version": install.version, "path": install.path}
     flavour, mversion = mpi.get("flavour"), mpi.get("version")
     bin_dir = mpi.get("bin") or (os.path.dirname(os.path.abspath(str(mpi["path"]))) if mpi.get("path") else None)
     if not (flavour and mversion and bin_dir):
-        raise SpecError(f"mpi: expected {{'flavour', 'version', 'bin'}} (tflaunch.mpirun.detect), got {dict(mpi)!r}")
+        raise SpecError(f"mpi: expected {{'flavour', 'version', 'bin'}} (tflaunch.plan.mpirun.detect), "
+                        f"got {dict(mpi)!r}")
     return rest, {"version": version, "requirement": f"horovod=={version}",
                   "mpi": {"flavour": str(flavour), "version": str(mversion), "bin": os.path.abspath(str(bin_dir))}}
 
@@ -215,7 +217,7 @@ def request_environment(python: str, *, pip_packages: Sequence[str] = (), requir
     if not requirements and not conda and framework_version is None:
         return None
     from .probe import resolve_python, version_matches
-    from .store import resolve_home
+    from .history.store import resolve_home
 
     python = resolve_python(python)
     home = resolve_home(home)
@@ -275,7 +277,7 @@ def _builder_source() -> str:
     if not _SOURCE:
         source = _envbuild.__loader__.get_source(_envbuild.__name__)  # type: ignore[union-attr]
         if not source:
-            raise EnvBuildError("cannot read the source of tflaunch._envbuild")
+            raise EnvBuildError("cannot read the source of tflaunch.remote.envbuild")
         _SOURCE.append(source)
     return _SOURCE[0]
 

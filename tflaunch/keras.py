@@ -18,7 +18,7 @@ _classes: dict[str, type] = {}
 def _build() -> type:
     import tensorflow as tf
 
-    from .rank import rank_info
+    from .remote.rank import rank_info
     from .api import Run
 
     class MetricsCallback(tf.keras.callbacks.Callback):

@@ -3,7 +3,7 @@
 :func:`export` runs the conversion in a subprocess of a chosen interpreter (default: the one running
 tflaunch), so the core stays standard library only and a model can be converted with another
 environment's TensorFlow. That interpreter needs TensorFlow, tf2onnx and onnxruntime, not tflaunch: the
-worker (``_onnx_worker.py``, read with :func:`pkgutil.get_data`, so it works from the zipapp too) runs as a
+worker (``remote/onnx_worker.py``, read with :func:`pkgutil.get_data`, so it works from the zipapp too) runs as a
 standalone script and prints one JSON line.
 
 How a model is converted:
@@ -137,9 +137,9 @@ def _stderr_tail(stderr: str, lines: int = 3) -> str:
 
 def _run_worker(python: str, spec: dict, workdir: str, timeout: float, model_path: str) -> dict:
     """Run the worker script with ``python``; its JSON result (``ok`` true or false)."""
-    source = pkgutil.get_data("tflaunch", "_onnx_worker.py")
+    source = pkgutil.get_data("tflaunch.remote", "onnx_worker.py")
     if source is None:
-        raise ExportError("tflaunch/_onnx_worker.py is missing from this installation: reinstall tflaunch")
+        raise ExportError("tflaunch/remote/onnx_worker.py is missing from this installation: reinstall tflaunch")
     script = os.path.join(workdir, "tflaunch_onnx_worker.py")
     with open(script, "wb") as f:
         f.write(source)

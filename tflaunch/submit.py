@@ -13,19 +13,20 @@ import socket
 import sys
 from dataclasses import dataclass, field, replace
 
-from . import __version__, fsio, gitinfo, snapshot
+from . import __version__, fsio
+from .history import gitinfo, snapshot
 from .errors import SnapshotError, SpecError
-from .gpus import host_gpus
-from .hosts import Host, is_local
+from .plan.gpus import host_gpus
+from .spec.hosts import Host, is_local
 from .launch.ssh import SshOptions, resolve_addresses
-from .distributions import distribution
-from .plan import ProcessPlan, RunContext, plan, ports_needed
+from .plan.distributions import distribution
+from .plan.processes import ProcessPlan, RunContext, plan, ports_needed
 from .probe import check_framework, resolve_python
 from .spec import Estimator, JobSpec
-from .store import CANCELED, FAILED, TERMINAL, RunRecord, Store, now_iso, validate_experiment_name
+from .history.store import CANCELED, FAILED, TERMINAL, RunRecord, Store, now_iso, validate_experiment_name
 from .schedule import submission
 from .supervise import DEFAULT_GRACE
-from .target import target_hosts
+from .spec.target import target_hosts
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
@@ -245,7 +246,7 @@ def build_environment_here(record: RunRecord, spec: JobSpec) -> None:
     environment log; a failure ends the run Failed (reason ``environment``) and is raised."""
     from . import envs
     from .errors import TflaunchError
-    from .hostprep import ENV_LOG
+    from .launch.hostprep import ENV_LOG
 
     record.event("environment_building", key=spec.environment.get("key"))
     try:
@@ -316,7 +317,7 @@ def known_gpus(spec: JobSpec, hosts: list[Host]) -> dict[str, list[str]] | None:
     are none or too few."""
     if not spec.use_gpu:
         return None
-    from .agent import find_gpus
+    from .remote.agent import find_gpus
 
     return {h.name: host_gpus(h.name, find_gpus() if is_local(h.name) else {}, spec.gpus_per_node)
             for h in hosts if is_local(h.name) or spec.gpus_per_node}
@@ -325,7 +326,7 @@ def known_gpus(spec: JobSpec, hosts: list[Host]) -> dict[str, list[str]] | None:
 def find_mpi(spec: JobSpec) -> dict[str, Any]:
     """The job's mpirun, found and identified: what ``spec.distributed`` records of it (``mpi``, and
     ``srun_mpi`` for ``--mpi-launcher srun``); SpecError when there is none or it cannot be used so."""
-    from .mpirun import SRUN_MPI, detect, find_mpirun
+    from .plan.mpirun import SRUN_MPI, detect, find_mpirun
 
     dist = spec.distributed
     install = detect(find_mpirun(dist.get("mpirun"), spec.python))

@@ -2,7 +2,7 @@
 and the offline run.
 
 Under tflaunch (``TFLAUNCH_RUN_ID`` set) the script's run logs to this process's own files in the record
-(see :mod:`tflaunch.metrics`), or under ``./logs/.tflaunch-metrics/`` on a host that does not see the
+(see :mod:`tflaunch.history.metrics`), or under ``./logs/.tflaunch-metrics/`` on a host that does not see the
 record (:func:`script_writer`). Outside tflaunch it is an :class:`OfflineRun` that prints what would be
 logged, as the reference SDK's offline run does, so the same script runs under ``python train.py`` too.
 """
@@ -13,7 +13,7 @@ import os
 import sys
 import uuid
 
-from .metrics import FALLBACK_DIR, METRICS_DIR, MetricsWriter, _check_name, _scalar
+from .history.metrics import FALLBACK_DIR, METRICS_DIR, MetricsWriter, _check_name, _scalar
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings

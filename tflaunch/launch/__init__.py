@@ -1,4 +1,4 @@
-"""Launch backends: start a tflaunch agent (:mod:`tflaunch.agent`) on each host and talk to it.
+"""Launch backends: start a tflaunch agent (:mod:`tflaunch.remote.agent`) on each host and talk to it.
 
 Every backend produces an :class:`AgentConnection`: commands go to the agent's stdin, events come
 back on its stdout, and closing the connection (or losing it) makes the agent stop the run's
@@ -32,11 +32,11 @@ def _framed(data: bytes) -> bytes:
 
 def agent_payload(setup: dict[str, Any]) -> bytes:
     """What to write to a freshly started BOOTSTRAP interpreter: the agent's source, then the setup."""
-    from .. import agent  # its loader reads the file from a directory or from the zipapp alike
+    from ..remote import agent  # its loader reads the file from a directory or from the zipapp alike
 
     source = agent.__loader__.get_source(agent.__name__)  # type: ignore[union-attr]
     if source is None:
-        raise RuntimeError("the source of tflaunch/agent.py is not available")
+        raise RuntimeError("the source of tflaunch/remote/agent.py is not available")
     return _framed(source.encode("utf-8")) + _framed(json.dumps(setup).encode("ascii"))
 
 

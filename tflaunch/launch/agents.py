@@ -10,9 +10,9 @@ import os
 import time
 
 from .. import fsio
-from ..gpus import host_gpus
-from ..hosts import is_local
-from ..plan import machine_ids, plan, ports_needed
+from ..plan.gpus import host_gpus
+from ..spec.hosts import is_local
+from ..plan.processes import machine_ids, plan, ports_needed
 from ..errors import SpecError
 from . import AgentConnection
 from .hostrun import ORPHAN_GRACE, HostRun, LaunchFailure
@@ -26,7 +26,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
     from typing import Any, Callable
 
-    from ..plan import ProcessPlan
+    from ..plan.processes import ProcessPlan
     from .session import Session
 
 __all__ = ["AgentLauncher", "prestart_agents", "open_agents", "setup_agents", "start_host", "PROBE_FILE"]
@@ -37,7 +37,7 @@ PROBE_FILE = ".tflaunch-probe"
 def prestart_agents(compute_target: dict[str, Any] | None, python: str | None = None,
                     ) -> dict[str, AgentConnection]:
     """Start the agents of a run's hosts now (an ssh login takes ~0.2 s) so that it overlaps the snapshot."""
-    from ..target import target_hosts
+    from ..spec.target import target_hosts
 
     ssh = SshOptions.from_dict((compute_target or {}).get("ssh"))
     agents: dict[str, AgentConnection] = {}

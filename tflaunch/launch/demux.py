@@ -1,9 +1,9 @@
-"""The launcher's side of the rank wrapper's frames (:mod:`tflaunch.rank`): mpirun's (or an srun step's)
+"""The launcher's side of the rank wrapper's frames (:mod:`tflaunch.remote.rank`): mpirun's (or an srun step's)
 single output stream split back into each rank's stdout and stderr, the ranks' start and exit reports,
 and what the launcher process wrote itself."""
 from __future__ import annotations
 
-from ..rank import MARK, SEP, unescape
+from ..remote.rank import MARK, SEP, unescape
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings

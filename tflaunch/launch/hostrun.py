@@ -1,13 +1,13 @@
 """One host of a run as its launcher sees it: the agent connection and what the host reported
 (:class:`HostRun`), and the failure that ends a run before its processes start (:class:`LaunchFailure`).
-Shared by the supervisor and its launch helpers (:mod:`tflaunch.hostprep`, the launchers)."""
+Shared by the supervisor and its launch helpers (:mod:`tflaunch.launch.hostprep`, the launchers)."""
 from __future__ import annotations
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
     from typing import Any
 
-    from ..plan import ProcessPlan
+    from ..plan.processes import ProcessPlan
     from . import AgentConnection
 
 __all__ = ["HostRun", "LaunchFailure", "ORPHAN_GRACE"]

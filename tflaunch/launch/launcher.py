@@ -10,7 +10,7 @@ snapshot is materialized), :meth:`~Launcher.connect` (start the hosts' agents), 
 stops some ranks; :meth:`~Launcher.watched` says which agents' end is the run's end; :meth:`~Launcher.finish`
 and :meth:`~Launcher.close` at the end. Which one a run gets: its scheduler's choice
 (:meth:`tflaunch.schedule.Scheduler.step_launcher`), else its distribution's
-(:attr:`tflaunch.distributions.Distribution.launcher`). A new launcher is a module and a line of
+(:attr:`tflaunch.plan.distributions.Distribution.launcher`). A new launcher is a module and a line of
 :data:`LAUNCHERS`.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
     from typing import Any
 
-    from ..plan import ProcessPlan
+    from ..plan.processes import ProcessPlan
     from .hostrun import HostRun
     from .session import Session
 

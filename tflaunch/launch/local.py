@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from ..plan import ProcessPlan
+from ..plan.processes import ProcessPlan
 from . import BOOTSTRAP, AgentConnection
 
 TYPE_CHECKING = False

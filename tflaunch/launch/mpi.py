@@ -1,9 +1,9 @@
 """The ``mpirun`` launcher (``--backend mpi``): mpirun starts the ranks, tflaunch watches over them.
 
 The agents still come up on every host, but only to hold the job's files (copied where the filesystem
-is not shared), the rank wrapper (:mod:`tflaunch.rank`) and, in *sweep* mode, the power to stop every
+is not shared), the rank wrapper (:mod:`tflaunch.remote.rank`) and, in *sweep* mode, the power to stop every
 process of the run on their host. The agent on this machine starts the one mpirun built by
-:func:`tflaunch.mpirun.launcher` (:class:`~tflaunch.launch.one_process.OneProcessLauncher`: output
+:func:`tflaunch.plan.mpirun.launcher` (:class:`~tflaunch.launch.one_process.OneProcessLauncher`: output
 split per rank, mpirun's own in ``tflaunch_logs/mpirun.log``). The first rank whose program fails is
 the root cause and stops the job at once (mpirun's own abort is not waited for). When mpirun has
 ended, each host's agent sweeps what is left of the run there (an MPI daemon or a rank that mpirun
@@ -19,10 +19,10 @@ import sys
 import time
 
 from .. import slurm
-from ..agent import rank_dir
+from ..remote.agent import rank_dir
 from ..errors import SpecError
-from ..mpirun import MpiInstall, MpiLaunch, launcher, ssh_wrapper
-from ..plan import machine_ids, plan
+from ..plan.mpirun import MpiInstall, MpiLaunch, launcher, ssh_wrapper
+from ..plan.processes import machine_ids, plan
 from .agents import open_agents, setup_agents
 from .hostrun import ORPHAN_GRACE, LaunchFailure
 from .one_process import PER_RANK, OneProcessLauncher, host_counts, wrapper_source
@@ -32,7 +32,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
     from typing import Any
 
-    from ..plan import ProcessPlan
+    from ..plan.processes import ProcessPlan
     from ..spec import JobSpec
     from . import AgentConnection
     from .hostrun import HostRun
@@ -44,11 +44,11 @@ SWEEP_GRACE = 2.0
 
 def launch_for(spec: JobSpec, processes: list[ProcessPlan], run_id: str, remote: bool,
                files_dir: str | None = None) -> MpiLaunch:
-    """The :class:`~tflaunch.mpirun.MpiLaunch` of a job whose ranks are ``processes``, with every file
+    """The :class:`~tflaunch.plan.mpirun.MpiLaunch` of a job whose ranks are ``processes``, with every file
     the hosts' agents write for it (the rank wrapper, mpirun's ssh wrapper, a hostfile): also what
     ``--dry-run`` shows. ``files_dir``: a directory every node sees (inside Slurm), instead of the
     same path under /tmp on every host."""
-    from .. import rank
+    from ..remote import rank
 
     dist = spec.distributed or {}
     install = MpiInstall.from_dict(dist["mpi"])

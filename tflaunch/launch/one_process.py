@@ -10,10 +10,11 @@ from __future__ import annotations
 import logging
 import os
 
-from .. import fsio, rank, tail
+from .. import fsio, tail
+from ..remote import rank
 from .demux import Demux
-from ..hosts import is_local
-from ..store import LOG_DIR
+from ..spec.hosts import is_local
+from ..history.store import LOG_DIR
 from . import AgentConnection
 from .hostrun import HostRun
 from .launcher import Launcher
@@ -23,8 +24,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
     from typing import Any
 
-    from ..mpirun import MpiLaunch
-    from ..plan import ProcessPlan
+    from ..plan.mpirun import MpiLaunch
+    from ..plan.processes import ProcessPlan
     from .session import Session
 
 __all__ = ["OneProcessLauncher", "LAUNCHER_INDEX", "MPIRUN_LOG", "SRUN_LOG", "PER_RANK", "host_counts",
@@ -50,7 +51,7 @@ def host_counts(processes: list[ProcessPlan]) -> list[tuple[str, int]]:
 
 
 def wrapper_source() -> str:
-    """The rank wrapper's source (:mod:`tflaunch.rank`), written where the ranks start."""
+    """The rank wrapper's source (:mod:`tflaunch.remote.rank`), written where the ranks start."""
     return rank.__loader__.get_source(rank.__name__)  # type: ignore[union-attr]
 
 

@@ -4,7 +4,7 @@ processes, the console, and the few ways to act on the run: wait for the agents 
 served, stop it, record what was planned.
 
 The supervisor (:mod:`tflaunch.supervise`) builds one per run and gives it to the launcher
-(:mod:`tflaunch.launch.launcher`) and to :class:`~tflaunch.hostprep.HostPrep`; neither sees the
+(:mod:`tflaunch.launch.launcher`) and to :class:`~tflaunch.launch.hostprep.HostPrep`; neither sees the
 supervisor itself. Waiting serves events through the supervisor's loop (``serve``), and the outcome
 policy (``policy``: who failed, why the run stops) is the supervisor's too.
 """
@@ -16,8 +16,8 @@ import os
 import time
 
 from .. import fsio, tail
-from ..distributions import distribution
-from ..plan import RunContext
+from ..plan.distributions import distribution
+from ..plan.processes import RunContext
 from .hostrun import LaunchFailure
 from .ssh import SshOptions
 
@@ -25,8 +25,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
     from typing import Any, Callable, TextIO
 
-    from ..plan import ProcessPlan
-    from ..record import RunRecord
+    from ..plan.processes import ProcessPlan
+    from ..history.record import RunRecord
     from ..schedule import Scheduler
     from ..spec import JobSpec
     from .hostrun import HostRun
@@ -43,7 +43,7 @@ class Session:
 
     def __init__(self, record: RunRecord, spec: JobSpec, scheduler: Scheduler, *, grace: float, work_dir: str,
                  stream: bool, stdout: TextIO, stderr: TextIO) -> None:
-        from ..target import target_hosts
+        from ..spec.target import target_hosts
 
         self.record = record
         self.definition = record.definition()
@@ -64,7 +64,7 @@ class Session:
         self.warnings: list[str] = []
         self.followers: list[tail.Follower] = []  # files shown on the console while attached
         self.started = False  # start commands sent
-        self.prep: Any = None  # tflaunch.hostprep.HostPrep
+        self.prep: Any = None  # tflaunch.launch.hostprep.HostPrep
         self.policy: Any = None  # tflaunch.supervise.policy.FailFast: the run's outcome so far
         self.serve: Callable[[float], None] = lambda timeout: None  # serve events for up to timeout s
         self._relay_files: dict[tuple[int, int], Any] = {}
@@ -161,7 +161,7 @@ class Session:
 
     def abandon_agents(self) -> None:
         """Stop every process of the run without waiting for the agents (remote ones stop when closed)."""
-        from .. import agent
+        from ..remote import agent
 
         for run in self.runs:
             run.conn.kill()

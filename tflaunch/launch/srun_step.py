@@ -12,17 +12,18 @@ from __future__ import annotations
 import json
 import os
 
-from .. import fsio, rank, slurm
+from .. import fsio, slurm
+from ..remote import rank
 from ..errors import SpecError
-from ..mpirun import MpiLaunch
-from ..plan import plan, ports_needed
+from ..plan.mpirun import MpiLaunch
+from ..plan.processes import plan, ports_needed
 from .hostrun import ORPHAN_GRACE, LaunchFailure
 from .mpi import launch_for
 from .one_process import PER_RANK, OneProcessLauncher, host_counts, wrapper_source
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
-    from ..plan import ProcessPlan
+    from ..plan.processes import ProcessPlan
     from ..spec import JobSpec
 
 __all__ = ["SrunStepLauncher", "step_launch", "STEP_FILES"]

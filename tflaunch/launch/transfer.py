@@ -8,7 +8,7 @@ import logging
 import os
 import time
 
-from ..collect import COLLECTED
+from ..history.collect import COLLECTED
 from .hostrun import LaunchFailure
 
 TYPE_CHECKING = False

@@ -22,7 +22,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
     from typing import Any, Mapping
 
-    from ..record import RunRecord
+    from ..history.record import RunRecord
     from ..spec import JobSpec
 
 __all__ = ["Scheduler", "SCHEDULERS", "ALLOCATIONS", "scheduler_name", "scheduler_for", "submission"]
@@ -32,7 +32,7 @@ SCHEDULERS: dict[str, str] = {
     "none": "tflaunch.schedule.none:NoScheduler",
     "slurm": "tflaunch.schedule.slurm:SlurmScheduler",
 }
-# the hosts of an allocation tflaunch runs in, by where they were read (tflaunch.hosts.discover)
+# the hosts of an allocation tflaunch runs in, by where they were read (tflaunch.spec.hosts.discover)
 ALLOCATIONS: dict[str, str] = {"SLURM_JOB_NODELIST": "slurm"}
 
 

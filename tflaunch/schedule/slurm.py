@@ -16,14 +16,14 @@ import time
 
 from .. import slurm
 from ..errors import SpecError
-from ..store import CANCELED, FAILED, QUEUED
+from ..history.store import CANCELED, FAILED, QUEUED
 from . import Scheduler
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
     from typing import Any, Mapping
 
-    from ..record import RunRecord
+    from ..history.record import RunRecord
     from ..spec import JobSpec
 
 __all__ = ["SlurmScheduler", "NAME", "check", "batch_script", "describe", "submit", "cancel"]
@@ -47,7 +47,7 @@ class SlurmScheduler(Scheduler):
     def allocation(self, spec: JobSpec) -> dict[str, Any]:
         if not self.submitted:
             return self.target
-        from ..target import allocation_target
+        from ..spec.target import allocation_target
 
         try:
             return allocation_target(self.target, spec.node_count, spec.procs_per_host)
@@ -120,7 +120,7 @@ def check(spec: JobSpec) -> dict[str, str]:
 def batch_script(spec: JobSpec, run_id: str, experiment: str, record_dir: str, home: str, **array: Any) -> str:
     """The batch script of a run submitted with ``--slurm`` (see :func:`tflaunch.slurm.batch_script`;
     ``array``: a sweep's job array, its ``array``, ``prelude`` and ``command_tail``)."""
-    from ..distributions import distribution
+    from ..plan.distributions import distribution
     from ..supervise.detached import in_job_command
 
     target = spec.compute_target or {}

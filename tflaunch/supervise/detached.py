@@ -12,7 +12,7 @@ import sys
 import time
 
 from ..errors import TflaunchError
-from ..store import FAILED, LOG_DIR, RunRecord, Store, now_iso
+from ..history.store import FAILED, LOG_DIR, RunRecord, Store, now_iso
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
@@ -125,7 +125,7 @@ def in_job_command(home: str, run_id: str) -> list[str]:
 
 def _wait_for_submitter(record: RunRecord, timeout: float = 60.0) -> None:
     """A job can start before ``sbatch`` has returned to the submitter: let it record Queued first."""
-    from ..store import PREPARING
+    from ..history.store import PREPARING
 
     deadline = time.monotonic() + timeout
     while (record.read_status(check_lease=False) or {}).get("status") == PREPARING and time.monotonic() < deadline:
@@ -151,7 +151,7 @@ def detached_main(argv: list[str]) -> int:
         log.error("%s", exc)
         return 1
     if args.slurm:
-        from ..store import exit_code_for
+        from ..history.store import exit_code_for
         from .supervisor import Supervisor
 
         for sig in (signal.SIGUSR1, signal.SIGUSR2):  # a --signal meant for the tasks must not kill us

@@ -7,8 +7,8 @@ import os
 import shutil
 
 from .. import fsio, tail
-from ..collect import merge_outputs
-from ..store import CANCELED, FAILED, FINALIZING, TERMINAL, now_iso, rank_log
+from ..history.collect import merge_outputs
+from ..history.store import CANCELED, FAILED, FINALIZING, TERMINAL, now_iso, rank_log
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
@@ -99,7 +99,7 @@ def finalize(session: Session, outcome: dict[str, Any]) -> dict[str, Any]:
     if session.warnings:
         outcome["warnings"] = session.warnings
     try:  # parse the script's metrics once now, so the first `runs metrics` reads only the cache
-        from ..metrics import load
+        from ..history.metrics import load
         load(record.dir)
     except (OSError, ValueError) as exc:
         log.warning("run %s: cannot read its metrics: %s", record.id, exc)

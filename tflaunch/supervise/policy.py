@@ -2,7 +2,7 @@
 
 :class:`FailFast` is the policy of every distribution today: the first process that fails is the root
 cause and stops the run at once, on every host; where the distribution's lead decides
-(:attr:`~tflaunch.distributions.Distribution.lead_decides`: the chief, else worker 0, of a ps or
+(:attr:`~tflaunch.plan.distributions.Distribution.lead_decides`: the chief, else worker 0, of a ps or
 multiworker job) its exit 0 is the run's outcome and the others wind down (stopped at once, or given
 the grace period to end on their own, the evaluator ``evaluator_grace``); the timeout
 (``max_run_duration_seconds``) and cancel stop the run; a scheduler that stopped the processes
@@ -17,7 +17,7 @@ import signal
 import time
 
 from ..launch.one_process import LAUNCHER_INDEX
-from ..store import CANCELED, COMPLETED, FAILED
+from ..history.store import CANCELED, COMPLETED, FAILED
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings

@@ -18,19 +18,19 @@ import sys
 import time
 
 from .. import fsio
-from ..collect import COLLECTED
+from ..history.collect import COLLECTED
 from ..errors import SpecError
-from ..hostprep import HostPrep, PrepFailure
+from ..launch.hostprep import HostPrep, PrepFailure
 from ..launch.hostrun import LaunchFailure
 from ..launch.launcher import launcher_for
 from ..launch.local import discard_agent
 from ..launch.session import Session
 from ..launch.transfer import collect_remote
-from ..plan import plan
+from ..plan.processes import plan
 from ..schedule import scheduler_for
-from ..snapshot import MANIFEST, materialize
+from ..history.snapshot import MANIFEST, materialize
 from ..spec import JobSpec
-from ..store import LOG_DIR, RUNNING, TERMINAL, now_iso
+from ..history.store import LOG_DIR, RUNNING, TERMINAL, now_iso
 from .finalize import finalize, stderr_tail
 from .policy import FailFast
 
@@ -40,7 +40,7 @@ if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
 
     from ..launch import AgentConnection
     from ..launch.hostrun import HostRun
-    from ..store import RunRecord
+    from ..history.store import RunRecord
 
 __all__ = ["Supervisor", "DEFAULT_GRACE"]
 

@@ -156,7 +156,7 @@ class HyperDriveConfig:
 
 
 def _target(value: Any, base: str) -> Any:
-    from ..target import SlurmTarget, SSHTarget
+    from ..spec.target import SlurmTarget, SSHTarget
 
     if value is None or isinstance(value, str):
         return value

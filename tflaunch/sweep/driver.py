@@ -25,7 +25,7 @@ import time
 
 from ..errors import TflaunchError
 from ..spec import JobSpec
-from ..store import CANCELED, COMPLETED, FAILED, FINALIZING, RUNNING, TERMINAL, RunRecord, Store, now_iso
+from ..history.store import CANCELED, COMPLETED, FAILED, FINALIZING, RUNNING, TERMINAL, RunRecord, Store, now_iso
 from . import trials as T
 from .following import FAIL_FAST, TrialFollowing, curve
 from .policy import policy_from_dict
@@ -50,8 +50,8 @@ LOCK = ".sweep.lock"
 
 def trial_shape(spec: JobSpec) -> tuple[int, int, int]:
     """(hosts a trial needs, slots it needs on each, GPUs it needs on a host) from the sweep's spec."""
-    from ..hosts import Host
-    from ..tfconfig import place
+    from ..spec.hosts import Host
+    from ..plan.tfconfig import place
 
     tasks = place(spec, [Host(f"node{i}", 1 << 20) for i in range(spec.node_count)])
     per = [0] * spec.node_count
@@ -72,8 +72,8 @@ def build_pool(spec: JobSpec, sweep: dict[str, Any]) -> Pool:
         slots = sweep.get("slots") or _cpus()
         gpus = None
         if spec.use_gpu:
-            from ..agent import find_gpus
-            from ..gpus import host_gpus
+            from ..remote.agent import find_gpus
+            from ..plan.gpus import host_gpus
             gpus = host_gpus("localhost", find_gpus(), None)
         return Pool([["localhost", slots]], per_host=nodes * per_host, gpus=gpus, gpu_need=gpu_need)
     return Pool(hosts, per_host=per_host, nodes=nodes, exclusive=spec.use_gpu)

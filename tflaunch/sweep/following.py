@@ -12,7 +12,7 @@ import logging
 import math
 
 from .. import fsio
-from ..store import CANCELED, COMPLETED, FAILED, FINALIZING, RUNNING, TERMINAL, now_iso
+from ..history.store import CANCELED, COMPLETED, FAILED, FINALIZING, RUNNING, TERMINAL, now_iso
 from . import trials as T
 from .policy import due
 
@@ -20,7 +20,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
     from typing import Any
 
-    from ..store import RunRecord
+    from ..history.store import RunRecord
 
 __all__ = ["TrialFollowing", "curve", "FAIL_FAST"]
 
@@ -31,7 +31,7 @@ FAIL_FAST = 3  # failed trials with none succeeded yet: stop the sweep
 
 def curve(run_dir: str, name: str) -> list[Any]:
     """The primary metric ``name`` as the trial logged it: its lowest rank's points, in order."""
-    from ..metrics import load
+    from ..history.metrics import load
 
     series = load(run_dir).get(name)
     if series is None or not len(series):

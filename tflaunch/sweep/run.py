@@ -81,7 +81,7 @@ class HyperDriveRun(Run):
         into ``report.html`` in its record, as a ``file://`` URL."""
         from urllib.parse import quote
 
-        from ..compare import write_report
+        from ..history.compare import write_report
 
         records = [child._record for child in self.get_children()]
         path = write_report(records, self._record.path("report.html"), title=f"sweep {self.id}")

@@ -15,14 +15,14 @@ import os
 import shlex
 
 from .. import fsio
-from ..store import FAILED, QUEUED
+from ..history.store import FAILED, QUEUED
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
     from typing import Any, Sequence
 
     from ..spec import JobSpec
-    from ..store import RunRecord
+    from ..history.store import RunRecord
 
 __all__ = ["array_allowed", "submit_array", "LIST"]
 

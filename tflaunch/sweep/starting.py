@@ -15,7 +15,7 @@ import time
 from .. import fsio
 from ..errors import TflaunchError
 from ..spec import JobSpec
-from ..store import FAILED, RunRecord, Store, now_iso
+from ..history.store import FAILED, RunRecord, Store, now_iso
 from . import trials as T
 
 TYPE_CHECKING = False

@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 
 from ..errors import SpecError, TflaunchError
-from ..store import TERMINAL, RunRecord
+from ..history.store import TERMINAL, RunRecord
 from . import trials as T
 from .sampling import BayesianParameterSampling
 
@@ -21,8 +21,8 @@ __all__ = ["prepare_sweep", "submit_sweep", "resume_sweep", "sweep_dry_run", "sw
 
 def _hosts(estimator: Any) -> list[list[Any]] | None:
     """Every host the sweep may spread its trials over (the spec records only a trial's first hosts)."""
-    from ..hosts import discover
-    from ..target import SlurmTarget, SSHTarget
+    from ..spec.hosts import discover
+    from ..spec.target import SlurmTarget, SSHTarget
 
     target = estimator.compute_target
     if isinstance(target, SSHTarget):

@@ -1,0 +1,486 @@
+"""Command line: ``python -m tflaunch run ...`` and ``python -m tflaunch runs list|show|logs|files|download|cancel``.
+
+Exit status: 0 success; for ``run`` attached, the run's outcome (0 Completed, the script's exit code,
+128+N when killed by signal N, 124 timeout, 130 Canceled, 1 other failures); 2 bad input; 1 other
+errors. Every error is one line on stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+from .. import __version__, textfmt
+from .job import add_job_options, estimator_from_args
+from .job import store_from_args as _store
+from .job import key_value as _key_value
+from .job import positive_float as _positive_float
+from ..errors import SpecError, TflaunchError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
+    from typing import Any, NoReturn, Sequence
+
+log = logging.getLogger("tflaunch")
+
+_RUN_EPILOG = """\
+Everything after ENTRY goes to the script unchanged (a "--" right after ENTRY is dropped).
+Examples:
+  python -m tflaunch run --source-dir ./proj train.py -- --batch-size 50 --learning-rate 0.01
+  python -m tflaunch run --detach --timeout 3600 train.py --epochs 10
+  python -m tflaunch run --dry-run --json train.py
+  python -m tflaunch run --nodes 1 --procs-per-node 8 train.py
+  python -m tflaunch run --hosts node1:4,node2:4 train.py
+  python -m tflaunch run --hostfile hosts.txt --nodes 2 --procs-per-node 2 train.py
+  python -m tflaunch run --backend multiworker train.py          # inside sbatch/salloc: one srun step
+  python -m tflaunch run --slurm --partition gpu --time 02:00:00 --nodes 2 --procs-per-node 4 --detach train.py
+  python -m tflaunch run --pip keras --pip 'scikit-learn>=1.3' train.py      # in an environment built once
+  python -m tflaunch run --backend mpi --framework-version 2.15 --pip horovod --hosts a,b train_hvd.py
+  python -m tflaunch run --no-index --find-links /srv/wheelhouse --requirements requirements.txt train.py
+  python -m tflaunch run --hosts a,b --setup 'module load cuda/12.4' --data mnist=/shared/mnist:download \\
+      train.py -- --data-folder '{data:mnist}'
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--home", default=argparse.SUPPRESS, metavar="DIR",
+                        help="run store (default: $TFLAUNCH_HOME, else ~/.tflaunch)")
+    common.add_argument("--log-level", default=argparse.SUPPRESS, metavar="LEVEL",
+                        choices=["debug", "info", "warning", "error"], help="tflaunch's own messages (default: info)")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common()
+    parser = _Parser(prog="tflaunch", parents=[common],
+                     description="Run TensorFlow/Keras training locally with a file-based run history.")
+    parser.add_argument("--version", action="version", version=f"tflaunch {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    run = commands.add_parser("run", parents=[common], help="run a training script and record it",
+                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_RUN_EPILOG)
+    add_job_options(run)
+    run.set_defaults(func=cmd_run)
+
+    runs = commands.add_parser("runs", parents=[common], help="inspect and manage recorded runs")
+    sub = runs.add_subparsers(dest="runs_command", metavar="SUBCOMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("list", parents=[common], help="list runs, newest first")
+    p.add_argument("--experiment", "-e", metavar="NAME", help="only this experiment")
+    p.add_argument("--status", action="append", metavar="STATUS", help="only runs in this status (repeatable)")
+    p.add_argument("--limit", type=int, default=0, metavar="N", help="at most N runs (default: all)")
+    p.add_argument("--metric", action="append", default=[], metavar="NAME",
+                   help="show the latest value of this metric (repeatable)")
+    p.add_argument("--parent", metavar="SWEEP", help="only the trials of this sweep")
+    p.add_argument("--json", action="store_true", help="print a JSON array of run objects")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("show", parents=[common], help="show one run")
+    p.add_argument("run", metavar="RUN", help="run id (or a unique prefix or suffix of one)")
+    p.add_argument("--json", action="store_true", help="print the run object as JSON")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("logs", parents=[common], help="print a run's output (stdout and stderr)")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing until the run ends")
+    p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("files", parents=[common], help="list a run's files (outputs/, logs/, tflaunch_logs/)")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("--json", action="store_true", help="print a JSON array of {name, size}")
+    p.set_defaults(func=cmd_files)
+
+    p = sub.add_parser("download", parents=[common], help="copy a run's file or directory")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("name", metavar="NAME", help="file name as `runs files` prints it, e.g. outputs/model.keras")
+    p.add_argument("dest", nargs="?", metavar="DEST", help="destination file or directory (default: ./BASENAME)")
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("cancel", parents=[common], help="cancel a run (SIGTERM, then SIGKILL after its grace)")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("--wait", action="store_true", help="wait until the run has ended")
+    p.set_defaults(func=cmd_cancel)
+
+    from .tracking import add_commands, add_runs_commands
+    add_runs_commands(sub, common)
+    add_commands(commands, common, _key_value, _Parser)
+    from . import doctor as cli_doctor, env as cli_env
+    cli_env.add_commands(commands, common, _Parser)  # env list|show|build|rm
+    cli_doctor.add_command(commands, common, _positive_float)  # doctor
+    from . import sweep as cli_sweep
+    cli_sweep.add_commands(commands, common, _Parser)  # sweep [start]|show|cancel|resume
+    return parser
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ..launch.local import discard_agent
+    from ..history.snapshot import SnapshotLimits
+    from ..history.store import exit_code_for
+    from ..submit import SubmitOptions, create_run, dry_run, prepare
+    from ..supervise import Supervisor, prestart_agents, spawn_detached
+
+    if args.json and not args.dry_run:
+        raise SpecError("--json goes with --dry-run (use `runs show --json` for a run's record)")
+    if args.detach and args.dry_run:
+        raise SpecError("--detach and --dry-run exclude each other")
+    estimator = estimator_from_args(args)
+    limits = None
+    if args.snapshot_max_mb is not None or args.snapshot_max_files is not None:
+        limits = SnapshotLimits.from_env(args.snapshot_max_mb, args.snapshot_max_files)
+    options = SubmitOptions(experiment=args.experiment, home=getattr(args, "home", None), tags=dict(args.tag),
+                            limits=limits, grace=args.grace, scratch=args.scratch)
+    agents = {}
+    if not (args.dry_run or args.detach or args.slurm):  # their start-up (an ssh login) overlaps the snapshot
+        agents = prestart_agents(estimator.resolved_target(), args.python or sys.executable)
+    try:
+        prepared = prepare(estimator, options)
+        if args.dry_run:
+            plan = dry_run(prepared)
+            if args.json:
+                _print_json(plan)
+            else:
+                _print_plan(plan)
+            return 0
+        if args.slurm:
+            from ..submit import submit_slurm
+            record = submit_slurm(prepared)
+            job = (record.read_status(check_lease=False) or {}).get("slurm", {}).get("job_id")
+            if args.detach:
+                sys.stdout.write(record.id + "\n")
+                log.info("run %s: Slurm job %s, Queued (follow it with `tflaunch runs show %s`)", record.id, job,
+                         record.id)
+                return 0
+            log.info("run %s (experiment %s): submitted as Slurm job %s, record %s", record.id, args.experiment,
+                     job, record.dir)
+            final = _follow_submitted(record)
+            _report_end(final)
+            return exit_code_for(final)
+        record = create_run(prepared)
+        if args.detach:
+            spawn_detached(record)
+            sys.stdout.write(record.id + "\n")
+            return 0
+        log.info("run %s (experiment %s), record %s", record.id, args.experiment, record.dir)
+        supervisor, agents = Supervisor(record, stream=True, agents=agents), {}
+    finally:
+        for conn in agents.values():
+            discard_agent(conn.popen)
+    final = supervisor.run()
+    _report_end(final)
+    return exit_code_for(final)
+
+
+def _follow_submitted(record: Any) -> dict[str, Any]:
+    """An attached ``run --slurm``: report the run's states, stream its output once it runs, return its
+    final run object. Ctrl-C cancels the job (scancel); a second Ctrl-C leaves without waiting."""
+    from ..history.store import TERMINAL
+    from ..submit import cancel_run
+    from ..tail import follow_files
+
+    shown: list[Any] = [None]
+    interrupts = 0
+
+    def state() -> dict[str, Any]:
+        status = record.read_status() or {}
+        info = status.get("slurm") or {}
+        queued = status.get("status") == "Queued"
+        key = (status.get("status"), info.get("reason") if queued else None)
+        if key != shown[0]:
+            shown[0] = key
+            detail = f" (Slurm job {info.get('job_id')}: {info.get('state')}, {info['reason']})" \
+                if queued and info.get("state") and info.get("reason") else ""
+            log.info("run %s: %s%s", record.id, status.get("status"), detail)
+        return status
+
+    def finished() -> bool:
+        return state().get("status") in TERMINAL
+
+    def files():
+        return [(path, sys.stdout if kind == "stdout" else sys.stderr, prefix)
+                for path, kind, prefix in record.process_log_streams()]
+
+    while True:
+        try:
+            follow_files(files, finished, interval=0.5)
+            return record.read_status() or {}
+        except KeyboardInterrupt:
+            interrupts += 1
+            if interrupts > 1:
+                raise
+            log.info("canceling run %s (scancel); Ctrl-C again to stop waiting", record.id)
+            cancel_run(record, "interrupted (Ctrl-C)")
+
+
+def _report_end(run: dict[str, Any]) -> None:
+    from ..history.store import with_duration
+    duration = with_duration(run).get("duration_seconds")
+    took = f" after {duration:.1f} s" if isinstance(duration, (int, float)) else ""
+    error = run.get("error") or {}
+    detail = f": {error.get('message')}" if error else (f": {run['cancel_reason']}" if run.get("cancel_reason") else "")
+    log.info("run %s %s%s%s", run.get("id"), run.get("status"), took, detail)
+
+
+def _print_plan(plan: dict[str, Any]) -> None:
+    import shlex
+    snap = plan["snapshot"]
+    lines = ["dry run: nothing started, nothing written",
+             f"experiment: {plan['experiment']}   home: {plan['home']}",
+             f"snapshot:   {snap['source_directory']} ({snap['file_count']} files, {snap['total_bytes']} bytes)"]
+    lines += [f"  note: {n}" for n in snap["notes"]]
+    lines.append("hosts:      " + ", ".join(f"{h['name']} ({h['slots']} slots{', this machine' if h['local'] else ''})"
+                                          for h in plan["hosts"]))
+    if plan.get("slurm"):
+        lines.append(f"slurm:      submitted with: {shlex.join(plan['slurm']['sbatch'])} "
+                     f"({plan['slurm']['note']}); the batch script:")
+        lines += [f"  | {line}" for line in plan["slurm"]["script"].rstrip("\n").splitlines()]
+    env = plan.get("environment")
+    if env:
+        lines.append(f"environment: {env['key']} ({env['status']}) under {env['root']}"
+                     + (f", interpreter {env['python']}" if env.get("python") else ""))
+        request = env.get("request") or {}
+        if request.get("requirements"):
+            lines.append("  packages: " + " ".join(request["requirements"]))
+    for line in plan.get("setup_commands") or ():
+        lines.append(f"setup:      {line}")
+    for item in plan.get("inputs") or ():
+        lines.append(f"input:      {item['name']} = {', '.join(item['paths'])} ({item['mode']})")
+    launcher = plan.get("launcher")
+    if launcher:
+        mpi = launcher["mpi"]
+        lines.append(f"launcher:   {mpi['flavour']} {mpi['version']} ({mpi['path']}), every rank through the "
+                     "rank wrapper (TFLAUNCH_RANK etc. from the MPI variables):")
+        lines.append(f"  argv: {shlex.join(launcher['argv'])}")
+        lines.append("  env forwarded to the ranks:")
+        lines += [f"    {k}={shlex.quote(v)}" for k, v in launcher["env"].items()]
+        lines += [f"  writes: {name}" for name in launcher["files"]]
+        lines += [f"rank {p['rank']} on {p['host']}" for p in plan["processes"]]
+        sys.stdout.write("\n".join(lines) + "\n")
+        return
+    for p in plan["processes"]:
+        role = f" ({p['role']} {p['index']})" if "TF_CONFIG" in p["env"] else ""
+        lines.append(f"process rank {p['rank']}{role} on {p['host']}:")
+        lines.append(f"  argv: {shlex.join(p['argv'])}")
+        lines.append(f"  cwd:  {p['cwd']}")
+        lines.append("  env added:")
+        lines += [f"    {k}={shlex.quote(v)}" for k, v in p["env"].items()]
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    store = _store(args)
+    limit = args.limit if args.limit and args.limit > 0 else None
+    parent = store.run(args.parent).id if args.parent else None
+    if args.json and parent is None:
+        sys.stdout.write(store.list_runs_json(args.experiment, args.status, limit) + "\n")
+        return 0
+    runs = store.list_runs(args.experiment, args.status, None if parent else limit)
+    if parent is not None:
+        runs = [r for r in runs if r.get("parent") == parent][:limit]
+        if args.json:
+            _print_json(runs)
+            return 0
+    sweeps = any(r.get("kind") == "sweep" or r.get("parent") for r in runs)
+    rows = [("ID", "EXPERIMENT", "STATUS", "CREATED (UTC)", "DURATION", "EXIT", *(("SWEEP",) if sweeps else ()),
+             *[m.upper() for m in args.metric])]
+    for r in runs:
+        code = r.get("exit_code")
+        latest = r.get("metrics") or {}
+        where = ()
+        if sweeps:  # a sweep is "sweep (N trials)", a trial "PARENT#N"
+            where = (f"sweep ({(r.get('sweep') or {}).get('trials', '?')} trials)" if r.get("kind") == "sweep"
+                     else f"{r['parent'][-8:]}#{r.get('trial')}" if r.get("parent") else "",)
+        rows.append((r["id"], r.get("experiment", ""), r.get("status", ""), textfmt.timestamp(r.get("created")),
+                     textfmt.duration(r.get("duration_seconds")),
+                     str(code) if code is not None else (r.get("signal") or "-"), *where,
+                     *[textfmt.value(latest.get(m)) for m in args.metric]))
+    sys.stdout.write(textfmt.table(rows))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    import shlex
+    from ..history.store import describe
+    run = describe(_store(args).run(args.run))
+    if args.json:
+        _print_json(run)
+        return 0
+    error = run.get("error") or {}
+    lines = [
+        f"id:          {run['id']}",
+        f"experiment:  {run.get('experiment')}",
+        f"status:      {run.get('status')}" + (f" ({error.get('reason')})" if error else ""),
+        f"created:     {textfmt.timestamp(run.get('created'))}",
+        f"started:     {textfmt.timestamp(run.get('started'))}",
+        f"ended:       {textfmt.timestamp(run.get('ended'))}",
+        f"duration:    {textfmt.duration(run.get('duration_seconds'))}",
+        f"exit code:   {run.get('exit_code') if run.get('exit_code') is not None else (run.get('signal') or '-')}",
+        f"command:     {shlex.join([run.get('entry_script') or '?', *run.get('arguments', [])])}",
+        f"source:      {run.get('source_directory')}",
+        f"record:      {run.get('run_dir')}",
+    ]
+    if run.get("kind") == "sweep":
+        summary = run.get("sweep") or {}
+        best = summary.get("best") or {}
+        lines.append(f"sweep:       {summary.get('trials', 0)} trials ("
+                     + ", ".join(f"{n} {st}" for st, n in sorted((summary.get("counts") or {}).items())) + ")"
+                     + (f", best {summary.get('primary_metric_name')} {textfmt.value(best.get('value'))} in trial "
+                        f"{best.get('index')} ({best.get('run_id')})" if best else "")
+                     + f"; see `tflaunch sweep show {run['id']}`")
+    elif run.get("parent"):
+        lines.append(f"sweep:       trial {run.get('trial')} of {run['parent']}: "
+                     + " ".join(f"{k}={v}" for k, v in (run.get("hyperparameters") or {}).items()))
+    slurm = run.get("slurm") or {}
+    if slurm.get("job_id"):
+        state = ", ".join(str(slurm[k]) for k in ("state", "reason") if slurm.get(k))
+        how = "submitted by tflaunch" if slurm.get("submitted") else "run inside it"
+        lines.append(f"slurm job:   {slurm['job_id']} ({how}{'; ' + state if state else ''})"
+                     + (f"   script: {slurm['script']}" if slurm.get("script") else ""))
+    git = run.get("git") or {}
+    if git.get("status") == "ok":
+        lines.append(f"git:         {git.get('commit') or '(no commit)'}"
+                     + (f" ({git['branch']})" if git.get("branch") else " (detached)")
+                     + (f", uncommitted changes in {git['patch']}" if git.get("patch")
+                        else ", uncommitted changes" if git.get("dirty") else "")
+                     + (f"   remote: {git['remote']}" if git.get("remote") else ""))
+    elif git.get("status") == "unknown":
+        lines.append(f"git:         unknown ({git.get('reason')})")
+    env = run.get("environment") or {}
+    if env.get("key"):
+        lines.append(f"environment: {env['key'][:20]} ({'built for this run' if env.get('built') else 'reused'}"
+                     f"{', ' + str(env['builder']) if env.get('builder') else ''}, {env.get('packages', 0)} packages "
+                     f"of its own)   python: {env.get('python')}")
+        if env.get("freeze"):
+            frozen = env["freeze"]
+            lines.append("packages:    " + ", ".join(frozen[:12]) + (f" (+{len(frozen) - 12} more: `runs show "
+                                                                      f"--json`)" if len(frozen) > 12 else ""))
+    for item in run.get("inputs") or ():
+        counted = f", {item['files']} files, {item['bytes']} bytes" if item.get("files") is not None else ""
+        lines.append(f"input:       {item['name']} = {item['path']} ({item['mode']}{counted})")
+    if run.get("metrics"):
+        shown = list(run["metrics"].items())
+        lines.append("metrics:     " + ", ".join(f"{k}={textfmt.value(v)}" for k, v in shown[:8])
+                     + (f" (+{len(shown) - 8} more: `tflaunch runs metrics {run['id'][-8:]}`)" if len(shown) > 8 else ""))
+    if run.get("cancel_reason"):
+        lines.append(f"canceled:    {run['cancel_reason']}")
+    if error:
+        lines.append(f"error:       {error.get('message')}")
+        if error.get("stderr_tail"):
+            lines.append("stderr tail:")
+            lines += [f"  {line}" for line in error["stderr_tail"].splitlines()]
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from ..history.store import TERMINAL
+    from ..tail import follow_files
+    record = _store(args).run(args.run)
+
+    def files():
+        return [(path, sys.stdout if kind == "stdout" else sys.stderr, prefix)
+                for path, kind, prefix in record.process_log_streams()]
+
+    if args.follow:
+        follow_files(files, lambda: (record.read_status() or {}).get("status") in TERMINAL)
+    else:
+        follow_files(files, lambda: True)
+    return 0
+
+
+def cmd_files(args: argparse.Namespace) -> int:
+    files = _store(args).run(args.run).file_names()
+    if args.json:
+        _print_json([{"name": name, "size": size} for name, size in files])
+    else:
+        for name, size in files:
+            sys.stdout.write(f"{size:>12}  {name}\n")
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from ..history.store import download
+    target = download(_store(args).run(args.run), args.name, args.dest)
+    sys.stdout.write(target + "\n")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from ..history.store import TERMINAL
+    from ..submit import cancel_run
+    record = _store(args).run(args.run)
+    status = cancel_run(record, "canceled with `tflaunch runs cancel`")
+    if status.get("status") in TERMINAL:
+        sys.stdout.write(f"run {record.id} is already {status['status']}; nothing to cancel\n")
+        return 0
+    if not args.wait:
+        sys.stdout.write(f"cancel requested for run {record.id} (status: {status.get('status')})\n")
+        return 0
+    while True:
+        status = record.read_status() or {}
+        if status.get("status") in TERMINAL:
+            sys.stdout.write(f"run {record.id} {status['status']}\n")
+            return 0
+        time.sleep(0.2)
+
+
+# --------------------------------------------------------------------------------------------------
+def _setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("tflaunch: %(message)s" if level != "debug"
+                                           else "tflaunch: %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper()))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the process exit status."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="replace")  # type: ignore[attr-defined]
+        except (AttributeError, ValueError):
+            pass
+    parser = build_parser()
+    from .sweep import route
+    args = parser.parse_args(route(sys.argv[1:] if argv is None else argv))
+    _setup_logging(getattr(args, "log_level", "info"))
+    try:
+        return int(args.func(args) or 0)
+    except TflaunchError as exc:
+        sys.stderr.write(f"tflaunch: error: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("tflaunch: interrupted\n")
+        return 130
+    except BrokenPipeError:
+        try:
+            sys.stdout = open(os.devnull, "w")  # silence the flush at exit when the reader went away
+        except OSError:
+            pass
+        return 0
+    except OSError as exc:
+        sys.stderr.write(f"tflaunch: error: {exc}\n")
+        return 1
+    except Exception as exc:  # a bug: one line, the traceback on request
+        if os.environ.get("TFLAUNCH_DEBUG"):
+            raise
+        sys.stderr.write(f"tflaunch: internal error: {exc!r} (set TFLAUNCH_DEBUG=1 for the traceback)\n")
+        return 70

@@ -1,0 +1,110 @@
+"""What is shown of a run: the run object with its duration and what its script logged, the full
+description ``runs show`` prints, and copies of its files (``runs download``)."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+
+from .. import fsio
+from ..errors import PathSafetyError, StoreError
+from .layout import TERMINAL, parse_iso
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
+    from typing import Any
+
+    from .record import RunRecord
+
+__all__ = ["with_duration", "with_tracking", "describe", "download"]
+
+log = logging.getLogger(__name__)
+
+
+def with_duration(run: dict[str, Any]) -> dict[str, Any]:
+    """The run object plus ``duration_seconds`` (from started, else created, to ended or now)."""
+    out = dict(run)
+    start = parse_iso(run.get("started")) or parse_iso(run.get("created"))
+    end = parse_iso(run.get("ended")) or (None if run.get("status") in TERMINAL else time.time())
+    # never negative: a record whose clock went backwards (or written before ended was kept >= started)
+    out["duration_seconds"] = max(0.0, round(end - start, 3)) if start and end else None
+    return out
+
+
+def with_tracking(record: RunRecord, run: dict[str, Any]) -> dict[str, Any]:
+    """The run object plus what its script logged: ``metrics`` (the latest value of each scalar metric),
+    its tags merged over the submitted ones, and ``properties`` when it set any."""
+    from . import metrics
+
+    out = dict(run)
+    try:
+        out["metrics"] = metrics.latest(record.dir)
+        tags, properties = metrics.properties_and_tags(record.dir)
+    except (OSError, ValueError) as exc:
+        log.warning("run %s: cannot read its metrics: %s", record.id, exc)
+        return out
+    if tags:
+        out["tags"] = {**(run.get("tags") or {}), **tags}
+    if properties:
+        out["properties"] = properties
+    return out
+
+
+def describe(record: RunRecord) -> dict[str, Any]:
+    """Everything ``runs show --json`` prints: the run object plus what was run and where."""
+    status = record.read_status()
+    if status is None:
+        raise StoreError(f"run {record.id}: status.json is missing or unreadable")
+    definition = record.definition()
+    spec = definition.get("spec", {})
+    out = with_duration(with_tracking(record, status))
+    out.update({
+        "arguments": spec.get("arguments", []),
+        "source_directory": spec.get("source_directory"),
+        "python": spec.get("python"),
+        "environment_variables": sorted(spec.get("environment_variables", {})),
+        "use_gpu": spec.get("use_gpu"),
+        "timeout": spec.get("max_run_duration_seconds"),
+        "framework": definition.get("environment"),
+        "git": definition.get("git"),
+        "run_dir": record.dir,
+    })
+    if os.path.exists(record.path("early_termination.json")):  # a sweep's policy stopped this trial
+        try:
+            out["early_termination"] = fsio.read_json(record.path("early_termination.json"))
+        except (OSError, ValueError):
+            pass
+    if out.get("environment"):
+        try:  # the environment's own packages (pip freeze), as the first host had them
+            hosts = fsio.read_json(record.path("environment.json")).get("hosts") or {}
+            first = next(iter(hosts.values()), {})
+            out["environment"] = {**out["environment"], "path": first.get("path"),
+                                  "freeze": list(first.get("freeze") or [])}
+        except (OSError, ValueError, AttributeError, StopIteration):
+            pass
+    return out
+
+
+def download(record: RunRecord, name: str, dest: str | None = None) -> str:
+    """Copy run file (or directory) ``name`` to ``dest`` (default: its base name here); return the path."""
+    source = record.safe_path(name)
+    if not os.path.lexists(source):
+        raise PathSafetyError(f"run {record.id} has no file {name!r} (see `tflaunch runs files {record.id}`)")
+    base = os.path.basename(source.rstrip(os.sep)) or record.id
+    target = os.path.abspath(dest) if dest else os.path.abspath(base)
+    if os.path.isdir(target) and not os.path.isdir(source):
+        target = os.path.join(target, base)
+    try:
+        if os.path.isdir(source):
+            if os.path.exists(target):
+                target = os.path.join(target, base)
+            shutil.copytree(source, target, symlinks=True)
+        else:
+            parent = os.path.dirname(target)
+            if parent:
+                os.makedirs(parent, exist_ok=True)
+            shutil.copyfile(source, target)
+    except OSError as exc:
+        raise StoreError(f"cannot write {target}: {exc.strerror or exc}") from None
+    return target

@@ -1,0 +1,1 @@
+"""Planning, pure: hosts + spec -> the processes of a run (:mod:`.processes`), TF_CONFIG and task placement (:mod:`.tfconfig`), GPUs (:mod:`.gpus`), the distributions table (:mod:`.distributions`) and the MPI flavours' spellings (:mod:`.mpirun`)."""
