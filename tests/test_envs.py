@@ -427,7 +427,7 @@ def test_lock_of_another_machine_is_stale_only_without_heartbeat(parent, house, 
 _GRAB = r'''
 import sys, time
 sys.path.insert(0, sys.argv[1])
-from tflaunch._envbuild import Lock
+from tflaunch.remote.envbuild import Lock
 lock = Lock(sys.argv[2], sys.argv[3])
 while time.time() < float(sys.argv[4]):
     pass

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 WRITER = r"""
 import sys, os
 sys.path.insert(0, sys.argv[1])
-from tflaunch.store import Store, RUNNING, COMPLETED, now_iso
+from tflaunch.history.store import Store, RUNNING, COMPLETED, now_iso
 store = Store(sys.argv[2])
 big = {"payload": "x" * 200_000}
 print("writing", flush=True)  # killed at a random moment from here on, however long start-up took

@@ -195,7 +195,7 @@ def test_copy_across_filesystems_and_verify(home):
 CHILD = """
 import os, sys, time
 sys.path.insert(0, {repo!r})
-from tflaunch.models import register
+from tflaunch.history.models import register
 home, name, source, go = sys.argv[1:5]
 while go != "-" and not os.path.exists(go):
     time.sleep(0.001)

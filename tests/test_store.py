@@ -105,7 +105,7 @@ def test_dead_launcher_on_this_machine_means_failed(tmp_path):
     store = Store(tmp_path / "home")
     proc = subprocess.Popen([sys.executable, "-c",
                              "import sys; sys.path.insert(0, sys.argv[1]);"
-                             "from tflaunch.store import Store; r = Store(sys.argv[2]).create_run('e', {'spec': {}});"
+                             "from tflaunch.history.store import Store; r = Store(sys.argv[2]).create_run('e', {'spec': {}});"
                              "print(r.id, flush=True); import time; time.sleep(60)",
                              os.path.dirname(os.path.dirname(os.path.abspath(__file__))), store.home],
                             stdout=subprocess.PIPE, text=True)
@@ -126,7 +126,7 @@ def test_launcher_lost_after_its_last_heartbeat_never_ends_before_it_started(tmp
     store = Store(tmp_path / "home")
     proc = subprocess.Popen([sys.executable, "-c",
                              "import sys, time; sys.path.insert(0, sys.argv[1]);"
-                             "from tflaunch.store import Store, now_iso;"
+                             "from tflaunch.history.store import Store, now_iso;"
                              "r = Store(sys.argv[2]).create_run('e', {'spec': {}});"
                              "time.sleep(0.5); r.write_status('Running', started=now_iso());"
                              "print(r.id, flush=True); time.sleep(60)",
