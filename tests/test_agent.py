@@ -170,7 +170,7 @@ def test_reserved_ports_are_not_handed_out_again_while_leased(tmp_path):
     """A port is released when the processes start, seconds before a TensorFlow server binds it: the
     lease file keeps other runs on this host from being handed it meanwhile. 2,000 reservations whose
     sockets are closed at once would repeat ports without it (the kernel picks at random)."""
-    from tflaunch.remote.agent import PORT_LEASE, reserve_ports
+    from tflaunch.remote.agent_host import PORT_LEASE, reserve_ports
 
     seen = []
     for _ in range(100):

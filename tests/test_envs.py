@@ -3,6 +3,7 @@ from wheelhouses made in the tests (tests/infra/wheels.py), real concurrent proc
 a real full disk (a small tmpfs, as root)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -116,7 +117,7 @@ def test_local_wheel_requirement_and_its_content_in_the_key(parent, house, home,
     wheel = make_wheel(tmp_path / "local", "tfl-local", "1.0")
     req = request(parent, house, home, str(wheel))
     assert req.requirements == [f"tfl-local @ file://{wheel}"]
-    assert req.local_files == {str(wheel): _envbuild.hashlib.sha256(wheel.read_bytes()).hexdigest()}
+    assert req.local_files == {str(wheel): hashlib.sha256(wheel.read_bytes()).hexdigest()}
     key = req.key
     make_wheel(tmp_path / "local", "tfl-local", "1.0", module_source="VALUE = 2\n")  # same name, new content
     assert request(parent, house, home, str(wheel)).key != key

@@ -16,6 +16,7 @@ import subprocess
 import time
 
 from .doctor_report import HostCheck
+from .launch import agent_source
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
@@ -38,15 +39,6 @@ SLURM_TASK = (
     "sys.stdout.write('" + MARK + "'+json.dumps({'node':os.environ.get('SLURMD_NODENAME') or os.uname().nodename,"
     "'hostname':os.uname().nodename,'python':sys.version.split()[0],'report':r})+'\\n')\n"
 )
-
-
-def _agent_source() -> str:
-    from .remote import agent
-
-    source = agent.__loader__.get_source(agent.__name__)  # type: ignore[union-attr]
-    if source is None:
-        raise RuntimeError("the source of tflaunch/remote/agent.py is not available")
-    return source
 
 
 def check_slurm(request: Mapping[str, Any], *, python: str, nodes: int, partition: str | None = None,
@@ -75,7 +67,7 @@ def check_slurm(request: Mapping[str, Any], *, python: str, nodes: int, partitio
         argv.append("--nodelist=" + ",".join(expected))
     argv += [python, "-I", "-S", "-c", SLURM_TASK]
     full_env = dict(os.environ if env is None else env)
-    full_env["TFLAUNCH_DOCTOR_AGENT"] = _agent_source()
+    full_env["TFLAUNCH_DOCTOR_AGENT"] = agent_source()
     full_env["TFLAUNCH_DOCTOR_REQUEST"] = json.dumps(dict(request))
     log.debug("doctor: %s", " ".join(argv[:-1]))
     started = time.monotonic()

@@ -275,10 +275,12 @@ _SOURCE: list[str] = []
 
 def _builder_source() -> str:
     if not _SOURCE:
-        source = _envbuild.__loader__.get_source(_envbuild.__name__)  # type: ignore[union-attr]
-        if not source:
-            raise EnvBuildError("cannot read the source of tflaunch.remote.envbuild")
-        _SOURCE.append(source)
+        from .remote.bundle import shipped_source
+
+        try:
+            _SOURCE.append(shipped_source(_envbuild.PARTS))
+        except RuntimeError as exc:
+            raise EnvBuildError(f"cannot read the source of tflaunch.remote.envbuild: {exc}") from None
     return _SOURCE[0]
 
 

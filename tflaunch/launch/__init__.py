@@ -15,7 +15,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
     from typing import IO, Any
 
-__all__ = ["AgentConnection", "agent_payload", "BOOTSTRAP"]
+__all__ = ["AgentConnection", "agent_payload", "agent_source", "BOOTSTRAP"]
 
 # Run by `python -I -S -c BOOTSTRAP`: reads the agent's source (length-prefixed) from stdin and runs it.
 # One line, no single quotes: it travels inside '...' through whatever login shell a remote host has.
@@ -30,14 +30,18 @@ def _framed(data: bytes) -> bytes:
     return b"%010d" % len(data) + data
 
 
+def agent_source() -> str:
+    """The agent as the hosts run it: its parts joined into one program (read from a directory or from the
+    zipapp alike)."""
+    from ..remote import agent
+    from ..remote.bundle import shipped_source
+
+    return shipped_source(agent.PARTS)
+
+
 def agent_payload(setup: dict[str, Any]) -> bytes:
     """What to write to a freshly started BOOTSTRAP interpreter: the agent's source, then the setup."""
-    from ..remote import agent  # its loader reads the file from a directory or from the zipapp alike
-
-    source = agent.__loader__.get_source(agent.__name__)  # type: ignore[union-attr]
-    if source is None:
-        raise RuntimeError("the source of tflaunch/remote/agent.py is not available")
-    return _framed(source.encode("utf-8")) + _framed(json.dumps(setup).encode("ascii"))
+    return _framed(agent_source().encode("utf-8")) + _framed(json.dumps(setup).encode("ascii"))
 
 
 class AgentConnection:
