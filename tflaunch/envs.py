@@ -275,10 +275,10 @@ _SOURCE: list[str] = []
 
 def _builder_source() -> str:
     if not _SOURCE:
-        from .remote.bundle import shipped_source
+        from .remote.bundle import ENVBUILD, shipped_source
 
         try:
-            _SOURCE.append(shipped_source(_envbuild.PARTS))
+            _SOURCE.append(shipped_source(ENVBUILD))
         except RuntimeError as exc:
             raise EnvBuildError(f"cannot read the source of tflaunch.remote.envbuild: {exc}") from None
     return _SOURCE[0]

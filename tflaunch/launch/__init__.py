@@ -33,10 +33,9 @@ def _framed(data: bytes) -> bytes:
 def agent_source() -> str:
     """The agent as the hosts run it: its parts joined into one program (read from a directory or from the
     zipapp alike)."""
-    from ..remote import agent
-    from ..remote.bundle import shipped_source
+    from ..remote.bundle import AGENT, shipped_source
 
-    return shipped_source(agent.PARTS)
+    return shipped_source(AGENT)
 
 
 def agent_payload(setup: dict[str, Any]) -> bytes:

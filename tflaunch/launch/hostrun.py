@@ -10,9 +10,10 @@ if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
     from ..plan.processes import ProcessPlan
     from . import AgentConnection
 
-__all__ = ["HostRun", "LaunchFailure", "ORPHAN_GRACE"]
+__all__ = ["HostRun", "LaunchFailure", "ORPHAN_GRACE", "LAUNCHER_INDEX"]
 
 ORPHAN_GRACE = 2.0  # an agent whose launcher is gone stops the run's processes after this long
+LAUNCHER_INDEX = -1  # the one process that starts every rank (mpirun, an srun step): its index (ranks are 0..N-1)
 
 
 class LaunchFailure(Exception):

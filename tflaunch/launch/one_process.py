@@ -16,7 +16,7 @@ from .demux import Demux
 from ..spec.hosts import is_local
 from ..history.store import LOG_DIR
 from . import AgentConnection
-from .hostrun import HostRun
+from .hostrun import LAUNCHER_INDEX, HostRun
 from .launcher import Launcher
 from .local import spawn_agent
 
@@ -33,7 +33,6 @@ __all__ = ["OneProcessLauncher", "LAUNCHER_INDEX", "MPIRUN_LOG", "SRUN_LOG", "PE
 
 log = logging.getLogger(__name__)
 
-LAUNCHER_INDEX = -1  # the launcher process's index in the agent protocol (ranks are 0..N-1)
 MPIRUN_LOG = f"{LOG_DIR}/mpirun.log"
 SRUN_LOG = f"{LOG_DIR}/srun.log"  # an srun step's own messages
 PER_RANK = ("TFLAUNCH_RANK", "TFLAUNCH_LOCAL_RANK", "TFLAUNCH_NODE_RANK")  # set by the rank wrapper

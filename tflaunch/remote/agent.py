@@ -15,7 +15,7 @@ It uses the standard library only, because it is shipped to the host as source t
 connection (nothing is installed on the host beforehand): this module and its parts,
 :mod:`tflaunch.remote.agent_host` (the host: ports, GPUs, the report, a run's processes by token) and
 :mod:`tflaunch.remote.agent_run` (output relay, processes, helpers, files), joined into ONE program by
-:func:`tflaunch.remote.bundle.shipped_source` (:data:`PARTS`).
+:func:`tflaunch.remote.bundle.shipped_source` (:data:`tflaunch.remote.bundle.AGENT`).
 
 Protocol. stdin: the setup (10 ASCII digits giving its length, then JSON), then commands, one JSON
 object per line; a command with ``"n": N`` is followed by N raw bytes. stdout: events, same framing.
@@ -58,10 +58,7 @@ import sys
 from .agent_host import PORT_LEASE, find_gpus, host_report, lease_dir, rank_dir, run_pids, stop_run  # joined when shipped
 from .agent_run import Files, Helpers, Processes, Relay  # joined when shipped
 
-__all__ = ["Agent", "main", "PARTS", "PORT_LEASE", "find_gpus", "host_report", "rank_dir", "run_pids", "stop_run"]
-
-# the modules shipped as this one program, in order (see tflaunch.remote.bundle)
-PARTS = ("tflaunch.remote.agent_host", "tflaunch.remote.agent_run", "tflaunch.remote.agent")
+__all__ = ["Agent", "main", "PORT_LEASE", "find_gpus", "host_report", "rank_dir", "run_pids", "stop_run"]
 
 
 class Agent:

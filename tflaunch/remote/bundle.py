@@ -2,21 +2,47 @@
 builder are on a host (``python -I -S -c SOURCE``, or the agent's BOOTSTRAP reading it from its stdin),
 where nothing of tflaunch is installed.
 
-:func:`shipped_source` joins the parts in order, drops each part's imports of the others (the lines
-marked ``# joined when shipped``: in the joined program their names are already defined) and puts the
-last part's docstring (the program's ``__doc__``) and a ``from __future__`` import, which must come
-first, once at the top. The parts are ordinary modules here
-(tested and imported one by one); each may use only the standard library and the parts before it.
+:func:`shipped_source` joins the parts in order (:data:`AGENT`, :data:`ENVBUILD`), drops each part's
+imports of the others (the lines marked ``# joined when shipped``: in the joined program their names are
+already defined) and puts the last part's docstring (the program's ``__doc__``) and a ``from __future__``
+import, which must come first, once at the top. The parts are ordinary modules here (tested and imported
+one by one); each may use only the standard library and the parts before it. Their sources are read,
+not imported (the launcher does not run the agent's code to ship it).
 """
 from __future__ import annotations
 
-import importlib
+import importlib.util
 
-__all__ = ["shipped_source", "JOINED"]
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
+    from typing import Any
 
+__all__ = ["shipped_source", "AGENT", "ENVBUILD", "JOINED"]
+
+AGENT = ("tflaunch.remote.agent_host", "tflaunch.remote.agent_run", "tflaunch.remote.agent")
+ENVBUILD = ("tflaunch.remote.envbuild_base", "tflaunch.remote.envbuild_packages", "tflaunch.remote.envbuild")
 JOINED = "# joined when shipped"
 _FUTURE = "from __future__ import annotations"
 _CACHE: dict[tuple[str, ...], str] = {}
+
+
+def _source(name: str) -> str:
+    spec = importlib.util.find_spec(name)
+    loader: Any = spec.loader if spec is not None else None
+    source = loader.get_source(name) if loader is not None else None
+    if not source:
+        raise RuntimeError(f"the source of {name} is not available: reinstall tflaunch")
+    return source
+
+
+def _docstring(source: str) -> tuple[str, str]:
+    """(the module's leading docstring literal, the rest); the parts start with a triple-quoted one."""
+    for quote in ('"""', "'''"):
+        if source.startswith(quote):
+            end = source.find(quote, 3)
+            if end > 0:
+                return source[:end + 3], source[end + 3:]
+    return "", source
 
 
 def shipped_source(parts: tuple[str, ...]) -> str:
@@ -25,12 +51,12 @@ def shipped_source(parts: tuple[str, ...]) -> str:
     if found is not None:
         return found
     future = False
+    doc = ""
     chunks = []
-    for name in parts:
-        module = importlib.import_module(name)
-        source = module.__loader__.get_source(module.__name__)  # type: ignore[union-attr]
-        if not source:
-            raise RuntimeError(f"the source of {name} is not available: reinstall tflaunch")
+    for i, name in enumerate(parts):
+        source = _source(name)
+        if i == len(parts) - 1:
+            doc, source = _docstring(source)
         kept = []
         for line in source.splitlines(keepends=True):
             if line.rstrip().endswith(JOINED):
@@ -39,10 +65,7 @@ def shipped_source(parts: tuple[str, ...]) -> str:
                 future = True
                 continue
             kept.append(line)
-        chunks.append(f"# ---- {name}\n" + "".join(kept).rstrip() + "\n")
-    import ast
-
-    doc = ast.get_docstring(ast.parse(source), clean=False)  # the main module's (the last part): __doc__
-    joined = (f"{doc!r}\n" if doc else "") + (_FUTURE + "\n" if future else "") + "\n\n".join(chunks)
+        chunks.append(f"# ---- {name}\n" + "".join(kept).strip("\n") + "\n")
+    joined = (doc + "\n" if doc else "") + (_FUTURE + "\n" if future else "") + "\n\n".join(chunks)
     _CACHE[parts] = joined
     return joined

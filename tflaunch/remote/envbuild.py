@@ -4,7 +4,7 @@ Self-contained on purpose: standard library only, nothing of tflaunch is importe
 ship its source to a host that has only the job's Python (``python -I -S -c SOURCE JSON``, see
 :func:`tflaunch.envs.builder_command`): this module and its parts :mod:`tflaunch.remote.envbuild_base`
 (keys, utilities, the log, the lock) and :mod:`tflaunch.remote.envbuild_packages` (what is installed, pip
-and uv, Horovod), joined into one program (:data:`PARTS`, :mod:`tflaunch.remote.bundle`). Its stdout and stderr are the build log; the last stdout line is
+and uv, Horovod), joined into one program (:data:`tflaunch.remote.bundle.ENVBUILD`). Its stdout and stderr are the build log; the last stdout line is
 ``TFLAUNCH_ENV_RESULT <json>`` or ``TFLAUNCH_ENV_ERROR <json {"message"}>`` (then the exit status is 1).
 
 Layout under the root (``<home>/envs`` or a node-local ``/tmp/tflaunch-<uid>/envs``)::
@@ -49,13 +49,10 @@ from .envbuild_packages import cached_wheel, freeze, horovod_cache_dir, horovod_
 from .envbuild_packages import pip_install, pip_runner, query_python, remove_shadows  # joined when shipped
 from .envbuild_packages import tool_env, tools_dir, uv_install, write_shadows  # joined when shipped
 
-__all__ = ["build_main", "main", "env_ready", "touch", "PARTS",  # and, for the launcher, from the parts:
+__all__ = ["build_main", "main", "env_ready", "touch",  # and, for the launcher, from the parts:
            "DEFAULT_LOCK_TIMEOUT", "ERROR_MARK", "FORMAT", "Lock", "RESULT_MARK", "SHORT", "TF_DISTRIBUTIONS",
            "local_identity", "now_iso", "process_start_time", "read_json", "request_key", "cached_wheel",
            "horovod_cache_dir"]
-
-# the modules shipped as this one program, in order (see tflaunch.remote.bundle)
-PARTS = ("tflaunch.remote.envbuild_base", "tflaunch.remote.envbuild_packages", "tflaunch.remote.envbuild")
 
 
 # -- the build -----------------------------------------------------------------------------------------------

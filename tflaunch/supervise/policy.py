@@ -16,7 +16,7 @@ import logging
 import signal
 import time
 
-from ..launch.one_process import LAUNCHER_INDEX
+from ..launch.hostrun import LAUNCHER_INDEX
 from ..history.store import CANCELED, COMPLETED, FAILED
 
 TYPE_CHECKING = False
