@@ -26,8 +26,8 @@ def _session(record, target=None):
     spec = JobSpec.from_dict(record.definition()["spec"])
     if target is not None:
         spec.compute_target = target
-    return Session(record, spec, scheduler_for(record, spec.compute_target), grace=1, work_dir=record.work_dir,
-                   stream=False, stdout=sys.stdout, stderr=sys.stderr)
+    return Session(record, spec, scheduler_for(record, spec.compute_target), experiment="default", grace=1,
+                   work_dir=record.work_dir, stream=False, stdout=sys.stdout, stderr=sys.stderr)
 
 
 def test_every_launcher_in_the_table_is_a_launcher():

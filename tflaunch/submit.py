@@ -104,11 +104,12 @@ def prepare(estimator: Estimator, options: SubmitOptions) -> Prepared:
         spec = replace(spec, environment_variables={**submitter.check(spec), **spec.environment_variables})
     hosts = target_hosts(spec.compute_target)[:spec.node_count]
     gpus = known_gpus(spec, hosts)
-    if distribution(spec.distributed).launcher == "mpirun":
+    mpi = distribution(spec.distributed).launcher == "mpirun"
+    if mpi:
         spec = replace(spec, distributed={**spec.distributed, **find_mpi(spec)})
     run_id = Store.new_run_id()
     processes = plan(spec, run_context(store, options, run_id), hosts, gpus=gpus)  # too few GPUs: SpecError
-    if distribution(spec.distributed).launcher == "mpirun":
+    if mpi:
         from .launch.mpi import launch_for  # the flavour can express the job
         launch_for(spec, processes, run_id, remote=not all(is_local(h.name) for h in hosts))
     check_inputs(spec, hosts)

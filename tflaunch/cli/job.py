@@ -203,7 +203,8 @@ def _estimator_packages(args: argparse.Namespace) -> dict[str, Any]:
 
 def _distributed(args: argparse.Namespace) -> Any:
     """The distributed_training object the --backend options describe (None for plain)."""
-    from ..spec import DEFAULT_EVALUATOR_GRACE, MultiWorkerConfiguration, TensorflowConfiguration
+    from ..spec import MultiWorkerConfiguration, TensorflowConfiguration
+    from ..spec.distributed_training import DEFAULT_EVALUATOR_GRACE
 
     given = [flag for flag, value in (("--workers", args.workers), ("--ps", args.ps)) if value is not None]
     given += [flag for flag, value in (("--chief", args.chief),) if value]
@@ -293,7 +294,7 @@ def _compute_target(args: argparse.Namespace, distributed: Any = None) -> tuple[
     if args.backend == "ps":
         ppn = 1  # the tasks are spread over the hosts by their slots
         if args.nodes is None:  # every given host, but not more hosts than tasks
-            from ..spec import world_size
+            from ..spec.jobspec import world_size
             nodes = max(1, min(nodes, world_size(1, 1, distributed.to_dict())))
     elif ppn is None:
         chosen = hosts[:nodes]

@@ -32,6 +32,7 @@ import time
 from .. import data
 from .host_environment import ENV_LOG, HostEnvironment
 from .phase_exec import PhaseExec, PrepFailure
+from .transfer import send_tar
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
@@ -288,8 +289,6 @@ class HostPrep:
 
 def _send_input(session: Session, item: dict[str, Any], targets: list[tuple[HostRun, str]]) -> None:
     """Send ``item`` as a tar stream to hosts that cannot see it (unpacked into ``dest``, owned there)."""
-    import threading
-
     missing = [p for p in item["paths"] if not os.path.exists(p)]
     if missing:
         names = ", ".join(run.name for run, _ in targets)
@@ -299,20 +298,7 @@ def _send_input(session: Session, item: dict[str, Any], targets: list[tuple[Host
     try:
         data.write_tar(item, path)
 
-        def send(run: HostRun, dest: str) -> None:
-            run.unpacked = False
-            with open(path, "rb") as fh:
-                while True:
-                    chunk = fh.read(1 << 20)
-                    if not chunk or not run.conn.send({"cmd": "data"}, chunk):
-                        break
-            run.conn.send({"cmd": "unpack", "dest": dest, "owned": True})
-
-        threads = [threading.Thread(target=send, args=target, daemon=True) for target in targets]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        send_tar(targets, path, owned=True)
     finally:
         try:
             os.unlink(path)

@@ -41,12 +41,12 @@ HELLO_MARGIN = 20.0  # beyond ssh's connect timeout: login, the remote interpret
 class Session:
     """One run being launched: what every launcher may read and the few things it may do."""
 
-    def __init__(self, record: RunRecord, spec: JobSpec, scheduler: Scheduler, *, grace: float, work_dir: str,
-                 stream: bool, stdout: TextIO, stderr: TextIO) -> None:
+    def __init__(self, record: RunRecord, spec: JobSpec, scheduler: Scheduler, *, experiment: str, grace: float,
+                 work_dir: str, stream: bool, stdout: TextIO, stderr: TextIO) -> None:
         from ..spec.target import target_hosts
 
         self.record = record
-        self.definition = record.definition()
+        self.experiment = experiment
         self.spec = spec
         self.scheduler = scheduler
         self.target: dict[str, Any] = spec.compute_target or {}
@@ -82,7 +82,7 @@ class Session:
     def context(self) -> RunContext:
         from ..pythonpath import library_path
 
-        return RunContext(run_id=self.record.id, experiment=self.definition["experiment"], run_dir=self.record.dir,
+        return RunContext(run_id=self.record.id, experiment=self.experiment, run_dir=self.record.dir,
                           work_dir=self.work_dir, home=self.record.store.home,
                           pythonpath=library_path(self.record.store.home))
 

@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
     from .hostrun import HostRun
     from .session import Session
 
-__all__ = ["upload", "collect_remote", "send_file"]
+__all__ = ["upload", "collect_remote", "send_file", "send_tar"]
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +30,28 @@ def send_file(run: HostRun, path: str) -> None:
                 break
 
 
+def send_tar(targets: list[tuple[HostRun, str]], path: str, owned: bool = False) -> None:
+    """Stream the tar file ``path`` to every (host, destination) at once, each unpacked there into its
+    destination (``owned``: the agent removes it when it ends); wait for ``unpacked`` afterwards."""
+    import threading
+
+    def send(run: HostRun, dest: str) -> None:
+        run.unpacked = False
+        send_file(run, path)
+        run.conn.send({"cmd": "unpack", "dest": dest, **({"owned": True} if owned else {})})
+
+    threads = [threading.Thread(target=send, args=target, daemon=True) for target in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def upload(session: Session, runs: list[HostRun]) -> None:
     """Copy the working directory to hosts that cannot see it (a tar stream over each connection)."""
     if not runs:
         return
     import tarfile
-    import threading
 
     from ..pythonpath import library_path
 
@@ -50,16 +66,9 @@ def upload(session: Session, runs: list[HostRun]) -> None:
         for name, directory in session.prep.wheelhouses(runs):  # for an environment built there
             tar.add(directory, arcname=name)
 
-    def send(run: HostRun) -> None:
-        send_file(run, path)
+    for run in runs:
         run.work_dir = os.path.join(run.hello["scratch"], "work")
-        run.conn.send({"cmd": "unpack", "dest": run.work_dir})
-
-    threads = [threading.Thread(target=send, args=(run,), daemon=True) for run in runs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    send_tar([(run, run.work_dir) for run in runs], path)
     os.unlink(path)
     log.info("copied the job's files to %s (no shared filesystem)", ", ".join(run.name for run in runs))
     session.wait(lambda: all(run.unpacked for run in runs), None, "to unpack the job's files")

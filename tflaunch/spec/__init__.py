@@ -16,7 +16,6 @@ This module gathers the names; they live in:
 """
 from __future__ import annotations
 
-from . import distributed_training, jobspec
 from .distributed_training import MpiConfiguration, MultiWorkerConfiguration, TensorflowConfiguration
 from .estimator import Estimator, TensorFlow
 from .jobspec import JobSpec
@@ -33,8 +32,3 @@ __all__ = [
     "script_params_to_argv",
     "RESERVED_ENV_PREFIX",
 ]
-
-# Importable from here as they always were (not in __all__, as before).
-DEFAULT_EVALUATOR_GRACE = distributed_training.DEFAULT_EVALUATOR_GRACE
-procs_per_host = jobspec.procs_per_host
-world_size = jobspec.world_size

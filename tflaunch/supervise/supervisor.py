@@ -64,7 +64,8 @@ class Supervisor:
         spec.compute_target = self.scheduler.allocation(spec)
         scratch = definition.get("scratch")
         self.session = session = Session(
-            record, spec, self.scheduler, grace=float(definition.get("grace", DEFAULT_GRACE)),
+            record, spec, self.scheduler, experiment=definition["experiment"],
+            grace=float(definition.get("grace", DEFAULT_GRACE)),
             work_dir=os.path.join(scratch, record.id) if scratch else record.work_dir, stream=stream,
             stdout=stdout or sys.stdout, stderr=stderr or sys.stderr)
         self.spec = spec
