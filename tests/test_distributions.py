@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from tflaunch.plan.distributions import DISTRIBUTIONS, backend_name, distribution
 from tflaunch.plan.processes import RunContext, plan, ports_needed
-from tflaunch.spec import JobSpec, procs_per_host
+from tflaunch.spec.jobspec import JobSpec, procs_per_host
 from tflaunch.plan.tfconfig import TF_BACKENDS
 
 CTX = RunContext(run_id="r", experiment="e", run_dir="/r", work_dir="/w", home="/h")
