@@ -183,3 +183,104 @@ def test_reserved_ports_are_not_handed_out_again_while_leased(tmp_path):
     assert len(leases) == 2000 and all(v > time.time() + PORT_LEASE - 60 for v in leases.values())
     (tmp_path / "ports.json").write_text("{not json")  # a torn file is ignored, not fatal
     assert len(reserve_ports(1, str(tmp_path))) == 1
+
+
+# -- the agent's lease: a launcher it hears nothing from is gone ------------------------------------------
+def _leased_agent(tmp_path, token: str, code: str, **setup):
+    """An agent running ``code`` at once (output relayed), its stderr in tmp_path/<token>.log."""
+    from tflaunch.launch import AgentConnection
+    from tflaunch.launch.local import spawn_agent
+
+    with open(tmp_path / f"{token}.log", "wb") as log:
+        conn = AgentConnection(spawn_agent(log))
+    conn.start({"token": token, "grace": 5, "orphan_grace": 1, **setup,
+                "processes": [{"index": 0, "argv": [sys.executable, "-c", code], "cwd": str(tmp_path), "env": {},
+                               "stdout": None, "stderr": None}]})
+    return conn
+
+
+def test_an_agent_that_hears_nothing_for_its_lease_stops_the_run(tmp_path):
+    """Silent launcher (stdin open, no bytes): the run's processes stop within the lease, even while the
+    agent's writes cannot go on (nobody reads a flooding job's output); pinged, or without a lease in its
+    setup (as before), the agent keeps them running past it."""
+    lease, sleep = 2.0, "import time; time.sleep(60)"
+    flood = "import sys\nwhile True:\n    sys.stdout.buffer.write(b'x' * 65536)\n"
+    silent = _leased_agent(tmp_path, "tok-lease-silent", sleep, lease_timeout=lease)
+    blocked = _leased_agent(tmp_path, "tok-lease-blocked", flood, lease_timeout=lease)
+    pinged = _leased_agent(tmp_path, "tok-lease-pinged", sleep, lease_timeout=lease)
+    old = _leased_agent(tmp_path, "tok-lease-none", sleep)
+    started = time.monotonic()
+    tokens = ["tok-lease-silent", "tok-lease-blocked", "tok-lease-pinged", "tok-lease-none"]
+    try:
+        while not all(run_pids(t) for t in tokens):
+            assert time.monotonic() < started + 10, {t: run_pids(t) for t in tokens}
+            pinged.keepalive(time.monotonic())
+            time.sleep(0.05)
+        while run_pids("tok-lease-silent") or run_pids("tok-lease-blocked") or time.monotonic() < started + 2 * lease:
+            assert time.monotonic() < started + lease + 8, "the silent agents' processes outlived their lease"
+            pinged.keepalive(time.monotonic())
+            time.sleep(0.05)
+        for conn in (silent, blocked):  # gone as after an end of file, saying why
+            assert conn.popen.wait(5) == 0
+        for token in ("tok-lease-silent", "tok-lease-blocked"):
+            assert "nothing from the launcher for 2 s" in (tmp_path / f"{token}.log").read_text()
+        assert run_pids("tok-lease-pinged") and run_pids("tok-lease-none")  # twice the lease later
+        assert pinged.popen.poll() is None and old.popen.poll() is None
+    finally:
+        for conn in (silent, blocked, pinged, old):
+            conn.close()
+    for token in tokens:
+        wait_no_processes(token, 5)
+
+
+def test_a_flooding_job_loses_nothing_while_the_launcher_reads_late_but_pings(tmp_path):
+    """Heavy output relay with a lease: the agent's writes wait (the launcher reads nothing for longer than
+    the lease, but pings, and sends a command), then every byte arrives in order, the command is run and
+    the job ends normally."""
+    lines = 300_000  # 2.7 MB: more than the pipes and the agent's read hold, so its write has to wait
+    code = f"import sys\nw = sys.stdout.buffer.write\nfor i in range({lines}):\n    w(b'%08d' % i + b'\\n')\n"
+    conn = _leased_agent(tmp_path, "tok-lease-flood", code, lease_timeout=1.0)
+    try:
+        until = time.monotonic() + 2.5  # longer than the lease without reading, pinging only
+        while time.monotonic() < until:
+            conn.keepalive(time.monotonic())
+            time.sleep(0.05)
+        conn.send({"cmd": "cleanup"})  # read while the agent's write waits: run when it can go on
+        events = []
+        deadline = time.monotonic() + 60
+        while not any(e.get("event") == "done" for e in events):
+            assert time.monotonic() < deadline and not conn.eof, [e["event"] for e in events[-5:]]
+            select.select([conn.fileno()], [], [], 0.2)
+            events += conn.read_events()
+            conn.keepalive(time.monotonic())
+        out = b"".join(e["data"] for e in events if e["event"] == "output" and e["fd"] == 1)
+        assert out == b"".join(b"%08d\n" % i for i in range(lines))
+        assert [e["returncode"] for e in events if e["event"] == "exited"] == [0]
+        assert [e["event"] for e in events].count("cleaned") == 1
+    finally:
+        conn.close()
+    wait_no_processes("tok-lease-flood", 5)
+
+
+def test_pings_that_wait_while_a_long_command_runs_keep_the_lease(tmp_path):
+    """A command that holds the agent longer than the lease (a sweep waiting out its grace for a process
+    that ignores SIGTERM): the pings sent meanwhile are read after it, and count."""
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ignoring', flush=True); " \
+           "time.sleep(60)"
+    conn = _leased_agent(tmp_path, "tok-lease-busy", code, lease_timeout=1.0)
+    try:
+        _events(conn, "output")
+        conn.send({"cmd": "sweep", "grace": 2.0})  # SIGTERM, 2 s, SIGKILL: the agent reads nothing meanwhile
+        events = []
+        deadline = time.monotonic() + 20
+        while not any(e.get("event") == "swept" for e in events):
+            assert time.monotonic() < deadline and not conn.eof, events
+            select.select([conn.fileno()], [], [], 0.05)
+            events += conn.read_events()
+            conn.keepalive(time.monotonic())
+        conn.send({"cmd": "cleanup"})
+        _events(conn, "cleaned")  # still there: it heard the pings, late
+        assert conn.popen.poll() is None
+    finally:
+        conn.close()
+    wait_no_processes("tok-lease-busy", 5)

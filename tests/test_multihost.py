@@ -169,6 +169,92 @@ def test_ssh_launcher_sigkill_leaves_nothing_on_any_host(netns_hosts, ranked, cl
     shutil.rmtree(kept)
 
 
+def _ssh_clients(parent: int) -> list[int]:
+    """The ssh clients ``parent`` started (its children named ssh)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        name, fields = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+        if name == "ssh" and int(fields[1]) == parent:
+            found.append(int(entry))
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def test_ssh_host_cut_off_when_the_launcher_dies_stops_its_ranks_within_the_lease(netns_hosts, ranked, home):
+    """h2's link is down when the launcher is SIGKILLed, so no end of the connection can reach h2: its agent,
+    hearing no ping for TFLAUNCH_LEASE_TIMEOUT, stops the ranks there while the link is still down."""
+    src, marks, env = ranked
+    lease = 5
+    env["TFLAUNCH_LEASE_TIMEOUT"] = str(lease)
+    link = netns_hosts.links[netns_hosts.names.index("h2")]  # the outer end of h2's veth
+    h2_net = os.stat(f"/run/netns/{netns_hosts.namespaces['h2']}").st_ino
+    proc = subprocess.Popen([sys.executable, "-m", "tflaunch", "run", "--source-dir", str(src), *_ssh(netns_hosts),
+                             "--hosts", "h2:2", "ranked.py", "sleep"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    down, clients = False, []
+    try:
+        run_id = last_run_when(home)
+        deadline = time.monotonic() + 30
+        while len(pids_with_token(run_id)) < 2:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.1)
+        ranks = pids_with_token(run_id)
+        assert [os.stat(f"/proc/{pid}/ns/net").st_ino for pid in ranks] == [h2_net] * 2  # they run on h2
+        agent = json.loads((home / "runs" / run_id / "hosts.json").read_text())[0]["agent_pid"]
+        clients = _ssh_clients(proc.pid)
+        subprocess.run(["ip", "link", "set", link, "down"], check=True)
+        down = True
+        proc.kill()
+        proc.wait()
+        assert pids_with_token(run_id) == ranks  # no end of file reached h2: only its lease can stop them
+        wait_no_processes(run_id, timeout=lease + 10)  # the lease, the orphan grace, a margin; the link is down
+        deadline = time.monotonic() + 5
+        while _running(agent):  # and h2's agent is gone too
+            assert time.monotonic() < deadline, f"the agent on h2 ({agent}) is still running"
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if down:
+            subprocess.run(["ip", "link", "set", link, "up"], check=True)
+        deadline = time.monotonic() + 30  # the ssh clients end once the link is back (or ssh gives up)
+        while any(_running(pid) for pid in clients) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for pid in clients:
+            if _running(pid):
+                os.kill(pid, 9)
+    assert not [pid for pid in clients if _running(pid)]
+
+
+def test_ssh_run_with_phases_longer_than_the_lease_completes(netns_hosts, project, cli, home):
+    """The launcher keeps every agent's lease (1 s here) for the whole run: the copy of the job's files to h3,
+    a --setup longer than the lease, processes that outlive it, the outputs brought back from h3."""
+    src = project(**{"slow.py": """\
+        import os, time
+        time.sleep(2)
+        os.makedirs("outputs", exist_ok=True)
+        open(f"outputs/{os.environ['TFLAUNCH_RANK']}.txt", "w").write(os.uname().nodename)
+        """})
+    result, _ = run_cli(cli_env(home, TFLAUNCH_LEASE_TIMEOUT="1"), "--source-dir", str(src), *_ssh(netns_hosts),
+                        "--hosts", "h1,h3", "--setup", "sleep 1.5", "slow.py")
+    assert result.returncode == 0, result.stderr
+    outputs = Path(show(cli, last_run(home))["run_dir"]) / "outputs"
+    assert {p.name: p.read_text() for p in outputs.iterdir()} == {"0.txt": "h1", "1.txt": "h3"}
+
+
 def test_ssh_two_runs_cancel_one(netns_hosts, ranked, cli, home, tmp_path):
     src, marks, env = ranked
     ids = []

@@ -31,6 +31,7 @@ class RunStatus:
     PREPARING = store_mod.PREPARING
     QUEUED = store_mod.QUEUED
     RUNNING = store_mod.RUNNING
+    RECOVERING = store_mod.RECOVERING
     FINALIZING = store_mod.FINALIZING
     COMPLETED = store_mod.COMPLETED
     FAILED = store_mod.FAILED
@@ -244,6 +245,36 @@ class Run:
         from .submit import cancel_run
 
         cancel_run(self._record, "canceled from the Python API")
+
+    def rerun(self, script_params: dict[str, Any] | None = None, *, experiment: Experiment | str | None = None,
+              tags: dict[str, str] | None = None, compute_target: Any = None, grace: float | None = None,
+              scratch: str | None = None, **settings: Any) -> "Run":
+        """A new run from this run's snapshot (the source directory is not read again), spec and arguments,
+        started in the background like ``Experiment.submit``; returns it at once (``tflaunch runs rerun``).
+
+        ``script_params``: ``{"--lr": 0.01}`` replaces that parameter's recorded value where it is (or adds
+        it), ``""`` makes it a bare flag, ``None`` leaves it out. ``settings``: spec fields
+        (``node_count=2``, ``process_count_per_node``, ``max_run_duration_seconds`` (None: no limit),
+        ``use_gpu``, ``gpus_per_node``, ``gpus_shared``, ``python``, ``preflight``, ``entry_script``,
+        ``environment_variables={"FOO": "bar"}``, merged over the recorded ones, None removing one).
+        ``experiment`` (default: this run's), ``tags`` (added to this run's), ``compute_target`` (default:
+        the recorded one), ``grace`` and ``scratch`` as for ``submit``. Both records name each other:
+        ``get_details()["rerun_of"]`` / ``["reruns"]``.
+        """
+        from .rerun import prepare_rerun, start_rerun
+
+        name = experiment.name if isinstance(experiment, Experiment) else experiment
+        if isinstance(experiment, Experiment) and experiment.workspace.home != self.experiment.workspace.home:
+            raise SpecError(f"rerun(experiment=...): a rerun is recorded in this run's workspace "
+                            f"({self.experiment.workspace.home}), not {experiment.workspace.home}")
+        prepared = prepare_rerun(self._record, script_params=script_params, settings=settings,
+                                 compute_target=compute_target, experiment=name, tags=tags, grace=grace,
+                                 scratch=scratch, label=lambda key, value: f"rerun({key}={value!r})")
+        record = start_rerun(prepared)
+        target = experiment if isinstance(experiment, Experiment) else (
+            self.experiment if prepared.options.experiment == self.experiment.name
+            else Experiment(prepared.options.experiment, workspace=self.experiment.workspace))
+        return Run(target, record.id)
 
     def get_file_names(self) -> list[str]:
         """Files of the run: ``outputs/...``, ``logs/...``, ``tflaunch_logs/...``."""

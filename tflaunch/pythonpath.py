@@ -5,7 +5,9 @@ adding tflaunch's own ``site-packages`` to it would bring every other package of
 So the package's sources are copied once per version into ``$TFLAUNCH_HOME/lib/<key>/tflaunch/`` (built
 under a temporary name, then renamed: it appears complete), which holds nothing else. Processes get it as
 ``TFLAUNCH_PYTHONPATH``; the agent and the rank wrapper append it to ``PYTHONPATH`` on hosts where it
-exists (every host that shares the home). From a zipapp (``tflaunch.pyz``) the archive itself is used.
+exists (every host that shares the home; the others get a copy with the job's files), and, for a run with a
+hang timeout, its ``tflaunch/remote/stacks`` too (:mod:`tflaunch.remote.stacks`: a ``sitecustomize``). From
+a zipapp (``tflaunch.pyz``) the archive itself is used.
 """
 from __future__ import annotations
 

@@ -30,7 +30,8 @@ if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
 
 __all__ = ["SlurmError", "SlurmOptions", "batch_script", "submit", "require", "job_info", "cancel", "parse_record",
            "step_argv", "step_ports", "gpus_per_node", "node_addresses", "final_fields", "ENDED", "ACTIVE",
-           "in_allocation", "DEFAULT_SIGNAL", "CHECKPOINT_SIGNAL_VAR"]
+           "in_allocation", "DEFAULT_SIGNAL", "CHECKPOINT_SIGNAL_VAR", "requeue", "set_requeue", "signal_seconds",
+           "end_time", "restarts"]
 
 SCRIPT = "slurm/job.sbatch"  # in the run record
 OUTPUT = "tflaunch_logs/slurm-%j.out"  # the batch script's own output (tflaunch's messages inside the job)
@@ -184,12 +185,14 @@ def signal_name(value: str | None) -> str | None:
 def batch_script(*, run_id: str, experiment: str, record_dir: str, options: SlurmOptions, nodes: int,
                  ntasks_per_node: int | None, ntasks: int | None, gpus_per_node: int | None,
                  command: Sequence[str], array: str | None = None, prelude: Sequence[str] = (),
-                 command_tail: str = "") -> str:
+                 command_tail: str = "", requeue: bool = False) -> str:
     """The batch script for a run: ``#SBATCH`` lines, then ``exec`` of tflaunch's in-job supervisor.
 
     ``array``: ``sbatch --array`` (a sweep's trials, one run per task: ``prelude`` shell lines pick the
     task's run and redirect the output into its record; ``command_tail`` is appended to the command
-    unquoted, e.g. ``"$RUN"``); the output then goes where the prelude sends it."""
+    unquoted, e.g. ``"$RUN"``); the output then goes where the prelude sends it. ``requeue``: the run
+    continues in the job's next allocation (``--max-requeues``): ``--requeue``, else ``--no-requeue`` (the
+    job's end is the run's: Slurm neither requeues it on a node failure nor lets ``scontrol requeue`` it)."""
     lines = ["#!/bin/sh",
              f"#SBATCH --job-name={options.job_name or 'tflaunch-' + experiment}",
              f"#SBATCH --nodes={nodes}"]
@@ -209,7 +212,8 @@ def batch_script(*, run_id: str, experiment: str, record_dir: str, options: Slur
         lines += [f"#SBATCH --array={array}", f"#SBATCH --output={os.path.join(record_dir, ARRAY_OUTPUT)}"]
     else:
         lines.append(f"#SBATCH --output={os.path.join(record_dir, OUTPUT)}")
-    lines.append("#SBATCH --open-mode=append")
+    lines.append("#SBATCH --open-mode=append")  # a requeued job's next allocation appends to the same file
+    lines.append("#SBATCH --requeue" if requeue else "#SBATCH --no-requeue")
     lines += [f"#SBATCH {arg}" for arg in options.sbatch_args]
     lines += ["",
               f"# Written by tflaunch for {'the trials of sweep' if array is not None else 'run'} {run_id} "
@@ -237,6 +241,49 @@ def cancel(job_id: str) -> None:
     result = _run([require("scancel"), str(job_id)])
     if result.returncode != 0:
         raise SlurmError(f"scancel {job_id}: {_first_error(result.stderr or result.stdout)}")
+
+
+def requeue(job_id: str) -> None:
+    """``scontrol requeue JOB``: Slurm stops the job (SIGTERM to its steps and batch script, SIGKILL after
+    KillWait) and puts it back in the queue, ``Restarts`` + 1 (eligible ~2 minutes later); SlurmError with
+    Slurm's message when it refuses (a ``--no-requeue`` job: "Requested operation is presently disabled")."""
+    result = _run([require("scontrol"), "requeue", str(job_id)])
+    if result.returncode != 0:
+        raise SlurmError(f"scontrol requeue {job_id}: {_first_error(result.stderr or result.stdout)}")
+
+
+def set_requeue(job_id: str, allowed: bool) -> None:
+    """``scontrol update JobId=JOB Requeue=0|1`` (a running job's too); SlurmError when refused."""
+    result = _run([require("scontrol"), "update", f"JobId={job_id}", f"Requeue={int(allowed)}"])
+    if result.returncode != 0:
+        raise SlurmError(f"scontrol update JobId={job_id} Requeue={int(allowed)}: "
+                         f"{_first_error(result.stderr or result.stdout)}")
+
+
+def signal_seconds(value: str | None) -> int | None:
+    """How long before the time limit ``--signal`` is sent (``USR2@60``: 60; sbatch's default 60 without
+    ``@``), None for no signal."""
+    if not value:
+        return None
+    match = _SIGNAL_RE.match(value)
+    return int(match.group(2)) if match and match.group(2) else 60
+
+
+def end_time(info: Mapping[str, str] | None) -> float | None:
+    """The job's ``EndTime`` (the time limit of a running job) as a Unix time, None when it has none."""
+    import time as _time
+
+    text = (info or {}).get("EndTime") or ""
+    try:
+        return _time.mktime(_time.strptime(text, "%Y-%m-%dT%H:%M:%S"))  # scontrol prints local time
+    except ValueError:  # Unknown, None, an unlimited job
+        return None
+
+
+def restarts(info: Mapping[str, str] | None) -> int:
+    """How often Slurm requeued the job (``Restarts``; ``SLURM_RESTART_COUNT`` inside it)."""
+    value = (info or {}).get("Restarts") or "0"
+    return int(value) if value.isdigit() else 0
 
 
 # -- asking Slurm --------------------------------------------------------------------------------

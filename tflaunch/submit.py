@@ -102,6 +102,9 @@ def prepare(estimator: Estimator, options: SubmitOptions) -> Prepared:
     submitter = submission(spec.compute_target)
     if submitter is not None:  # what the scheduler gives the processes (a checkpoint signal's name)
         spec = replace(spec, environment_variables={**submitter.check(spec), **spec.environment_variables})
+    elif (spec.recovery or {}).get("max_requeues"):
+        raise SpecError("--max-requeues (max_requeues): only a run submitted to Slurm (run --slurm) is requeued "
+                        "and goes on in the job's next allocation")
     hosts = target_hosts(spec.compute_target)[:spec.node_count]
     gpus = known_gpus(spec, hosts)
     mpi = distribution(spec.distributed).launcher == "mpirun"
@@ -385,6 +388,7 @@ def dry_run(prepared: Prepared) -> dict[str, Any]:
                      "file_count": len(prepared.scan.files), "total_bytes": prepared.scan.total_bytes,
                      "notes": prepared.scan.notes},
         "timeout": spec.max_run_duration_seconds,
+        "recovery": spec.recovery,
         "grace": prepared.options.grace,
         "compute_target": spec.compute_target,
         "hosts": [{"name": h.name, "slots": h.slots, "local": is_local(h.name)} for h in hosts],

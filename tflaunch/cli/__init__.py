@@ -1,4 +1,5 @@
-"""Command line: ``python -m tflaunch run ...`` and ``python -m tflaunch runs list|show|logs|files|download|cancel``.
+"""Command line: ``python -m tflaunch run ...`` and
+``python -m tflaunch runs list|show|logs|files|download|cancel|rerun``.
 
 Exit status: 0 success; for ``run`` attached, the run's outcome (0 Completed, the script's exit code,
 128+N when killed by signal N, 124 timeout, 130 Canceled, 1 other failures); 2 bad input; 1 other
@@ -7,7 +8,6 @@ errors. Every error is one line on stderr.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -19,6 +19,7 @@ from .job import store_from_args as _store
 from .job import key_value as _key_value
 from .job import positive_float as _positive_float
 from ..errors import SpecError, TflaunchError
+from .console import follow_submitted, print_json, print_plan, report_end
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
@@ -112,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true", help="wait until the run has ended")
     p.set_defaults(func=cmd_cancel)
 
+    from .rerun import add_command as add_rerun
+    add_rerun(sub, common, _key_value)  # runs rerun
     from .tracking import add_commands, add_runs_commands
     add_runs_commands(sub, common)
     add_commands(commands, common, _key_value, _Parser)
@@ -124,10 +127,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --------------------------------------------------------------------------------------------------
-
-
-def _print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -155,9 +154,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.dry_run:
             plan = dry_run(prepared)
             if args.json:
-                _print_json(plan)
+                print_json(plan)
             else:
-                _print_plan(plan)
+                print_plan(plan)
             return 0
         if args.slurm:
             from ..submit import submit_slurm
@@ -170,8 +169,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 return 0
             log.info("run %s (experiment %s): submitted as Slurm job %s, record %s", record.id, args.experiment,
                      job, record.dir)
-            final = _follow_submitted(record)
-            _report_end(final)
+            final = follow_submitted(record)
+            report_end(final)
             return exit_code_for(final)
         record = create_run(prepared)
         if args.detach:
@@ -184,104 +183,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         for conn in agents.values():
             discard_agent(conn.popen)
     final = supervisor.run()
-    _report_end(final)
+    report_end(final)
     return exit_code_for(final)
-
-
-def _follow_submitted(record: Any) -> dict[str, Any]:
-    """An attached ``run --slurm``: report the run's states, stream its output once it runs, return its
-    final run object. Ctrl-C cancels the job (scancel); a second Ctrl-C leaves without waiting."""
-    from ..history.store import TERMINAL
-    from ..submit import cancel_run
-    from ..tail import follow_files
-
-    shown: list[Any] = [None]
-    interrupts = 0
-
-    def state() -> dict[str, Any]:
-        status = record.read_status() or {}
-        info = status.get("slurm") or {}
-        queued = status.get("status") == "Queued"
-        key = (status.get("status"), info.get("reason") if queued else None)
-        if key != shown[0]:
-            shown[0] = key
-            detail = f" (Slurm job {info.get('job_id')}: {info.get('state')}, {info['reason']})" \
-                if queued and info.get("state") and info.get("reason") else ""
-            log.info("run %s: %s%s", record.id, status.get("status"), detail)
-        return status
-
-    def finished() -> bool:
-        return state().get("status") in TERMINAL
-
-    def files():
-        return [(path, sys.stdout if kind == "stdout" else sys.stderr, prefix)
-                for path, kind, prefix in record.process_log_streams()]
-
-    while True:
-        try:
-            follow_files(files, finished, interval=0.5)
-            return record.read_status() or {}
-        except KeyboardInterrupt:
-            interrupts += 1
-            if interrupts > 1:
-                raise
-            log.info("canceling run %s (scancel); Ctrl-C again to stop waiting", record.id)
-            cancel_run(record, "interrupted (Ctrl-C)")
-
-
-def _report_end(run: dict[str, Any]) -> None:
-    from ..history.store import with_duration
-    duration = with_duration(run).get("duration_seconds")
-    took = f" after {duration:.1f} s" if isinstance(duration, (int, float)) else ""
-    error = run.get("error") or {}
-    detail = f": {error.get('message')}" if error else (f": {run['cancel_reason']}" if run.get("cancel_reason") else "")
-    log.info("run %s %s%s%s", run.get("id"), run.get("status"), took, detail)
-
-
-def _print_plan(plan: dict[str, Any]) -> None:
-    import shlex
-    snap = plan["snapshot"]
-    lines = ["dry run: nothing started, nothing written",
-             f"experiment: {plan['experiment']}   home: {plan['home']}",
-             f"snapshot:   {snap['source_directory']} ({snap['file_count']} files, {snap['total_bytes']} bytes)"]
-    lines += [f"  note: {n}" for n in snap["notes"]]
-    lines.append("hosts:      " + ", ".join(f"{h['name']} ({h['slots']} slots{', this machine' if h['local'] else ''})"
-                                          for h in plan["hosts"]))
-    if plan.get("slurm"):
-        lines.append(f"slurm:      submitted with: {shlex.join(plan['slurm']['sbatch'])} "
-                     f"({plan['slurm']['note']}); the batch script:")
-        lines += [f"  | {line}" for line in plan["slurm"]["script"].rstrip("\n").splitlines()]
-    env = plan.get("environment")
-    if env:
-        lines.append(f"environment: {env['key']} ({env['status']}) under {env['root']}"
-                     + (f", interpreter {env['python']}" if env.get("python") else ""))
-        request = env.get("request") or {}
-        if request.get("requirements"):
-            lines.append("  packages: " + " ".join(request["requirements"]))
-    for line in plan.get("setup_commands") or ():
-        lines.append(f"setup:      {line}")
-    for item in plan.get("inputs") or ():
-        lines.append(f"input:      {item['name']} = {', '.join(item['paths'])} ({item['mode']})")
-    launcher = plan.get("launcher")
-    if launcher:
-        mpi = launcher["mpi"]
-        lines.append(f"launcher:   {mpi['flavour']} {mpi['version']} ({mpi['path']}), every rank through the "
-                     "rank wrapper (TFLAUNCH_RANK etc. from the MPI variables):")
-        lines.append(f"  argv: {shlex.join(launcher['argv'])}")
-        lines.append("  env forwarded to the ranks:")
-        lines += [f"    {k}={shlex.quote(v)}" for k, v in launcher["env"].items()]
-        lines += [f"  writes: {name}" for name in launcher["files"]]
-        lines += [f"rank {p['rank']} on {p['host']}" for p in plan["processes"]]
-        sys.stdout.write("\n".join(lines) + "\n")
-        return
-    for p in plan["processes"]:
-        role = f" ({p['role']} {p['index']})" if "TF_CONFIG" in p["env"] else ""
-        lines.append(f"process rank {p['rank']}{role} on {p['host']}:")
-        lines.append(f"  argv: {shlex.join(p['argv'])}")
-        lines.append(f"  cwd:  {p['cwd']}")
-        lines.append("  env added:")
-        lines += [f"    {k}={shlex.quote(v)}" for k, v in p["env"].items()]
-    sys.stdout.write("\n".join(lines) + "\n")
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -295,7 +198,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     if parent is not None:
         runs = [r for r in runs if r.get("parent") == parent][:limit]
         if args.json:
-            _print_json(runs)
+            print_json(runs)
             return 0
     sweeps = any(r.get("kind") == "sweep" or r.get("parent") for r in runs)
     rows = [("ID", "EXPERIMENT", "STATUS", "CREATED (UTC)", "DURATION", "EXIT", *(("SWEEP",) if sweeps else ()),
@@ -315,12 +218,36 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _attempt_lines(run: dict[str, Any]) -> list[str]:
+    """``runs show``: the attempts of a run that restarts or is requeued (each restart: what started
+    again, and why; each requeue: why the run went on in the Slurm job's next allocation)."""
+    restarts = run.get("restarts") or []
+    requeues = run.get("requeues") or []
+    if not run.get("attempt") and not restarts and not requeues:
+        return []
+    budget = run.get("max_restarts")
+    used = sum(1 for r in restarts if r.get("counted", True))
+    queued = f", {len(requeues)} requeue(s)" + (f" of max_requeues={run['max_requeues']}"
+                                                 if run.get("max_requeues") else "") if requeues else ""
+    lines = [f"attempts:    {run.get('attempt') or 1} ({len(restarts)} restart(s)"
+             + (f", {used} of max_restarts={budget} used" if budget else "") + queued + ")"]
+    for r in sorted(restarts + requeues, key=lambda r: (r.get("attempt") or 0, "ranks" in r)):
+        if "ranks" not in r:  # a requeue
+            lines.append(f"  attempt {r.get('attempt')}: in the job's next allocation, requeued after "
+                         f"{r.get('message')}")
+            continue
+        what = "all processes" if r.get("ranks") is None else "rank(s) " + ", ".join(map(str, r["ranks"]))
+        lines.append(f"  attempt {r.get('attempt')}: {what} started again after {r.get('message')}"
+                     + ("" if r.get("counted", True) else " (a restart exit code: not counted)"))
+    return lines
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     import shlex
     from ..history.store import describe
     run = describe(_store(args).run(args.run))
     if args.json:
-        _print_json(run)
+        print_json(run)
         return 0
     error = run.get("error") or {}
     lines = [
@@ -347,6 +274,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     elif run.get("parent"):
         lines.append(f"sweep:       trial {run.get('trial')} of {run['parent']}: "
                      + " ".join(f"{k}={v}" for k, v in (run.get("hyperparameters") or {}).items()))
+    lines += _attempt_lines(run)
     slurm = run.get("slurm") or {}
     if slurm.get("job_id"):
         state = ", ".join(str(slurm[k]) for k in ("state", "reason") if slurm.get(k))
@@ -378,6 +306,10 @@ def cmd_show(args: argparse.Namespace) -> int:
         shown = list(run["metrics"].items())
         lines.append("metrics:     " + ", ".join(f"{k}={textfmt.value(v)}" for k, v in shown[:8])
                      + (f" (+{len(shown) - 8} more: `tflaunch runs metrics {run['id'][-8:]}`)" if len(shown) > 8 else ""))
+    if run.get("rerun_of"):
+        lines.append(f"rerun of:    {run['rerun_of']}" + _overrides_text(run.get("rerun_overrides") or {}))
+    if run.get("reruns"):
+        lines.append("reruns:      " + ", ".join(run["reruns"]))
     if run.get("cancel_reason"):
         lines.append(f"canceled:    {run['cancel_reason']}")
     if error:
@@ -387,6 +319,16 @@ def cmd_show(args: argparse.Namespace) -> int:
             lines += [f"  {line}" for line in error["stderr_tail"].splitlines()]
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
+
+
+def _overrides_text(overrides: dict[str, Any]) -> str:
+    """`` (--arg --lr=0.01, --set node_count=2)``: what a rerun changed (empty: nothing)."""
+    parts = [f"--drop-arg {k}" if v is None else f"--arg {k}" + (f"={v}" if v != "" else "")
+             for k, v in (overrides.get("arguments") or {}).items()]
+    parts += [f"--set {k}={v}" for k, v in (overrides.get("settings") or {}).items()]
+    if overrides.get("compute_target"):
+        parts.append(f"compute target {overrides['compute_target']}")
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
@@ -408,7 +350,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def cmd_files(args: argparse.Namespace) -> int:
     files = _store(args).run(args.run).file_names()
     if args.json:
-        _print_json([{"name": name, "size": size} for name, size in files])
+        print_json([{"name": name, "size": size} for name, size in files])
     else:
         for name, size in files:
             sys.stdout.write(f"{size:>12}  {name}\n")
@@ -459,8 +401,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (AttributeError, ValueError):
             pass
     parser = build_parser()
+    from .rerun import route as rerun_route
     from .sweep import route
-    args = parser.parse_args(route(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(rerun_route(route(sys.argv[1:] if argv is None else argv)))
     _setup_logging(getattr(args, "log_level", "info"))
     try:
         return int(args.func(args) or 0)

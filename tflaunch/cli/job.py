@@ -39,6 +39,13 @@ def positive_float(text: str) -> float:
     return value
 
 
+def _exit_codes(text: str) -> list[int]:
+    try:
+        return [int(c) for c in text.replace(" ", "").split(",") if c]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected exit codes such as 75,76, got {text!r}") from None
+
+
 def add_ssh_options(parser: argparse.ArgumentParser) -> None:
     """How the ssh client reaches the hosts (``run``, ``sweep``, ``doctor``)."""
     parser.add_argument("--ssh-port", type=int, metavar="PORT", help="ssh port for every host")
@@ -130,6 +137,23 @@ def add_job_options(run: argparse.ArgumentParser) -> None:
                      help="where hosts without a shared filesystem get their copy (default: $TMPDIR or /tmp)")
     run.add_argument("--timeout", type=positive_float, metavar="SECONDS",
                      help="stop the run after this long; it ends Failed (reason: timeout)")
+    recover = run.add_argument_group("recovery (default: the first failure ends the run)")
+    recover.add_argument("--max-restarts", type=int, metavar="N",
+                         help="restart a failed run up to N times (same run id, attempt counted; ps jobs restart "
+                              "the failed task, others the whole group)")
+    recover.add_argument("--restart-on-exit-codes", type=_exit_codes, metavar="CODE,...",
+                         help="exit codes that restart without using --max-restarts (e.g. 75: the script "
+                              "saved a checkpoint and asks to be restarted)")
+    recover.add_argument("--restart-delay", type=float, metavar="SECONDS",
+                         help="wait before a restart (default: 1), doubled after each failure (at most 300)")
+    recover.add_argument("--hang-timeout", type=positive_float, metavar="SECONDS",
+                         help="no output and no metric from any rank for this long: record the ranks' Python "
+                              "stacks, stop the attempt (reason: hung; restartable)")
+    recover.add_argument("--hang-grace", type=float, metavar="SECONDS",
+                         help="no hang is declared this soon after the processes start (default: 60)")
+    recover.add_argument("--max-requeues", type=int, metavar="N",
+                         help="with --slurm: requeue the job up to N times on preemption or a time-limit warning "
+                              "(the same run continues in the next allocation; default: 0)")
     run.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
                      help="time between SIGTERM and SIGKILL when stopping (default: 10)")
     run.add_argument("--tag", action="append", type=key_value("KEY"), default=[], metavar="KEY=VALUE",
@@ -173,7 +197,10 @@ def estimator_from_args(args: argparse.Namespace) -> Any:
         process_count_per_node=ppn, use_gpu=args.gpu, environment_variables=dict(args.env),
         max_run_duration_seconds=args.timeout, python=args.python, distributed_training=distributed,
         gpus_per_node=args.gpus_per_node, gpus_shared=args.gpus_shared, setup_commands=args.setup,
-        preflight=not args.no_preflight, **_estimator_packages(args))
+        preflight=not args.no_preflight, max_restarts=args.max_restarts,
+        restart_on_exit_codes=args.restart_on_exit_codes, restart_delay=args.restart_delay,
+        hang_timeout=args.hang_timeout, hang_grace=args.hang_grace, max_requeues=args.max_requeues,
+        **_estimator_packages(args))
     if args.framework_version is not None:
         estimator: Estimator = TensorFlow(args.source_dir, framework_version=args.framework_version, **kwargs)
     else:

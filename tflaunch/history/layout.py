@@ -19,13 +19,14 @@ if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
     from typing import Any
 
 __all__ = [
-    "PREPARING", "QUEUED", "RUNNING", "FINALIZING", "COMPLETED", "FAILED", "CANCELED", "TERMINAL",
+    "PREPARING", "QUEUED", "RUNNING", "RECOVERING", "FINALIZING", "COMPLETED", "FAILED", "CANCELED", "TERMINAL",
     "STORE_FORMAT", "RUN_ID_RE", "EXPERIMENT_RE", "LOG_DIR", "RANK_LOG_PREFIX", "RESERVE_BYTES",
-    "STATUS_FROM_DEFINITION", "USER_FILE_DIRS",
+    "STATUS_FROM_DEFINITION", "USER_FILE_DIRS", "RERUNS_DIR",
     "rank_log", "resolve_home", "now_iso", "parse_iso", "exit_code_for", "validate_experiment_name",
 ]
 
 PREPARING, QUEUED, RUNNING, FINALIZING = "Preparing", "Queued", "Running", "Finalizing"
+RECOVERING = "Recovering"  # between two attempts of a run that restarts (tflaunch.supervise.restart)
 COMPLETED, FAILED, CANCELED = "Completed", "Failed", "Canceled"
 TERMINAL = frozenset({COMPLETED, FAILED, CANCELED})
 STORE_FORMAT = 1
@@ -34,8 +35,10 @@ EXPERIMENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$")
 LOG_DIR = "tflaunch_logs"
 RANK_LOG_PREFIX = "rank-"  # rank_log()
 RESERVE_BYTES = 256 * 1024
-STATUS_FROM_DEFINITION = ("kind", "parent", "trial", "hyperparameters")  # sweeps (tflaunch.sweep)
+STATUS_FROM_DEFINITION = ("kind", "parent", "trial", "hyperparameters",  # sweeps (tflaunch.sweep)
+                          "rerun_of")  # reruns (tflaunch.rerun)
 USER_FILE_DIRS = ("outputs", "logs", LOG_DIR, "hosts")  # hosts/: see tflaunch.history.collect
+RERUNS_DIR = "reruns"  # in a run's directory: <id>.json for each rerun made of it (tflaunch.rerun)
 
 
 def rank_log(rank: int, stream: str) -> str:

@@ -74,6 +74,17 @@ def process_start_time(pid: int) -> str | None:
         return None
 
 
+
+def record_lease_timeout(interval: float) -> float:
+    """How old a heartbeat may get before readers declare the supervisor lost: ``TFLAUNCH_LEASE_TIMEOUT``
+    (default 30 s; the agents read it too, where 0 means no lease: the record's cannot be off, so 0, a
+    value below three heartbeats or not a number gives the default or three heartbeats)."""
+    try:
+        value = float(os.environ.get("TFLAUNCH_LEASE_TIMEOUT") or 30)
+    except ValueError:
+        value = 30.0
+    return max(value, 3 * interval) if value > 0 else max(30.0, 3 * interval)
+
 class LeaseMixin:
     """The lease and liveness half of :class:`tflaunch.history.record.RunRecord`, which gives it the record's ``id``,
     ``dir``, ``path()``, ``work_dir``, status file, events, reserve, cancel request and ``collect_outputs()``."""
@@ -83,16 +94,19 @@ class LeaseMixin:
     _slurm_cache: tuple[str, float, Any] | None
 
     def write_lease(self, interval: float | None = None, timeout: float | None = None, *,
-                    slurm_job_id: str | None = None) -> None:
+                    slurm_job_id: str | None = None, slurm_restarts: int | None = None) -> None:
         """Hold the run: this process's identity and a heartbeat (``slurm_job_id``: the Slurm job it
-        runs in, asked when the heartbeat stops)."""
+        runs in, asked when the heartbeat stops; ``slurm_restarts``: how often that job had been requeued
+        when this allocation started)."""
         interval = interval or float(os.environ.get("TFLAUNCH_LEASE_INTERVAL", "2"))
-        timeout = timeout or float(os.environ.get("TFLAUNCH_LEASE_TIMEOUT", "30"))
+        timeout = timeout or record_lease_timeout(interval)
         pid = os.getpid()
         lease = {**local_identity(), "pid": pid, "pid_start": process_start_time(pid),
                  "heartbeat": time.time(), "interval": interval, "timeout": timeout}
         if slurm_job_id:
             lease["slurm_job_id"] = str(slurm_job_id)
+            if slurm_restarts is not None:
+                lease["slurm_restarts"] = int(slurm_restarts)
         data = (fsio.json_dumps(lease) + "\n").encode("ascii")
         self._retry_when_full(lambda: fsio.atomic_write_bytes(self.path("lease.json"), data, fsync=False))
 
@@ -206,7 +220,9 @@ class LeaseMixin:
             live = dict(status.get("slurm") or {}, job_id=job, state=slurm.job_state(info))
             if info and info.get("Reason") not in (None, "None"):
                 live["reason"] = info["Reason"]
-            if "pid" in lease and slurm.job_state(info) == "RUNNING" and self.launcher_state() == "dead":
+            requeued = slurm.restarts(info) > int(lease.get("slurm_restarts") or 0)  # the holder's allocation ended
+            if "pid" in lease and slurm.job_state(info) == "RUNNING" and not requeued \
+                    and self.launcher_state() == "dead":
                 return self._mark_launcher_lost(status)  # the job goes on without tflaunch (killed inside it)
             return dict(status, slurm=live)
         current = self._read_status_file() or status  # tflaunch inside the job may just have finished

@@ -9,7 +9,7 @@ import time
 
 from .. import fsio
 from ..errors import PathSafetyError, StoreError
-from .layout import TERMINAL, parse_iso
+from .layout import RERUNS_DIR, RUN_ID_RE, TERMINAL, parse_iso
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
 
     from .record import RunRecord
 
-__all__ = ["with_duration", "with_tracking", "describe", "download"]
+__all__ = ["with_duration", "with_tracking", "describe", "download", "reruns_of"]
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,11 @@ def describe(record: RunRecord) -> dict[str, Any]:
         "framework": definition.get("environment"),
         "git": definition.get("git"),
         "run_dir": record.dir,
+        "rerun_of": definition.get("rerun_of"),
+        "reruns": reruns_of(record),
     })
+    if definition.get("rerun_overrides"):
+        out["rerun_overrides"] = definition["rerun_overrides"]
     if os.path.exists(record.path("early_termination.json")):  # a sweep's policy stopped this trial
         try:
             out["early_termination"] = fsio.read_json(record.path("early_termination.json"))
@@ -84,6 +88,15 @@ def describe(record: RunRecord) -> dict[str, Any]:
         except (OSError, ValueError, AttributeError, StopIteration):
             pass
     return out
+
+
+def reruns_of(record: RunRecord) -> list[str]:
+    """The ids of the runs made as reruns of ``record`` (its ``reruns/<id>.json``), oldest first."""
+    try:
+        names = os.listdir(record.path(RERUNS_DIR))
+    except OSError:
+        return []
+    return sorted(n[:-5] for n in names if n.endswith(".json") and RUN_ID_RE.match(n[:-5]))
 
 
 def download(record: RunRecord, name: str, dest: str | None = None) -> str:

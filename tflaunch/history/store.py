@@ -43,7 +43,7 @@ import time
 from .. import fsio
 from ..errors import RunNotFoundError, StoreError
 from .layout import (CANCELED, COMPLETED, EXPERIMENT_RE, FAILED, FINALIZING, LOG_DIR, PREPARING, QUEUED,
-                     RANK_LOG_PREFIX, RESERVE_BYTES, RUN_ID_RE, RUNNING, STATUS_FROM_DEFINITION, STORE_FORMAT,
+                     RANK_LOG_PREFIX, RECOVERING, RESERVE_BYTES, RUN_ID_RE, RUNNING, STATUS_FROM_DEFINITION, STORE_FORMAT,
                      TERMINAL, USER_FILE_DIRS, exit_code_for, now_iso, parse_iso, rank_log, resolve_home,
                      validate_experiment_name)
 from .lease import hostname, local_identity, process_start_time, user_name
@@ -56,7 +56,7 @@ if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
 
 # What the rest of the package imports from here (defined in layout, lease, record and runviews).
 __all__ = [
-    "PREPARING", "QUEUED", "RUNNING", "FINALIZING", "COMPLETED", "FAILED", "CANCELED", "TERMINAL",
+    "PREPARING", "QUEUED", "RUNNING", "RECOVERING", "FINALIZING", "COMPLETED", "FAILED", "CANCELED", "TERMINAL",
     "Store", "RunRecord", "resolve_home", "now_iso", "exit_code_for", "local_identity",
     "STORE_FORMAT", "RUN_ID_RE", "EXPERIMENT_RE", "LOG_DIR", "RANK_LOG_PREFIX", "RESERVE_BYTES",
     "STATUS_FROM_DEFINITION", "USER_FILE_DIRS", "rank_log", "parse_iso", "validate_experiment_name",

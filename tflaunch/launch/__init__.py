@@ -10,12 +10,18 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import threading
+import time
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
     from typing import IO, Any
 
-__all__ = ["AgentConnection", "agent_payload", "agent_source", "BOOTSTRAP"]
+__all__ = ["AgentConnection", "agent_payload", "agent_source", "BOOTSTRAP", "LEASE_TIMEOUT", "PING_EVERY",
+           "lease_timeout"]
+
+LEASE_TIMEOUT = 30.0  # an agent that hears nothing from the launcher this long stops the run's processes
+PING_EVERY = 5.0  # the longest the launcher stays silent to an agent with a lease (else: a quarter of it)
 
 # Run by `python -I -S -c BOOTSTRAP`: reads the agent's source (length-prefixed) from stdin and runs it.
 # One line, no single quotes: it travels inside '...' through whatever login shell a remote host has.
@@ -38,6 +44,16 @@ def agent_source() -> str:
     return shipped_source(AGENT)
 
 
+def lease_timeout() -> float:
+    """The agents' lease (``lease_timeout`` in their setup): ``TFLAUNCH_LEASE_TIMEOUT`` seconds (0: none),
+    :data:`LEASE_TIMEOUT` by default or when the variable is not a number."""
+    value = os.environ.get("TFLAUNCH_LEASE_TIMEOUT")
+    try:
+        return max(0.0, float(value)) if value else LEASE_TIMEOUT
+    except ValueError:
+        return LEASE_TIMEOUT
+
+
 def agent_payload(setup: dict[str, Any]) -> bytes:
     """What to write to a freshly started BOOTSTRAP interpreter: the agent's source, then the setup."""
     return _framed(agent_source().encode("utf-8")) + _framed(json.dumps(setup).encode("ascii"))
@@ -47,6 +63,8 @@ class AgentConnection:
     """A running agent on ``host``: send commands, read events without blocking.
 
     ``diagnostics`` is a file that receives the agent's (or ssh's) stderr, read back for error messages.
+    An agent set up with a ``lease_timeout`` is sent ``ping`` by :meth:`keepalive` whenever nothing else
+    went to it for a while. Commands may be sent from several threads (a frame is written whole).
     """
 
     def __init__(self, popen: subprocess.Popen, host: str = "localhost", *, local: bool = True,
@@ -59,6 +77,9 @@ class AgentConnection:
         self.done = False
         self._buf = bytearray()
         self._need: dict[str, Any] | None = None  # an event waiting for its n bytes
+        self._lock = threading.Lock()  # one frame at a time on stdin (uploads run in threads)
+        self._ping_every = 0.0  # 0: the agent has no lease, nothing to keep alive
+        self._last_sent = 0.0  # time.monotonic() of the last write to the agent
         os.set_blocking(popen.stdout.fileno(), False)
 
     def fileno(self) -> int:
@@ -66,20 +87,40 @@ class AgentConnection:
 
     def start(self, setup: dict[str, Any]) -> None:
         """Send the agent its source and setup (raises OSError if it is already gone)."""
-        self.popen.stdin.write(agent_payload(setup))
-        self.popen.stdin.flush()
+        lease = float(setup.get("lease_timeout") or 0)
+        with self._lock:
+            self.popen.stdin.write(agent_payload(setup))
+            self.popen.stdin.flush()
+            self._last_sent = time.monotonic()
+        self._ping_every = min(lease / 4, PING_EVERY) if lease > 0 else 0.0
 
     def send(self, obj: dict[str, Any], data: bytes | None = None) -> bool:
         if data is not None:
             obj = {**obj, "n": len(data)}
+        with self._lock:
+            return self._write(obj, data)
+
+    def _write(self, obj: dict[str, Any], data: bytes | None) -> bool:
         try:
             self.popen.stdin.write((json.dumps(obj) + "\n").encode("ascii"))
             if data:
                 self.popen.stdin.write(data)
             self.popen.stdin.flush()
+            self._last_sent = time.monotonic()
             return True
         except (OSError, ValueError):
             return False
+
+    def keepalive(self, now: float) -> None:
+        """Ping the agent if it has a lease and nothing went to it for a while (``now``: time.monotonic());
+        never waits for a frame another thread is writing (those bytes keep the agent's lease too)."""
+        if not self._ping_every or now - self._last_sent < self._ping_every or self.eof or self.popen.stdin.closed:
+            return
+        if self._lock.acquire(blocking=False):
+            try:
+                self._write({"cmd": "ping"}, None)
+            finally:
+                self._lock.release()
 
     def terminate(self, grace: float) -> bool:
         return self.send({"cmd": "terminate", "grace": grace})

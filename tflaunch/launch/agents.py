@@ -79,7 +79,8 @@ def setup_agents(session: Session, needed: dict[str, int], more: Callable[[HostR
         probe = {"path": os.path.join(session.work_dir, PROBE_FILE), "content": content}
     for run in session.runs:
         setup = {"token": record.id, "agent_id": run.node, "grace": session.grace, "orphan_grace": ORPHAN_GRACE,
-                 "ports": needed.get(run.name, 0), "scratch_root": session.target.get("remote_scratch"),
+                 "lease_timeout": session.lease_timeout, "ports": needed.get(run.name, 0),
+                 "scratch_root": session.target.get("remote_scratch"),
                  "probe": None if run.conn.local else probe, "gpus": session.spec.use_gpu}
         if more is not None:
             setup.update(more(run))
@@ -112,7 +113,7 @@ def start_host(session: Session, run: HostRun, processes: list[ProcessPlan], set
     specs = [process_spec(p, session.record.dir if run.conn.local else None) for p in processes]
     if setup:
         run.conn.start({"token": session.record.id, "agent_id": run.node, "grace": session.grace,
-                        "orphan_grace": ORPHAN_GRACE, "processes": specs})
+                        "orphan_grace": ORPHAN_GRACE, "lease_timeout": session.lease_timeout, "processes": specs})
     else:
         run.conn.send({"cmd": "start", "processes": specs})
     session.started = True
@@ -122,6 +123,25 @@ class AgentLauncher(Launcher):
     """Each host's agent starts that host's processes."""
 
     name = "agents"
+    restarts_ranks = True
+
+    def restart_ranks(self, processes: list[ProcessPlan], exited: set[int]) -> bool:
+        session = self.session
+        by_host: dict[str, list[ProcessPlan]] = {}
+        for p in processes:
+            by_host.setdefault(p.host, []).append(p)
+        runs = [run for run in session.runs if run.name in by_host]
+        for run in runs:  # an agent whose processes all ended reports "done" first: wait for it
+            if all(p.rank in exited for p in run.processes) and not run.conn.done:
+                return False
+        for run in runs:
+            run.conn.done = False
+            for p in by_host[run.name]:
+                session.processes[p.rank] = p
+            run.processes = [session.processes[p.rank] for p in run.processes]
+            specs = [process_spec(p, session.record.dir if run.conn.local else None) for p in by_host[run.name]]
+            run.conn.send({"cmd": "start", "processes": specs})
+        return True
 
     def connect(self, log_file: Any, prestarted: dict[str, AgentConnection]) -> None:
         open_agents(self.session, log_file, prestarted)

@@ -199,7 +199,7 @@ class HostEnvironment:
         run.launcher_only = True
         session.runs.append(run)
         run.conn.start({"token": session.record.id, "agent_id": "environment", "grace": session.grace,
-                        "orphan_grace": ORPHAN_GRACE})
+                        "orphan_grace": ORPHAN_GRACE, "lease_timeout": session.lease_timeout})
         if not session.wait(lambda: bool(run.hello), time.monotonic() + 60, "to start"):
             run.conn.close()
             session.runs.remove(run)

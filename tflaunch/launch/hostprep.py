@@ -296,9 +296,9 @@ def _send_input(session: Session, item: dict[str, Any], targets: list[tuple[Host
                                   "on this machine (to be sent from here)")
     path = session.record.path(f".data-{item['name']}.tar")
     try:
-        data.write_tar(item, path)
-
-        send_tar(targets, path, owned=True)
+        with session.keeping_alive():  # no events served meanwhile: the agents' leases still are
+            data.write_tar(item, path)
+            send_tar(targets, path, owned=True)
     finally:
         try:
             os.unlink(path)

@@ -6,8 +6,9 @@ A launcher is a :class:`Launcher` subclass, given the run's :class:`~tflaunch.la
 (never the supervisor). The supervisor calls, in order: :meth:`~Launcher.begin` (early, before the
 snapshot is materialized), :meth:`~Launcher.connect` (start the hosts' agents), :meth:`~Launcher.follow` (its own log on the console), :meth:`~Launcher.start`
 (plan with what the hosts answered and start the processes), then, while the run goes,
-:meth:`~Launcher.on_event` for each agent event and :meth:`~Launcher.stop_ranks` when the outcome policy
-stops some ranks; :meth:`~Launcher.watched` says which agents' end is the run's end; :meth:`~Launcher.finish`
+:meth:`~Launcher.on_event` for each agent event, :meth:`~Launcher.stop_ranks` when the outcome policy
+stops some ranks and :meth:`~Launcher.restart_ranks` when it starts some again (and
+:meth:`~Launcher.signal_ranks` when the hang watchdog asks them for their stacks); :meth:`~Launcher.watched` says which agents' end is the run's end; :meth:`~Launcher.finish`
 and :meth:`~Launcher.close` at the end. Which one a run gets: its scheduler's choice
 (:meth:`tflaunch.schedule.Scheduler.step_launcher`), else its distribution's
 (:attr:`tflaunch.plan.distributions.Distribution.launcher`). A new launcher is a module and a line of
@@ -40,6 +41,7 @@ class Launcher:
 
     name = "launcher"
     ranks_stop_together = False  # True: stop_ranks can only stop them all at once (one srun step)
+    restarts_ranks = False  # True: restart_ranks can start some ranks again while the others go on
 
     def __init__(self, session: Session) -> None:
         self.session = session
@@ -74,6 +76,22 @@ class Launcher:
             mine = [rank for rank in ranks if session.processes[rank].host == run.name]
             if mine and not run.finished:
                 run.conn.send({"cmd": "terminate", "grace": session.grace, "indices": mine})
+
+    def signal_ranks(self, name: str) -> list[HostRun]:
+        """Send the signal ``name`` to every rank's program that catches it (the hang watchdog's stack
+        request, :mod:`tflaunch.supervise.watchdog`); return the agents asked: each answers ``signalled``
+        (none: this launcher cannot reach the ranks)."""
+        asked = []
+        for run in self.session.runs:
+            indices = [p.rank for p in run.processes]
+            if indices and not run.finished and run.conn.send({"cmd": "signal", "signal": name, "indices": indices}):
+                asked.append(run)
+        return asked
+
+    def restart_ranks(self, processes: list[ProcessPlan], exited: set[int]) -> bool:
+        """Start these ranks again (they have ended; ``exited``: every rank of the run that has), where
+        they ran; False when it cannot be done yet (try again shortly). Only where :attr:`restarts_ranks`."""
+        raise NotImplementedError
 
     def log_for(self, index: int) -> str | None:
         """The log (relative to the record) of a process index that is not a rank (the launcher's own)."""

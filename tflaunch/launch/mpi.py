@@ -102,7 +102,7 @@ class MpirunLauncher(OneProcessLauncher):
             self.record(preview, launch)
             session.runs[0].processes = preview
             local.conn.start({"token": session.record.id, "agent_id": local.node, "grace": session.grace,
-                              "orphan_grace": ORPHAN_GRACE, "sweep": True,
+                              "orphan_grace": ORPHAN_GRACE, "lease_timeout": session.lease_timeout, "sweep": True,
                               "rank": {"files": files, "cwd": session.work_dir}, "processes": [mpirun]})
             session.started = True
             return

@@ -78,6 +78,18 @@ class OneProcessLauncher(Launcher):
     def log_for(self, index: int) -> str | None:
         return self.log_path if index == LAUNCHER_INDEX else None
 
+    def signal_ranks(self, name: str) -> list[HostRun]:
+        """The ranks are not the agents' children: each machine's agent (in sweep mode) finds the run's
+        ranks there (``TFLAUNCH_RANK``) and signals them. Machines without an agent (an srun step's other
+        nodes) are not reached."""
+        asked, machines = [], set()
+        for run in self.session.runs:
+            machine = (run.hello or {}).get("hostname") or run.name
+            if machine not in machines and not run.finished and run.conn.send({"cmd": "signal", "signal": name}):
+                machines.add(machine)
+                asked.append(run)
+        return asked
+
     def local_agent(self, name: str, node: int) -> HostRun:
         """An agent on this machine that is not one of the run's hosts, to start the launcher from."""
         session = self.session

@@ -10,6 +10,7 @@ policy (``policy``: who failed, why the run stops) is the supervisor's too.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -18,12 +19,13 @@ import time
 from .. import fsio, tail
 from ..plan.distributions import distribution
 from ..plan.processes import RunContext
+from . import lease_timeout
 from .hostrun import LaunchFailure
 from .ssh import SshOptions
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
-    from typing import Any, Callable, TextIO
+    from typing import Any, Callable, Iterator, TextIO
 
     from ..plan.processes import ProcessPlan
     from ..history.record import RunRecord
@@ -54,6 +56,8 @@ class Session:
         self.distribution = distribution(spec.distributed)
         self.ssh = SshOptions.from_dict(self.target.get("ssh"))
         self.grace = grace
+        self.lease_timeout = lease_timeout()  # the agents': their setups' "lease_timeout" (keepalive() pings)
+        self.attempt = 1  # which attempt of the run (restarts, Slurm requeues): TFLAUNCH_ATTEMPT
         self.work_dir = work_dir
         self.stream = stream
         self.stdout = stdout
@@ -84,7 +88,7 @@ class Session:
 
         return RunContext(run_id=self.record.id, experiment=self.experiment, run_dir=self.record.dir,
                           work_dir=self.work_dir, home=self.record.store.home,
-                          pythonpath=library_path(self.record.store.home))
+                          pythonpath=library_path(self.record.store.home), attempt=self.attempt)
 
     def follow(self, path: str, prefix: str, stderr: bool = True) -> None:
         """Show a file of the record on the console while attached (``path`` relative to the record)."""
@@ -116,6 +120,32 @@ class Session:
                 raise LaunchFailure(f"host {', '.join(slow) or '?'} did not answer within "
                                     f"{self.ssh.connect_timeout + HELLO_MARGIN:g} s")
         return True
+
+    def keepalive(self, now: float) -> None:
+        """Ping the agents that have a lease and were sent nothing for a while (``now``: time.monotonic()):
+        called whenever events are served, for as long as the connections are open."""
+        for run in self.runs:
+            run.conn.keepalive(now)
+
+    @contextlib.contextmanager
+    def keeping_alive(self) -> Iterator[None]:
+        """Keep the agents' leases from a thread while this one does something long without serving events
+        (writing a tar of the job's files, streaming it to the hosts)."""
+        import threading
+
+        done = threading.Event()
+
+        def ping() -> None:
+            while not done.wait(0.5):
+                self.keepalive(time.monotonic())
+
+        thread = threading.Thread(target=ping, name="tflaunch-keepalive", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
 
     def on_event(self, run: HostRun, event: dict[str, Any]) -> bool:
         """The agents' events about the host itself and the files it holds; True if ``event`` was one."""
@@ -166,6 +196,16 @@ class Session:
         for run in self.runs:
             run.conn.kill()
         agent.stop_run(self.record.id, self.pgids, 1.0, {os.getpid()})
+
+    def new_attempt(self) -> None:
+        """The processes of this attempt have ended and the run starts again: close the agents, forget
+        them and their processes (the logs are appended to), count the attempt."""
+        self.close()
+        self.runs = []
+        self.processes = {}
+        self.pgids = set()
+        self.started = False
+        self.attempt += 1
 
     def close(self) -> None:
         for run in self.runs:

@@ -119,5 +119,6 @@ class SrunStepLauncher(OneProcessLauncher):
         fsio.atomic_write_json(session.record.path("hosts.json"), hosts_json)
         self.record(processes, launch)
         self.launcher.conn.start({"token": session.record.id, "agent_id": 0, "grace": session.grace,
-                                  "orphan_grace": ORPHAN_GRACE, "sweep": True, "processes": [self.process(launch)]})
+                                  "orphan_grace": ORPHAN_GRACE, "lease_timeout": session.lease_timeout, "sweep": True,
+                                  "processes": [self.process(launch)]})
         session.started = True

@@ -5,8 +5,9 @@ exec PYTHON -I -S -c '<bootstrap>'``: the user's ``~/.ssh/config`` applies as fo
 only the one-line bootstrap goes on the remote command line. The agent's source, the environment
 and the script's arguments travel over the connection, so nothing is interpreted by the remote
 shell, nothing is limited by ARG_MAX and nothing secret shows in ``ps``. When the connection ends
-for any reason (launcher killed, network lost: ``ServerAliveInterval`` notices within ~15 s) the
-agent's stdin closes and it stops the run's processes on that host.
+for any reason (launcher killed, network lost: ``ServerAliveInterval`` notices within ~15 s here) the
+agent's stdin closes and it stops the run's processes on that host; where no end of the connection
+reaches the host (its link is down), the agent's lease does the same (see :mod:`tflaunch.remote.agent`).
 """
 from __future__ import annotations
 

@@ -58,17 +58,18 @@ def upload(session: Session, runs: list[HostRun]) -> None:
     record = session.record
     path = record.path(".upload.tar")
     lib = library_path(record.store.home)
-    with tarfile.open(path, "w") as tar:
-        for entry in sorted(os.listdir(session.work_dir)):
-            tar.add(os.path.join(session.work_dir, entry), arcname=entry)
-        if lib and os.path.isdir(lib):  # tflaunch for the script's imports (see tflaunch.pythonpath)
-            tar.add(lib, arcname=".tflaunch-lib")
-        for name, directory in session.prep.wheelhouses(runs):  # for an environment built there
-            tar.add(directory, arcname=name)
+    with session.keeping_alive():  # no events served meanwhile: the agents' leases still are
+        with tarfile.open(path, "w") as tar:
+            for entry in sorted(os.listdir(session.work_dir)):
+                tar.add(os.path.join(session.work_dir, entry), arcname=entry)
+            if lib and os.path.isdir(lib):  # tflaunch for the script's imports (see tflaunch.pythonpath)
+                tar.add(lib, arcname=".tflaunch-lib")
+            for name, directory in session.prep.wheelhouses(runs):  # for an environment built there
+                tar.add(directory, arcname=name)
 
-    for run in runs:
-        run.work_dir = os.path.join(run.hello["scratch"], "work")
-    send_tar([(run, run.work_dir) for run in runs], path)
+        for run in runs:
+            run.work_dir = os.path.join(run.hello["scratch"], "work")
+        send_tar([(run, run.work_dir) for run in runs], path)
     os.unlink(path)
     log.info("copied the job's files to %s (no shared filesystem)", ", ".join(run.name for run in runs))
     session.wait(lambda: all(run.unpacked for run in runs), None, "to unpack the job's files")

@@ -5,7 +5,7 @@
 ``TFLAUNCH_COORDINATOR``), ``ps`` (native TensorFlow, ``ParameterServerStrategy``), ``multiworker``
 (native TensorFlow, ``MultiWorkerMirroredStrategy``) and ``mpi`` (Horovod through mpirun). Planning
 (:mod:`tflaunch.plan.processes`), the choice of launcher (:mod:`tflaunch.launch.launcher`) and the outcome policy
-(:mod:`tflaunch.supervise.policy`) read a row of :data:`DISTRIBUTIONS` instead of testing the name;
+(:mod:`tflaunch.supervise.policy`, :mod:`tflaunch.supervise.restart`) read a row of :data:`DISTRIBUTIONS` instead of testing the name;
 a new distribution is a new row.
 """
 from __future__ import annotations
@@ -33,13 +33,20 @@ class Distribution:
     after_lead: str = "stop"  # then the others: "stop" now (they block in server.join), "grace" to end on their own
     roles: bool = False  # errors and messages name the TensorFlow role and task index
     env: Mapping[str, str] = field(default_factory=dict)  # variables every process gets
+    # after a failure (a run with max_restarts, tflaunch.supervise.restart): role -> what starts again,
+    # "alone" (that task, same TF_CONFIG task and port, on its host), "with_chief" (that task and the
+    # chief), "ignore" (never fails the run, not restarted); a role not here: the whole group
+    restarts: Mapping[str, str] = field(default_factory=dict)
 
 
 DISTRIBUTIONS: dict[str, Distribution] = {
     "plain": Distribution("plain"),
     # TensorFlow's guide for ParameterServerStrategy: GRPC_FAIL_FAST=use_caller
+    # ClusterCoordinator: a lost worker is re-dispatched to and reconnected when it is back; a lost ps
+    # needs the coordinator (the chief) restarted to re-create the variables from its checkpoint
     "ps": Distribution("ps", tf_config=True, spread=True, lead_decides=True, after_lead="stop", roles=True,
-                       env={"GRPC_FAIL_FAST": "use_caller"}),
+                       env={"GRPC_FAIL_FAST": "use_caller"},
+                       restarts={"worker": "alone", "chief": "alone", "ps": "with_chief", "evaluator": "ignore"}),
     "multiworker": Distribution("multiworker", tf_config=True, lead_decides=True, after_lead="grace", roles=True),
     "mpi": Distribution("mpi", rendezvous_ports=False, gpu_split=False, launcher="mpirun"),
 }

@@ -37,6 +37,7 @@ class RunContext:
     work_dir: str
     home: str
     pythonpath: str | None = None  # tflaunch for the script's imports (see tflaunch.pythonpath)
+    attempt: int = 1  # which attempt of the run this is (restarts, requeues): TFLAUNCH_ATTEMPT
 
 
 @dataclass
@@ -146,9 +147,12 @@ def plan(spec: JobSpec, ctx: RunContext, hosts: Sequence[Host] | None = None, *,
         "TFLAUNCH_HOME": ctx.home,
         "TFLAUNCH_EXPERIMENT": ctx.experiment,
         "TFLAUNCH_WORLD_SIZE": str(world),
+        "TFLAUNCH_ATTEMPT": str(ctx.attempt),
     }
     if ctx.pythonpath:
         common["TFLAUNCH_PYTHONPATH"] = ctx.pythonpath
+    if (spec.recovery or {}).get("hang_timeout"):  # the hang watchdog may ask for stacks (tflaunch.remote.stacks)
+        common["TFLAUNCH_STACKS_SIGNAL"] = "SIGURG"  # (STACKS_VAR, STACKS_SIGNAL there)
     cluster = ""
     task_ports: dict[int, int | str] = {}
     if kind.tf_config:

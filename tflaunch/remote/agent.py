@@ -6,7 +6,11 @@ reserved), receives the job's files when they are not, starts each process in a 
 writes their output to files or relays it over the connection, reports ``started``/``exited``/``done``,
 obeys ``terminate``/``kill``, sends ``./outputs`` and ``./logs`` back on request, and, when its stdin
 reaches end-of-file because the launcher went away for any reason (even ``kill -9``, or a dropped ssh
-connection), stops everything the run started: SIGTERM, a short grace, then SIGKILL. "Everything" is
+connection), stops everything the run started: SIGTERM, a short grace, then SIGKILL. So it does when
+the setup gives it a lease (``lease_timeout``) and nothing at all arrives on its stdin for that long: the
+launcher pings while it lives, and a host cut off from it (a link that is down, where no end-of-file ever
+comes) stops its processes on its own; a write to its stdout that cannot go on never holds it past the
+lease (stdout is non-blocking; what stdin brings while a write waits counts and is kept). "Everything" is
 every member of the processes' process groups plus every process whose environment carries the run's
 token (``TFLAUNCH_RUN_ID=<id>``), which catches descendants that started sessions of their own, and
 never touches another run's processes.
@@ -28,15 +32,21 @@ object per line; a command with ``"n": N`` is followed by N raw bytes. stdout: e
 - process: ``{"index", "argv", "cwd", "env" (added to the agent's environment), "stdout", "stderr"}``
   where the streams are file paths (appended to) or null (relayed as ``output`` events)
 - commands: ``start {processes}``, ``terminate {grace, indices (optional: only these processes)}``,
-  ``kill``, ``data`` + bytes (a tar upload),
+  ``kill``, ``ping`` (nothing to do: the launcher is there), ``data`` + bytes (a tar upload),
   ``unpack {dest, owned (optional: remove dest when the agent ends)}``, ``collect {dir, names}``,
   ``cleanup``, ``rank_cwd {cwd, info}`` (where this host's ranks run, and what else they need: ``info``
   ``{"python", "data"}``, with the ``--setup`` changes added: see tflaunch.remote.rank), ``sweep {grace}`` (stop every
-  process of the run on this host now), ``exec {id, argv, cwd, env, capture_env, owns}`` (a helper
+  process of the run on this host now), ``signal {signal, indices (optional)}`` (the hang watchdog's
+  stack request: send the signal, by name such as ``"SIGURG"``, to each of these processes that catches
+  it; in sweep mode to the run's ranks found on this host by ``TFLAUNCH_RANK``; answered by ``signalled``),
+  ``exec {id, argv, cwd, env, capture_env, owns}`` (a helper
   process before the job's: a ``--setup`` shell, an environment build, a data copy; its output comes
   back as ``exec_output`` events; ``capture_env``: the environment it leaves in ``$TFLAUNCH_ENV_OUT``
   (JSON) is what the later processes of this host start from; ``owns``: a path it creates that the agent
   removes when it ends or at ``cleanup``, unless ``keep``)
+- setup ``lease_timeout`` (optional; seconds, absent or 0: no lease): hearing nothing on stdin (any bytes
+  count) for that long is as if stdin ended; the launcher sends ``ping`` (a command with no answer) often
+  enough while it holds the connection
 - setup may also carry ``home_probe`` (like ``probe``, for the home: hello says ``home_shared``),
   ``paths`` (hello says which of them exist here: ``{path: "dir" | "file" | null}``) and ``keep`` (keep
   owned paths at the end)
@@ -44,7 +54,8 @@ object per line; a command with ``"n": N`` is followed by N raw bytes. stdout: e
   found, error}}``, ``exec_output {id, fd}`` + bytes, ``exec_done {id, returncode}``, ``started {index, pid}``,
   ``spawn_failed {index, error}``, ``output {index, fd}`` + bytes, ``exited {index, pid, returncode}``,
   ``done``, ``unpacked``, ``data`` + bytes then ``collected {bytes}``, ``cleaned``, ``rank_ready {dir}``,
-  ``swept {count}``, ``error {cmd, error}``
+  ``swept {count}``, ``signalled {signal, ranks: {index: "sent" | "no handler" | "exited"}}``,
+  ``error {cmd, error}``
 - setup ``report`` (optional; ``{python, packages, mpirun, gpus, home, scratch, timeout}``, see
   :func:`host_report`): the hello then carries ``report``, this host as the job would find it (the job's
   Python and package versions from metadata, mpirun's raw ``--version``, GPUs, free disk, the clock)
@@ -54,6 +65,7 @@ import os
 import select
 import signal
 import sys
+import time
 
 from .agent_host import PORT_LEASE, find_gpus, host_report, lease_dir, rank_dir, run_pids, stop_run  # joined when shipped
 from .agent_run import Files, Helpers, Processes, Relay  # joined when shipped
@@ -71,6 +83,9 @@ class Agent:
         self.agent_id = "%s:%s" % (self.token, spec.get("agent_id", 0))
         self.grace = float(spec.get("grace", 10))
         self.orphan_grace = float(spec.get("orphan_grace", 2))
+        self.lease = float(spec.get("lease_timeout") or 0)  # 0 (or an older setup without it): no lease
+        self.heard = time.monotonic()  # when the launcher was last heard from (any bytes on stdin)
+        self.inbox = bytearray()  # what stdin brought while a write waited: read there, run by the loop
         self.orphaned = False
         self.pending = None  # a command waiting for its n bytes of data
         scratch = scratch_dir(spec.get("scratch_root"), "%s-%s" % (self.token, spec.get("agent_id", 0)))
@@ -90,12 +105,52 @@ class Agent:
         payload = (json.dumps(obj) + "\n").encode()
         if data:
             payload += data
-        try:
-            view = memoryview(payload)
-            while view:
+        view = memoryview(payload)
+        while view:
+            try:
                 view = view[os.write(1, view):]
-        except OSError:
-            self.orphan()
+            except BlockingIOError:  # the connection is full: wait, but not past the lease
+                if not self.writable():
+                    self.orphan()
+                    return
+            except OSError:
+                self.orphan()
+                return
+
+    def writable(self):
+        """Wait until stdout (non-blocking, see :meth:`loop`) takes more; meanwhile read stdin into
+        :attr:`inbox`, so that the launcher, which may be writing to us, is heard and never blocked. False:
+        stdin ended, or nothing came for the lease time (a link that is down): the launcher is gone."""
+        while True:
+            wait = max(0.0, self.heard + self.lease - time.monotonic()) if self.lease else None
+            try:
+                readable, writable, _ = select.select([0], [1], [], wait)
+            except InterruptedError:
+                continue
+            if writable:
+                return True
+            if readable:
+                try:
+                    data = os.read(0, 1 << 20)
+                except BlockingIOError:
+                    continue
+                if not data:
+                    return False
+                self.inbox += data
+                self.heard = time.monotonic()
+            elif self.lease and self.lease_over():
+                return False
+
+    def lease_over(self):
+        """Whether the lease ran out: nothing heard for its time, and nothing waiting on stdin either (what
+        came while a long command ran, unpacking a big upload say, is heard late, not missed)."""
+        if time.monotonic() - self.heard < self.lease or select.select([0], [], [], 0)[0]:
+            return False
+        try:
+            sys.stderr.write("tflaunch agent: nothing from the launcher for %g s; stopping the run\n" % self.lease)
+        except (OSError, ValueError):  # (stderr shared with the non-blocking stdout, and full)
+            pass
+        return True
 
     def orphan(self):
         if not self.orphaned:
@@ -171,6 +226,11 @@ class Agent:
             elif name == "sweep":
                 count = self.processes.stop_mine(float(cmd.get("grace", 1.0)))
                 self.send({"event": "swept", "count": count})
+            elif name == "signal":
+                ranks = self.processes.signal_ranks(cmd["signal"], cmd.get("indices"))
+                self.send({"event": "signalled", "signal": cmd["signal"], "ranks": ranks})
+            elif name == "ping":
+                pass  # the launcher is there: hearing it (any bytes) is all a ping is for
         except Exception as exc:  # report, never die: the launcher decides what a failure means
             self.send({"event": "error", "cmd": name, "error": "%s: %s" % (type(exc).__name__, exc)})
 
@@ -209,11 +269,19 @@ class Agent:
         signal.signal(signal.SIGTERM, lambda *_: processes.terminate(self.grace))
         for sig in (signal.SIGINT, signal.SIGHUP):  # a handler, not SIG_IGN: exec resets handlers only
             signal.signal(sig, lambda *_: None)
+        for fd in (0, 1):  # a write that cannot go on (a link that is down) must not hold the loop: send()
+            try:
+                os.set_blocking(fd, False)
+            except OSError:
+                pass
         self.hello()
         if self.spec.get("processes") is not None:
             processes.start(self.spec["processes"])
         buf = b""
         while True:
+            if self.inbox and not self.orphaned:  # read while a write waited: before anything read later
+                data, self.inbox = bytes(self.inbox), bytearray()
+                buf = self.feed(buf + data)
             if helpers.aux:
                 helpers.reap()
             running = processes.reap()
@@ -222,8 +290,11 @@ class Agent:
             if self.orphaned and not running and not helpers.aux:
                 break
             fds = [wake_r] + self.relay.fds() + ([] if self.orphaned else [0])
+            timeout = processes.timeout(0.5)
+            if self.lease and not self.orphaned:
+                timeout = max(0.0, min(timeout, self.heard + self.lease - time.monotonic()))
             try:
-                ready, _, _ = select.select(fds, [], [], processes.timeout(0.5))
+                ready, _, _ = select.select(fds, [], [], timeout)
             except InterruptedError:
                 ready = []
             for fd in ready:
@@ -233,13 +304,23 @@ class Agent:
                     except BlockingIOError:
                         pass
                 elif fd == 0:
-                    data = os.read(0, 1 << 20)
+                    if self.orphaned:  # (by a write just now)
+                        continue
+                    try:
+                        data = os.read(0, 1 << 20)
+                    except BlockingIOError:  # taken already, by a write that waited (see writable())
+                        continue
                     if not data:
                         self.orphan()
                     else:
+                        self.heard = time.monotonic()
+                        if self.inbox:  # what a write took first comes first
+                            data, self.inbox = bytes(self.inbox) + data, bytearray()
                         buf = self.feed(buf + data)
                 else:
                     self.relay.relay(fd)
+            if self.lease and not self.orphaned and self.lease_over():
+                self.orphan()  # as if stdin ended: the launcher is gone, or cut off from this host
             processes.kill_overdue()
         if processes.stop_left():
             self.files.leave(kept=bool(processes.procs) or processes.sweep)

@@ -13,6 +13,9 @@ import time
 
 TOKEN_VAR = "TFLAUNCH_RUN_ID"
 AGENT_VAR = "TFLAUNCH_AGENT_ID"  # "<run id>:<node>": one agent's processes when several share a machine
+STACKS_VAR = "TFLAUNCH_STACKS_SIGNAL"  # a run with a hang timeout: the job's Python dumps its stacks on it
+STACKS_DIR = os.path.join("tflaunch", "remote", "stacks")  # its sitecustomize, in tflaunch's copy
+RANK_VAR = "TFLAUNCH_RANK"
 PORT_LEASE = 300.0  # seconds a port handed to a run is not handed to another (its process may bind late)
 
 
@@ -302,6 +305,51 @@ def run_pids(token, pgids=(), exclude=(), var=TOKEN_VAR):
     return found
 
 
+def catches(pid, sig):
+    """Whether process ``pid`` has a handler for ``sig`` (``SigCgt`` in /proc; True where unknown)."""
+    try:
+        with open("/proc/%d/status" % pid) as fh:
+            for line in fh:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return True
+
+
+def rank_processes(token, exclude=()):
+    """The job's programs of run ``token`` on this host by rank (an MPI job, whose ranks mpirun started):
+    ``{rank: pid}`` of the topmost process whose environment carries ``TFLAUNCH_RANK`` (the rank wrapper
+    sets it for the program it starts, whose own children inherit it; the wrapper has none)."""
+    needle = ("%s=%s" % (TOKEN_VAR, token)).encode()
+    prefix = ("%s=" % RANK_VAR).encode()
+    uid = os.getuid()
+    found = {}  # pid -> (parent pid, rank)
+    if not os.path.isdir("/proc"):
+        return {}
+    for pid in _proc_pids():
+        if pid in exclude:
+            continue
+        try:
+            if uid != 0 and os.stat("/proc/%d" % pid).st_uid != uid:
+                continue
+            with open("/proc/%d/environ" % pid, "rb") as fh:
+                items = fh.read().split(b"\0")
+            if needle not in items:
+                continue
+            rank = next((item[len(prefix):] for item in items if item.startswith(prefix)), b"")
+            fields = _stat_fields(pid)
+            if rank.isdigit() and fields[0] != b"Z":
+                found[pid] = (int(fields[1]), int(rank))
+        except (OSError, ValueError, IndexError):
+            continue
+    ranks = {}
+    for pid, (parent, rank) in sorted(found.items()):
+        if found.get(parent, (0, None))[1] != rank and rank not in ranks:
+            ranks[rank] = pid
+    return ranks
+
+
 def signal_run(sig, token, pgids, exclude=(), var=TOKEN_VAR):
     """Send ``sig`` to every process of the run; return how many were signalled."""
     count = 0
@@ -361,12 +409,17 @@ def _output_fd(path):
 
 def add_pythonpath(env, cwd):
     """Append ``TFLAUNCH_PYTHONPATH`` (tflaunch for the script's imports) to PYTHONPATH; a host without the
-    shared filesystem has the copy that came with the job's files (``cwd/.tflaunch-lib``)."""
+    shared filesystem has the copy that came with the job's files (``cwd/.tflaunch-lib``). With
+    ``TFLAUNCH_STACKS_SIGNAL`` (a hang timeout), the copy's stack-dump hook too (:data:`STACKS_DIR`)."""
     lib = env.get("TFLAUNCH_PYTHONPATH")
     if lib and not os.path.exists(lib):
         lib = os.path.join(cwd, ".tflaunch-lib")
     if lib and os.path.exists(lib):
-        env["PYTHONPATH"] = env["PYTHONPATH"] + os.pathsep + lib if env.get("PYTHONPATH") else lib
+        paths = [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []
+        paths.append(lib)
+        if env.get(STACKS_VAR):  # the hang watchdog's stack dump (tflaunch.remote.stacks)
+            paths.append(os.path.join(lib, STACKS_DIR))
+        env["PYTHONPATH"] = os.pathsep.join(paths)
 
 
 def spawn(argv, cwd, env, stdout_path, stderr_path):

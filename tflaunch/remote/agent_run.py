@@ -13,7 +13,7 @@ import sys
 import time
 
 from .agent_host import AGENT_VAR, TOKEN_VAR, add_pythonpath, exit_code, lease_dir, reserve_ports  # joined when shipped
-from .agent_host import signal_run, spawn, stop_run, write_rank_files  # joined when shipped
+from .agent_host import catches, rank_processes, signal_run, spawn, stop_run, write_rank_files  # joined when shipped
 
 
 class Relay:
@@ -103,6 +103,10 @@ class Processes:
         self.sockets = []
         self.started = True
         for p in specs:
+            if p["index"] in self.procs:  # started again (a restart): a new process under the same index
+                self.returncodes.pop(p["index"], None)
+                self.kill_some.pop(p["index"], None)
+                self.finished = False
             env = self.base_env()
             env.update(p.get("env", {}))
             add_pythonpath(env, p["cwd"])
@@ -133,6 +137,31 @@ class Processes:
         """:func:`stop_run` on :meth:`whose` processes; return how many needed SIGKILL."""
         token, pgids, exclude, var = self.whose()
         return stop_run(token, pgids, grace, exclude, var)
+
+    def signal_ranks(self, name, indices=None):
+        """Send the signal ``name`` (the hang watchdog's stack request) to each of the job's processes here
+        that catches it (``indices``: only these); in sweep mode (MPI: mpirun started them) to the run's
+        ranks found on this host. Return ``{index: "sent" | "no handler" | "exited"}``."""
+        signum = getattr(signal, name) if isinstance(name, str) else int(name)
+        if self.sweep:
+            targets = rank_processes(self.token, self.exclude)
+        else:
+            targets = {i: pid for i, pid in self.procs.items() if i >= 0}
+        report = {}
+        for index, pid in sorted(targets.items()):
+            if indices is not None and index not in indices:
+                continue
+            if index in self.returncodes:
+                report[str(index)] = "exited"
+            elif not catches(pid, signum):
+                report[str(index)] = "no handler"
+            else:
+                try:
+                    os.kill(pid, signum)
+                    report[str(index)] = "sent"
+                except OSError:
+                    report[str(index)] = "exited"
+        return report
 
     def terminate(self, grace, indices=None):
         if indices is not None:  # some processes only: their process groups, SIGKILL after the grace

@@ -176,12 +176,17 @@ def handles(pid, signum):
 
 def add_pythonpath(env, cwd):
     """Append ``TFLAUNCH_PYTHONPATH`` (tflaunch for the script's imports) to PYTHONPATH; a host without the
-    shared filesystem has the copy that came with the job's files (``cwd/.tflaunch-lib``)."""
+    shared filesystem has the copy that came with the job's files (``cwd/.tflaunch-lib``). With
+    ``TFLAUNCH_STACKS_SIGNAL`` (a hang timeout), the copy's stack-dump hook too (tflaunch.remote.stacks)."""
     lib = env.get("TFLAUNCH_PYTHONPATH")
     if lib and not os.path.exists(lib):
         lib = os.path.join(cwd, ".tflaunch-lib")
     if lib and os.path.exists(lib):
-        env["PYTHONPATH"] = env["PYTHONPATH"] + os.pathsep + lib if env.get("PYTHONPATH") else lib
+        paths = [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []
+        paths.append(lib)
+        if env.get("TFLAUNCH_STACKS_SIGNAL"):
+            paths.append(os.path.join(lib, "tflaunch", "remote", "stacks"))
+        env["PYTHONPATH"] = os.pathsep.join(paths)
 
 
 def apply_table(env, rank, path):

@@ -7,6 +7,12 @@ allocation, what to record of the job, and why the job is being stopped (a time 
 when its processes are killed from outside; it never tests which scheduler it has. Each scheduler is
 one module of this package and one line of :data:`SCHEDULERS` (imported only when a run uses it).
 
+A scheduler that requeues jobs (Slurm, a run submitted with ``--max-requeues N``) lets the same run go on
+in the job's next allocation: :meth:`Scheduler.ending` says :data:`REQUEUED` when it is putting the job
+back in its queue itself (a preemption, ``scontrol requeue``), :meth:`Scheduler.tick` when the run should
+be stopped so that the job is requeued (before its time limit), and :meth:`Scheduler.requeue` hands the
+stopped run back to the job (see :mod:`tflaunch.supervise.requeue`).
+
 A scheduler that takes submissions (Slurm's sbatch) has, in its module, the submitting side as
 functions: ``check(spec)`` (what it must be asked for is known, its command is here; returns variables
 for the processes), ``describe(spec, run_id, experiment, run_dir, home)`` (the dry run's view, in the
@@ -25,7 +31,7 @@ if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
     from ..history.record import RunRecord
     from ..spec import JobSpec
 
-__all__ = ["Scheduler", "SCHEDULERS", "ALLOCATIONS", "scheduler_name", "scheduler_for", "submission"]
+__all__ = ["Scheduler", "SCHEDULERS", "ALLOCATIONS", "REQUEUED", "scheduler_name", "scheduler_for", "submission"]
 
 # name -> "module:class"; see scheduler_name for which one a compute target has
 SCHEDULERS: dict[str, str] = {
@@ -34,6 +40,8 @@ SCHEDULERS: dict[str, str] = {
 }
 # the hosts of an allocation tflaunch runs in, by where they were read (tflaunch.spec.hosts.discover)
 ALLOCATIONS: dict[str, str] = {"SLURM_JOB_NODELIST": "slurm"}
+# the stop reason of a run whose job goes back to the scheduler's queue (the run goes on in its next allocation)
+REQUEUED = "requeued"
 
 
 class Scheduler:
@@ -72,6 +80,26 @@ class Scheduler:
         """Why the scheduler is ending the job: (stop reason, detail), or None when it is not (or cannot
         tell within ``wait`` seconds)."""
         return None
+
+    # -- requeues (the same run in the job's next allocation) -------------------------------------------
+    def restarted(self) -> bool:
+        """Whether this allocation is the job's second or later (the job was requeued before)."""
+        return False
+
+    def allow_requeues(self, left: int) -> None:
+        """How many more times the run may go on in a new allocation of its job (0: none; the scheduler
+        then makes the job end for good when its allocation ends)."""
+
+    def tick(self, now: float) -> tuple[str, str] | None:
+        """(:data:`REQUEUED`, detail) when the run should be stopped now for its job to be requeued
+        (Slurm: before the time limit, the tasks having had the checkpoint signal); else None."""
+        return None
+
+    def requeue(self) -> tuple[str, str] | None:
+        """The run's processes stopped with reason :data:`REQUEUED`: have the job requeued (ask for it
+        unless the scheduler is doing it already) and hold the run until its next allocation starts.
+        None when done; else (stop reason, detail) that the run ends with instead."""
+        return REQUEUED, "this scheduler does not requeue jobs"
 
 
 def scheduler_name(target: Mapping[str, Any] | None) -> str:

@@ -6,6 +6,16 @@ submitted with ``run --slurm`` (its batch script runs this supervisor on the fir
 stops the job (a time limit, a preemption, ``scancel``, a node failure) the processes get SIGTERM:
 :meth:`SlurmScheduler.ending` asks ``scontrol`` why, for the run's final status. The Slurm commands
 themselves are in :mod:`tflaunch.slurm`.
+
+Requeues (``run --slurm --max-requeues N``; the batch script has ``--requeue``, else ``--no-requeue``): when
+Slurm requeues the job itself (a preemption with ``PreemptMode=REQUEUE``, ``scontrol requeue``) its
+``Restarts`` count goes up at once (JobState shows COMPLETING, then PENDING): :meth:`~SlurmScheduler.ending`
+says ``requeued``. Before the time limit tflaunch asks for the requeue itself: the tasks get ``--signal``
+(``USR2@60``: 60 s before the limit; only the job's steps get it, not the batch script, unless ``B:``), and
+half that offset before the limit (:meth:`~SlurmScheduler.tick`) the run is stopped, its outputs brought
+in and ``scontrol requeue`` called (:meth:`~SlurmScheduler.requeue`). Once no requeue is left the job is
+made non-requeueable (``scontrol update Requeue=0``): a preemption then ends it for good, with today's
+reason.
 """
 from __future__ import annotations
 
@@ -17,7 +27,7 @@ import time
 from .. import slurm
 from ..errors import SpecError
 from ..history.store import CANCELED, FAILED, QUEUED
-from . import Scheduler
+from . import REQUEUED, Scheduler
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
@@ -41,8 +51,13 @@ class SlurmScheduler(Scheduler):
         super().__init__(record, target)
         self.submitted = target.get("kind") == "slurm"  # by `run --slurm`: hosts come with the allocation
         self.job_id = os.environ.get("SLURM_JOB_ID")
+        # how often Slurm had requeued the job when this allocation started (None: not known here)
+        self.restart_count: int | None = int(os.environ.get("SLURM_RESTART_COUNT") or 0) if self.job_id else None
         if self.submitted and self.job_id is None:
             self.job_id = (record.lease() or {}).get("slurm_job_id")
+        self.requeues_left = 0
+        self._requeue_at: float | None = None  # monotonic: when the run stops to be requeued before the time limit
+        self._ask = False  # tflaunch asks Slurm for the requeue (before the time limit), Slurm is not doing it
 
     def allocation(self, spec: JobSpec) -> dict[str, Any]:
         if not self.submitted:
@@ -59,14 +74,18 @@ class SlurmScheduler(Scheduler):
         return "srun" if self.target.get("launcher") == "srun" else None
 
     def lease_fields(self) -> dict[str, Any]:
-        return {"slurm_job_id": self.job_id}
+        fields: dict[str, Any] = {"slurm_job_id": self.job_id}
+        if self.restart_count is not None:  # known inside the job: how often it had been requeued
+            fields["slurm_restarts"] = self.restart_count
+        return fields
 
     def status_fields(self, hosts: list[str]) -> dict[str, Any]:
         if not self.job_id:
             return {}
         current = (self.record.read_status(check_lease=False) or {}).get("slurm") or {}
+        restarts = {"restarts": self.restart_count} if self.restart_count else {}
         return {"slurm": {**current, "job_id": self.job_id, "submitted": self.submitted,
-                          "launcher": self.target.get("launcher"), "nodes": hosts}}
+                          "launcher": self.target.get("launcher"), "nodes": hosts, **restarts}}
 
     def stops_tasks(self, returncode: int) -> bool:
         return bool(self.job_id) and returncode in STOPPED_BY_SLURM
@@ -87,6 +106,9 @@ class SlurmScheduler(Scheduler):
                 log.warning("run %s: cannot ask Slurm why the job is stopping: %s", self.record.id, exc)
                 return None
             state = slurm.job_state(info)
+            if self._requeued(info):
+                return REQUEUED, (f"Slurm requeued job {self.job_id} (a preemption or scontrol requeue; "
+                                  f"JobState={state}, Restarts={slurm.restarts(info)})")
             if state in ("COMPLETING", "RUNNING"):  # the end state shows once the job is gone
                 state = slurm.REASON_STATES.get((info or {}).get("Reason", ""), state)
             if state in slurm.ENDED or time.monotonic() >= deadline:
@@ -101,6 +123,85 @@ class SlurmScheduler(Scheduler):
         if fields["status"] == CANCELED:
             return "canceled", fields["cancel_reason"]
         return fields["error"]["reason"], fields["error"]["message"]
+
+    # -- requeues ------------------------------------------------------------------------------------
+    def _requeued(self, info: Mapping[str, str] | None) -> bool:
+        """Slurm is putting the job back in its queue: ``Restarts`` went up since this allocation started
+        (JobState is still COMPLETING then), or the job is pending again."""
+        if info is None:
+            return False
+        if self.restart_count is not None and slurm.restarts(info) > self.restart_count:
+            return True
+        return slurm.job_state(info) in ("REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "PENDING")
+
+    def restarted(self) -> bool:
+        return bool(self.restart_count)
+
+    def _offset(self) -> int | None:
+        return slurm.signal_seconds((self.target.get("slurm") or {}).get("signal"))
+
+    def allow_requeues(self, left: int) -> None:
+        self.requeues_left = left
+        if not (self.submitted and self.job_id):
+            return
+        if left <= 0:  # a preemption now ends the job (PREEMPTED), a node failure too: the run ends with that
+            try:
+                slurm.set_requeue(str(self.job_id), False)
+            except slurm.SlurmError as exc:
+                log.warning("run %s: cannot make job %s non-requeueable: %s", self.record.id, self.job_id, exc)
+            return
+        self._schedule()
+
+    def _schedule(self, info: Mapping[str, str] | None = None) -> None:
+        """When to stop the run for a requeue: half the ``--signal`` offset before the job's EndTime (the
+        tasks got the checkpoint signal the whole offset before it). No signal: no requeue at the limit."""
+        offset = self._offset()
+        if not offset:
+            return
+        if info is None:
+            try:
+                info = slurm.job_info(str(self.job_id))
+            except slurm.SlurmError as exc:
+                log.warning("run %s: cannot read job %s's time limit: %s", self.record.id, self.job_id, exc)
+                return
+        end = slurm.end_time(info)
+        if end is not None:
+            self._requeue_at = time.monotonic() + (end - time.time()) - offset / 2
+
+    def tick(self, now: float) -> tuple[str, str] | None:
+        if self._requeue_at is None or now < self._requeue_at or self.requeues_left <= 0:
+            return None
+        self._requeue_at = None
+        offset = self._offset() or 0
+        try:
+            info = slurm.job_info(str(self.job_id))
+        except slurm.SlurmError as exc:  # asked again shortly: the time limit is still coming
+            log.warning("run %s: cannot ask Slurm about job %s: %s", self.record.id, self.job_id, exc)
+            self._requeue_at = now + 2.0
+            return None
+        end = slurm.end_time(info)
+        if end is not None and end - time.time() > offset / 2 + 1:  # the time limit moved (scontrol update)
+            self._schedule(info)
+            return None
+        if (info or {}).get("Requeue") == "0":
+            log.info("run %s: job %s is not requeueable; its time limit ends the run", self.record.id, self.job_id)
+            return None
+        self._ask = True
+        return REQUEUED, (f"Slurm job {self.job_id} reaches its time limit at {(info or {}).get('EndTime')}: "
+                          f"stopped {offset / 2:g} s before it, after the checkpoint signal, to be requeued")
+
+    def requeue(self) -> tuple[str, str] | None:
+        job = str(self.job_id or "")
+        if not (self.submitted and job):
+            return REQUEUED, (f"Slurm requeued job {job}, which this run was started in by hand (not with "
+                              "run --slurm): the run ends here; the job's next start runs its batch script again")
+        if self._ask:
+            try:
+                slurm.requeue(job)
+            except slurm.SlurmError as exc:
+                return "time_limit", f"Slurm job {job} was to be requeued before its time limit, but: {exc}"
+        self.record.lease_slurm_job(job)
+        return None
 
 
 # -- submitting ------------------------------------------------------------------------------------------
@@ -131,7 +232,8 @@ def batch_script(spec: JobSpec, run_id: str, experiment: str, record_dir: str, h
                               ntasks_per_node=None if spread else spec.process_count_per_node,
                               ntasks=spec.world_size if spread else None,
                               gpus_per_node=spec.gpus_per_node if spec.use_gpu else None,
-                              command=command[:-1] if array else command, **array)
+                              command=command[:-1] if array else command,
+                              requeue=bool((spec.recovery or {}).get("max_requeues")), **array)
 
 
 def describe(spec: JobSpec, run_id: str, experiment: str, run_dir: str, home: str) -> dict[str, Any]:

@@ -61,7 +61,8 @@ class Estimator:
     packages come from; defaults from the home's and the workspace's config.json), ``inherit_packages``
     (the environment sees the interpreter's own packages; default True), ``setup_commands`` (shell lines
     run on every host before the processes start), ``preflight`` (multi-host runs check that TensorFlow
-    is the same everywhere first).
+    is the same everywhere first), recovery (:mod:`tflaunch.spec.recovery`): ``max_restarts``,
+    ``restart_on_exit_codes``, ``restart_delay``, ``hang_timeout``, ``hang_grace``, ``max_requeues``.
     """
 
     def __init__(
@@ -95,6 +96,12 @@ class Estimator:
         setup_commands: Sequence[str] | None = None,
         inputs: Sequence[Any] | None = None,
         preflight: bool = True,
+        max_restarts: int | None = None,
+        restart_on_exit_codes: Sequence[int] | None = None,
+        restart_delay: float | None = None,
+        hang_timeout: float | None = None,
+        hang_grace: float | None = None,
+        max_requeues: int | None = None,
         **unknown: Any,
     ) -> None:
         kind = type(self).__name__
@@ -215,6 +222,10 @@ class Estimator:
         for line in self.setup_commands:
             if "\x00" in line:
                 raise _fail("setup_commands", "a line contains a NUL byte")
+        from .recovery import recovery
+
+        self.recovery = recovery(max_restarts, restart_on_exit_codes, restart_delay, hang_timeout, hang_grace,
+                                 max_requeues)
         self._check_counts()
         if isinstance(distributed_training, TensorflowConfiguration) and process_count_per_node != 1:
             raise _fail("process_count_per_node", "does not apply to a parameter-server job: give worker_count "
@@ -321,6 +332,7 @@ class Estimator:
             setup_commands=list(self.setup_commands),
             inputs=[dict(i) for i in self.inputs],
             preflight=self.preflight,
+            recovery=dict(self.recovery) if self.recovery else None,
         )
         from .. import data
         data.check_placeholders(spec.arguments, spec.inputs)

@@ -50,6 +50,12 @@ _CLI_FLAG = {
     "inherit_packages": "--no-inherit-packages",
     "setup_commands": "--setup",
     "preflight": "--no-preflight",
+    "max_restarts": "--max-restarts",
+    "restart_on_exit_codes": "--restart-on-exit-codes",
+    "restart_delay": "--restart-delay",
+    "hang_timeout": "--hang-timeout",
+    "hang_grace": "--hang-grace",
+    "max_requeues": "--max-requeues",
 }
 
 _ENV_NAME_BAD = re.compile(r"[=\x00]")

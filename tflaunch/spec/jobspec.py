@@ -54,6 +54,7 @@ class JobSpec:
     setup_commands: list[str] = field(default_factory=list)  # shell lines run on every host before the processes
     inputs: list[dict[str, Any]] = field(default_factory=list)  # data references (tflaunch.data)
     preflight: bool = True  # a multi-host run checks that TensorFlow is the same everywhere first
+    recovery: dict[str, Any] | None = None  # restarts, hang watchdog, requeues (tflaunch.spec.recovery)
 
     @property
     def world_size(self) -> int:

@@ -134,7 +134,9 @@ def _wait_for_submitter(record: RunRecord, timeout: float = 60.0) -> None:
 
 def detached_main(argv: list[str]) -> int:
     """Entry point of the background supervisor (``--home H --ready-fd N RUN_ID``), and of a Slurm
-    job's (``--home H --slurm RUN_ID``: its exit status is the run's, so Slurm's job state agrees)."""
+    job's (``--home H --slurm RUN_ID``: its exit status is the run's, so Slurm's job state agrees; 0 when
+    the run goes on in the job's next allocation, see :mod:`tflaunch.supervise.requeue`, or has ended
+    already: a job started again after its run ended does nothing)."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="tflaunch-supervisor")
@@ -151,21 +153,28 @@ def detached_main(argv: list[str]) -> int:
         log.error("%s", exc)
         return 1
     if args.slurm:
-        from ..history.store import exit_code_for
+        from ..history.store import QUEUED, TERMINAL, exit_code_for
         from .supervisor import Supervisor
 
         for sig in (signal.SIGUSR1, signal.SIGUSR2):  # a --signal meant for the tasks must not kill us
             signal.signal(sig, lambda *_: None)
         _wait_for_submitter(record)
-        log.info("run %s starts in Slurm job %s on %s", record.id, os.environ.get("SLURM_JOB_ID"),
-                 os.environ.get("SLURM_JOB_NODELIST"))
+        current = (record.read_status(check_lease=False) or {}).get("status")
+        if current in TERMINAL:  # a job started again (requeued) after its run had ended: nothing to do
+            log.warning("run %s has ended already (%s); Slurm job %s (restart %s) does nothing", record.id, current,
+                        os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_RESTART_COUNT"))
+            return 0
+        log.info("run %s starts in Slurm job %s on %s%s", record.id, os.environ.get("SLURM_JOB_ID"),
+                 os.environ.get("SLURM_JOB_NODELIST"),
+                 f" (requeued {os.environ['SLURM_RESTART_COUNT']} time(s))" if os.environ.get("SLURM_RESTART_COUNT")
+                 else "")
         try:
             final = Supervisor(record, stream=False).run()
         except Exception:
             log.exception("supervisor for run %s failed", args.run_id)
             return 1
         log.info("run %s %s", record.id, final.get("status"))
-        return exit_code_for(final)
+        return 0 if final.get("status") == QUEUED else exit_code_for(final)  # Queued: requeued, goes on
 
     def ready() -> None:
         try:

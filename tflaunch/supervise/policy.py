@@ -7,8 +7,8 @@ multiworker job) its exit 0 is the run's outcome and the others wind down (stopp
 the grace period to end on their own, the evaluator ``evaluator_grace``); the timeout
 (``max_run_duration_seconds``) and cancel stop the run; a scheduler that stopped the processes
 (a Slurm time limit, a preemption) is asked why. The supervisor reports events to it and asks it for
-the final fields; the launcher stops what it is told to stop. A restart policy is another class with
-these methods.
+the final fields; the launcher stops what it is told to stop. :class:`tflaunch.supervise.restart.Restarts`
+is the policy of a run with a recovery: it extends this one.
 """
 from __future__ import annotations
 
@@ -54,13 +54,17 @@ class FailFast:
         self.session = session
         self.launcher: Launcher | None = None  # set by the supervisor once chosen
         self.dist = session.distribution
+        self.deadline: float | None = None  # max_run_duration_seconds, counted from the first start
+        self.evaluator_grace = float((session.spec.distributed or {}).get("evaluator_grace") or 0)
+        self.begin_attempt()
+
+    def begin_attempt(self) -> None:
+        """Forget what the previous attempt's processes did (the timeout still counts from the first start)."""
         self.returncodes: dict[int, int] = {}
         self.failure: dict[str, Any] | None = None  # the first process that failed
         self.stop_reason: str | None = None  # canceled|timeout|launch_failed|agent_lost|internal|external|exit_code|signal|...
         self.stop_detail = ""
         self.killed = False
-        self.deadline: float | None = None  # max_run_duration_seconds, counted from the first start
-        self.evaluator_grace = float((session.spec.distributed or {}).get("evaluator_grace") or 0)
         self.lead_done = False  # the lead exited 0: the others wind down
         self.lead_ended = 0.0
         self.wind_down: dict[int, float] = {}  # rank -> when tflaunch stops it (after the lead ended)
@@ -86,8 +90,20 @@ class FailFast:
     def running(self, now: float) -> None:
         """The first process has started: the timeout counts from now."""
         seconds = self.session.spec.max_run_duration_seconds
-        if seconds:
+        if seconds and self.deadline is None:
             self.deadline = now + float(seconds)
+
+    def status_fields(self) -> dict[str, Any]:
+        """What the run object says about the policy's state while the run goes (none here)."""
+        return {}
+
+    def restart_due(self) -> float | None:
+        """The attempt has ended: seconds until the next one starts, or None when the run ends now."""
+        return None
+
+    def pending(self) -> bool:
+        """Processes are due to be started again within this attempt (the loop must not end yet)."""
+        return False
 
     def wakeup(self) -> float | None:
         """When :meth:`tick` has something to do next (None: only on events)."""
@@ -105,6 +121,10 @@ class FailFast:
                 self.stop("timeout", f"run exceeded max_run_duration_seconds="
                                      f"{self.session.spec.max_run_duration_seconds:g} and was stopped")
             self.deadline = None
+        if self.stop_reason is None and not self.lead_done:
+            requeue = self.session.scheduler.tick(now)  # before the job's time limit: stop, to be requeued
+            if requeue is not None:
+                self.stop(*requeue)
 
     # -- exits ---------------------------------------------------------------------------------------
     def process_exited(self, host: str, index: int, rc: int) -> None:
@@ -131,6 +151,8 @@ class FailFast:
         missing = [r for r in processes if r not in self.returncodes]
         wound_down = self.lead_done and all(r in self.stopping or self.returncodes.get(r) == 0 for r in processes)
         if rc != 0 and not wound_down:
+            if self._stopped_by_scheduler(rc):
+                return
             last = last_words()
             self.failure = {"index": LAUNCHER_INDEX, "rank": None, "host": host, "returncode": rc}
             self.stop("signal" if rc < 0 else "exit_code",
@@ -164,14 +186,21 @@ class FailFast:
         self.failure = {"index": index, "rank": index, "host": host, "returncode": rc}
         if p is not None and self.dist.roles:
             self.failure.update(role=p.role, task_index=p.index)
-        if session.scheduler.stops_tasks(rc):
-            # the scheduler stops the job's tasks itself (runs cancel + scancel, time limit, preemption): say why
-            request = session.record.cancel_requested()
-            ended = ("canceled", str(request.get("reason"))) if request else session.scheduler.ending(wait=1.0)
-            if ended is not None:
-                self.stop(*ended)
-                return
+        if self._stopped_by_scheduler(rc):
+            return
         self.stop("signal" if rc < 0 else "exit_code", f"{self._who(index, host)} {how(rc)}")
+
+    def _stopped_by_scheduler(self, rc: int) -> bool:
+        """Whether the scheduler stops the job's tasks itself (runs cancel + scancel, a time limit, a
+        preemption, a requeue): then the run stops, saying why."""
+        session = self.session
+        if not session.scheduler.stops_tasks(rc):
+            return False
+        request = session.record.cancel_requested()
+        ended = ("canceled", str(request.get("reason"))) if request else session.scheduler.ending(wait=1.0)
+        if ended is not None:
+            self.stop(*ended)
+        return ended is not None
 
     def _lead_finished(self) -> None:
         """The lead exited 0: the run's outcome. ps tasks, and the workers of a parameter-server job, block

@@ -6,19 +6,19 @@ record's logs and, when attached, the console), watches for signals and ``runs c
 leaves what each exit means to the outcome policy (:mod:`tflaunch.supervise.policy`) and what
 allocates the hosts to the scheduler (:mod:`tflaunch.schedule`). At the end it has the launcher clean up,
 brings remote ``./outputs`` and ``./logs`` home and writes the final status
-(:mod:`tflaunch.supervise.finalize`). It never tests which distribution, launcher or scheduler a run has.
+(:mod:`tflaunch.supervise.finalize`), unless the scheduler requeues the job: then the run goes on in
+its next allocation (:mod:`tflaunch.supervise.requeue`). It never tests which distribution, launcher or
+scheduler a run has.
 """
 from __future__ import annotations
 
 import logging
 import os
 import select
-import signal
 import sys
 import time
 
 from .. import fsio
-from ..history.collect import COLLECTED
 from ..errors import SpecError
 from ..launch.hostprep import HostPrep, PrepFailure
 from ..launch.hostrun import LaunchFailure
@@ -32,7 +32,9 @@ from ..history.snapshot import MANIFEST, materialize
 from ..spec import JobSpec
 from ..history.store import LOG_DIR, RUNNING, TERMINAL, now_iso
 from .finalize import finalize, stderr_tail
+from .signals import SignalHandling
 from .policy import FailFast
+from .requeue import REQUEUED, Requeues
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
@@ -41,6 +43,7 @@ if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
     from ..launch import AgentConnection
     from ..launch.hostrun import HostRun
     from ..history.store import RunRecord
+    from .watchdog import HangWatchdog
 
 __all__ = ["Supervisor", "DEFAULT_GRACE"]
 
@@ -51,7 +54,16 @@ CANCEL_POLL = 0.5
 STREAM_POLL = 0.1
 
 
-class Supervisor:
+def hang_watchdog(session: Session) -> HangWatchdog | None:
+    """The run's hang watchdog (:mod:`tflaunch.supervise.watchdog`), None when it has no ``hang_timeout``."""
+    if not (session.spec.recovery or {}).get("hang_timeout"):
+        return None
+    from .watchdog import HangWatchdog
+
+    return HangWatchdog(session)
+
+
+class Supervisor(SignalHandling):
     """Runs one prepared run record to completion in this process."""
 
     def __init__(self, record: RunRecord, *, stream: bool = False, stdout: TextIO | None = None,
@@ -71,62 +83,25 @@ class Supervisor:
         self.spec = spec
         self.on_lease = on_lease
         self._prestarted = dict(agents or {})  # started early by the caller (see prestart_agents)
-        self.policy = session.policy = FailFast(session)
+        self.requeues = Requeues(session)  # first: a requeued run's next allocation goes on with its attempt
+        recovery = spec.recovery or {}
+        if recovery.get("max_restarts") or recovery.get("restart_on_exit_codes") or recovery.get("hang_timeout"):
+            from .restart import Restarts
+
+            self.policy: FailFast = Restarts(session, recovery)
+        else:
+            self.policy = FailFast(session)
+        session.policy = self.policy
         session.serve = self._serve
         session.prep = self.prep = HostPrep(session)  # setup lines, the job's environment, preflight, data inputs
         self.launcher = self.policy.launcher = launcher_for(session)
+        self.watchdog = hang_watchdog(session)  # None without a hang_timeout
         self.running = False  # a process has started (status Running)
+        self._launched = False  # an attempt was launched in this process (its logs followed, its inputs recorded)
         self.prep_tail = ""  # output of the preparation step that failed
         self._signals: list[int] = []
         self._interrupts = 0
         self._next_cancel_poll = 0.0
-
-    # -- signals -------------------------------------------------------------------------------------
-    def _install_signals(self) -> tuple[Any, ...]:
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        old_fd = signal.set_wakeup_fd(self._wake_w)
-        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-        return old_fd, old
-
-    def _restore_signals(self, saved: tuple[Any, ...]) -> None:
-        old_fd, old = saved
-        signal.set_wakeup_fd(old_fd)
-        for s, handler in old.items():
-            signal.signal(s, handler)
-        os.close(self._wake_r)
-        os.close(self._wake_w)
-
-    def _on_signal(self, signum: int, _frame: Any) -> None:
-        self._signals.append(signum)
-
-    def _handle_signals(self) -> None:
-        policy = self.policy
-        while self._signals:
-            signum = self._signals.pop(0)
-            if signum == signal.SIGINT:
-                self._interrupts += 1
-                if self._interrupts > 1:
-                    policy.kill_now()
-                    continue
-                policy.cancel("interrupted (Ctrl-C)")
-                log.info("press Ctrl-C again to kill the run's processes now")
-            else:
-                request = self.record.cancel_requested()  # `runs cancel` writes a request, then signals
-                if request:
-                    policy.cancel(str(request.get("reason")))
-                    continue
-                ended = self.scheduler.ending(wait=1.0) if signum == signal.SIGTERM else None
-                if ended is not None:
-                    policy.stop(*ended)
-                else:
-                    policy.cancel(f"launcher received {signal.Signals(signum).name}")
-
-    def _check_cancel(self) -> None:
-        request = self.record.cancel_requested()
-        if request is not None:
-            self.policy.cancel(str(request.get("reason") or "cancel requested"))
 
     # -- main ----------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -141,16 +116,9 @@ class Supervisor:
             if self.on_lease is not None:
                 self.on_lease()
             try:
-                self._prepare_and_launch()
-                if session.started:
-                    self._loop()
-                self.launcher.finish()
+                self.requeues.begin()  # in a requeued job's next allocation: go on, or end before the start
+                self._attempts()
                 collect_remote(session)
-            except LaunchFailure as exc:
-                policy.stop("launch_failed", str(exc))
-            except PrepFailure as exc:
-                self.prep_tail = exc.tail
-                policy.stop(exc.reason, str(exc))
             except BaseException as exc:  # never leave a run Running or processes behind
                 log.exception("run %s: launcher error", self.record.id)
                 policy.stop("internal", f"tflaunch internal error: {exc!r}")
@@ -162,6 +130,8 @@ class Supervisor:
                     run.conn.close()
             if policy.stop_reason == "external":
                 return self.record.read_status(check_lease=False) or {}
+            if policy.stop_reason == REQUEUED and (queued := self.requeues.hand_over()) is not None:
+                return queued  # the run goes on in the job's next allocation
             outcome = policy.outcome(lambda index: stderr_tail(session, self.launcher, index), self.prep_tail)
             return finalize(session, outcome)
         finally:
@@ -175,17 +145,52 @@ class Supervisor:
             self.prep.close()
             self._restore_signals(saved)
 
+    def _attempts(self) -> None:
+        """Attempts of the run until one ends it (the policy says when another is due)."""
+        policy = self.policy
+        while True:
+            try:
+                self._prepare_and_launch()
+                if self.session.started:
+                    self._loop()
+                self.launcher.finish()
+            except LaunchFailure as exc:
+                policy.stop("launch_failed", str(exc))
+            except PrepFailure as exc:
+                self.prep_tail = exc.tail
+                policy.stop(exc.reason, str(exc))
+            delay = policy.restart_due()
+            if delay is None or not self._recover(delay):
+                return
+
+    def _recover(self, delay: float) -> bool:
+        """Between two attempts: Recovering for ``delay`` s, then a new launcher and host preparation."""
+        from .restart import between_attempts
+
+        interval = float((self.record.lease() or {}).get("interval", 2.0))
+        if not between_attempts(self.session, delay, self._heartbeat, interval):
+            return False
+        self.launcher.close()
+        self.prep.close()
+        self.session.prep = self.prep = HostPrep(self.session)
+        self.launcher = self.policy.launcher = launcher_for(self.session)
+        self.running = False
+        self.prep_tail = ""
+        return True
+
     def _prepare_and_launch(self) -> None:
         record, session = self.record, self.session
+        first, self._launched = not self._launched, True
         if self.scheduler.error:
             raise LaunchFailure(self.scheduler.error)
         self.launcher.begin()
         self._check_cancel()
-        manifest = fsio.read_json(record.path(MANIFEST))
-        materialize(manifest, record.store.home, session.work_dir)
-        for name in COLLECTED:
-            os.makedirs(os.path.join(session.work_dir, name), exist_ok=True)
-        self.prep.record_inputs()
+        if self.requeues.needs_copy(session.work_dir, first):  # later attempts, requeued ones too, go on in it
+            manifest = fsio.read_json(record.path(MANIFEST))
+            materialize(manifest, record.store.home, session.work_dir)
+        self.requeues.restore(session.work_dir)  # ./outputs, ./logs (with what a previous allocation left)
+        if first:
+            self.prep.record_inputs()
         self._handle_signals()
         self._check_cancel()
         if self.policy.stop_reason:
@@ -197,10 +202,11 @@ class Supervisor:
         except SpecError as exc:
             raise LaunchFailure(str(exc)) from None
         prefix = len(preview) > 1
-        for p in preview:
+        for p in preview if first else ():
             session.follow(p.stdout, p.label if prefix else "", stderr=False)
             session.follow(p.stderr, p.label if prefix else "")
-        self.launcher.follow()
+        if first:
+            self.launcher.follow()
         with open(record.path(LOG_DIR, "launcher.log"), "ab") as agent_log:
             self.launcher.connect(agent_log, self._prestarted)
         self.launcher.start(preview)
@@ -225,11 +231,14 @@ class Supervisor:
                 continue
             for event in run.conn.read_events():
                 self._on_event(run, event)
+        session.keepalive(time.monotonic())  # the agents' leases: each stops the run on its host without us
         if time.monotonic() >= self._next_cancel_poll:  # `runs cancel` from another machine: a request file
             self._check_cancel()
             self._next_cancel_poll = time.monotonic() + CANCEL_POLL
 
     def _on_event(self, run: HostRun, event: dict[str, Any]) -> None:
+        if self.watchdog is not None and self.watchdog.on_event(run, event):
+            return
         if self.launcher.on_event(run, event) or self.prep.on_event(run, event) or self.session.on_event(run, event):
             return
         kind = event.get("event")
@@ -240,7 +249,9 @@ class Supervisor:
             self.record.event("process_started", index=event.get("index"), pid=event.get("pid"), host=run.name)
             if not self.running:
                 self.running = True
-                self.record.write_status(RUNNING, started=now_iso(), **self.prep.status_fields)
+                started = {} if (self.record.read_status(check_lease=False) or {}).get("started") else \
+                    {"started": now_iso()}
+                self.record.write_status(RUNNING, **started, **self.prep.status_fields, **policy.status_fields())
                 policy.running(time.monotonic())
             if policy.stop_reason:  # stopped while starting
                 run.conn.terminate(0 if policy.killed else self.session.grace)
@@ -257,12 +268,15 @@ class Supervisor:
         next_beat = time.monotonic() + interval
         self._next_cancel_poll = time.monotonic() + CANCEL_POLL
         watched = self.launcher.watched()
-        while not all(run.finished for run in watched):
+        while not all(run.finished for run in watched) or policy.pending():
             now = time.monotonic()
             wait = min(next_beat, self._next_cancel_poll) - now
             wakeup = policy.wakeup()
             if wakeup is not None:
                 wait = min(wait, wakeup - now)
+            watch = self.watchdog.wakeup() if self.watchdog is not None else None
+            if watch is not None:
+                wait = min(wait, watch - now)
             if session.stream:
                 wait = min(wait, STREAM_POLL)
             self._serve(wait)
@@ -276,6 +290,8 @@ class Supervisor:
                         session.abandon_agents()
             now = time.monotonic()
             policy.tick(now)
+            if self.watchdog is not None:
+                self.watchdog.tick(now)
             if now >= next_beat:
                 self._heartbeat()
                 next_beat = now + interval
