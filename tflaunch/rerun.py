@@ -35,6 +35,7 @@ from .history.layout import RERUNS_DIR, now_iso
 from .history.runviews import reruns_of
 from .history.store import FAILED, RunRecord, Store
 from .spec import JobSpec
+from .spec.fields import SETTABLE
 from .submit import Prepared, SubmitOptions
 from .supervise import DEFAULT_GRACE
 
@@ -49,25 +50,6 @@ log = logging.getLogger(__name__)
 
 _RESERVED_ENV = ("TFLAUNCH_",)  # variables tflaunch added to the recorded spec (a sweep trial's, Slurm's)
 
-# spec field -> what it takes (shown when a key is unknown or a value bad)
-SETTABLE: dict[str, str] = {
-    "node_count": "an integer >= 1",
-    "process_count_per_node": "an integer >= 1",
-    "max_run_duration_seconds": "seconds > 0, or none",
-    "use_gpu": "true or false",
-    "gpus_per_node": "an integer >= 1, or none",
-    "gpus_shared": "true or false",
-    "python": "the path of a Python interpreter",
-    "preflight": "true or false",
-    "entry_script": "a file of the recorded snapshot",
-    "environment_variables.NAME": "a string",
-    "max_restarts": "an integer >= 0",
-    "restart_on_exit_codes": "exit codes such as 75,76, or none",
-    "restart_delay": "seconds >= 0",
-    "hang_timeout": "seconds > 0, or none",
-    "hang_grace": "seconds >= 0",
-    "max_requeues": "an integer >= 0",
-}
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 RECOVERY_FIELDS = ("max_restarts", "restart_on_exit_codes", "restart_delay", "hang_timeout", "hang_grace",
                    "max_requeues")

@@ -72,7 +72,7 @@ def _drop(text: str) -> tuple[str, None]:
 
 
 def add_command(sub: Any, common: argparse.ArgumentParser, key_value: Any) -> None:
-    from ..rerun import SETTABLE
+    from ..spec.fields import SETTABLE
 
     p = sub.add_parser("rerun", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
                        help="a new run from a recorded run's snapshot, spec and arguments, with overrides",

@@ -13,7 +13,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
     from typing import Any
 
-__all__ = ["RESERVED_ENV_PREFIX"]
+__all__ = ["RESERVED_ENV_PREFIX", "SETTABLE"]
 
 RESERVED_ENV_PREFIX = "TFLAUNCH_"
 
@@ -56,6 +56,27 @@ _CLI_FLAG = {
     "hang_timeout": "--hang-timeout",
     "hang_grace": "--hang-grace",
     "max_requeues": "--max-requeues",
+}
+
+# What `runs rerun --set KEY=VALUE` (tflaunch.rerun) can change: spec field -> what it takes (shown when a
+# key is unknown or a value bad). Here, not in tflaunch.rerun, so that building the CLI imports no more.
+SETTABLE: dict[str, str] = {
+    "node_count": "an integer >= 1",
+    "process_count_per_node": "an integer >= 1",
+    "max_run_duration_seconds": "seconds > 0, or none",
+    "use_gpu": "true or false",
+    "gpus_per_node": "an integer >= 1, or none",
+    "gpus_shared": "true or false",
+    "python": "the path of a Python interpreter",
+    "preflight": "true or false",
+    "entry_script": "a file of the recorded snapshot",
+    "environment_variables.NAME": "a string",
+    "max_restarts": "an integer >= 0",
+    "restart_on_exit_codes": "exit codes such as 75,76, or none",
+    "restart_delay": "seconds >= 0",
+    "hang_timeout": "seconds > 0, or none",
+    "hang_grace": "seconds >= 0",
+    "max_requeues": "an integer >= 0",
 }
 
 _ENV_NAME_BAD = re.compile(r"[=\x00]")
