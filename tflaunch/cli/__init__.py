@@ -314,6 +314,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         lines.append(f"canceled:    {run['cancel_reason']}")
     if error:
         lines.append(f"error:       {error.get('message')}")
+        if error.get("exception"):
+            lines.append(f"exception:   {error['exception']}")
         if error.get("stderr_tail"):
             lines.append("stderr tail:")
             lines += [f"  {line}" for line in error["stderr_tail"].splitlines()]

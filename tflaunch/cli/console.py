@@ -66,6 +66,8 @@ def report_end(run: dict[str, Any]) -> None:
     took = f" after {duration:.1f} s" if isinstance(duration, (int, float)) else ""
     error = run.get("error") or {}
     detail = f": {error.get('message')}" if error else (f": {run['cancel_reason']}" if run.get("cancel_reason") else "")
+    if error.get("exception"):
+        detail += f" ({error['exception']})"
     log.info("run %s %s%s%s", run.get("id"), run.get("status"), took, detail)
 
 

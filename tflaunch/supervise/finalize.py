@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 
 from .. import fsio, tail
@@ -18,16 +19,44 @@ if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
     from ..launch.launcher import Launcher
     from ..launch.session import Session
 
-__all__ = ["finalize", "stderr_tail", "merge_remote_outputs"]
+__all__ = ["finalize", "stderr_tail", "stderr_exception", "exception_line", "merge_remote_outputs"]
 
 log = logging.getLogger(__name__)
 
 
+EXCEPTION_WINDOW = 64 * 1024  # of a failed process's stderr, searched for its traceback's last line
+_EXCEPTION = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Warning|Failure|Fault)|"
+                        r"[A-Za-z_][\w.]*\.[A-Z]\w*)(?::\s.*)?$")
+
+
+def _stderr_path(session: Session, launcher: Launcher, index: int) -> str:
+    p = session.processes.get(index)
+    return session.record.path(p.stderr if p is not None else launcher.log_for(index) or rank_log(index, "stderr"))
+
+
+def exception_line(text: str) -> str | None:
+    """The last line of the last Python traceback in ``text`` (``ValueError: bad shape``), or None: the
+    first unindented line after ``Traceback (most recent call last):`` that names an exception."""
+    lines = text.replace("\r", "\n").splitlines()
+    found = None
+    for i, line in enumerate(lines):
+        if line.startswith("Traceback (most recent call last):"):
+            for later in lines[i + 1:]:
+                if later and not later[0].isspace() and _EXCEPTION.match(later.strip()):
+                    found = later.strip()
+                    break
+    return found[:2000] if found else None
+
+
+def stderr_exception(session: Session, launcher: Launcher, index: int) -> str | None:
+    """The exception that ended a process, from the end of its stderr (see :func:`exception_line`)."""
+    data = tail.tail_bytes(_stderr_path(session, launcher, index), EXCEPTION_WINDOW)
+    return exception_line(data.decode("utf-8", "replace"))
+
+
 def stderr_tail(session: Session, launcher: Launcher, index: int) -> str:
     """The last 10 lines of a process's stderr (``index``: a rank, or the launcher's own process)."""
-    p = session.processes.get(index)
-    path = p.stderr if p is not None else launcher.log_for(index) or rank_log(index, "stderr")
-    data = tail.tail_bytes(session.record.path(path))
+    data = tail.tail_bytes(_stderr_path(session, launcher, index))
     lines = data.decode("utf-8", "replace").replace("\r", "\n").splitlines()
     return "\n".join(lines[-10:])
 

@@ -247,9 +247,11 @@ class FailFast:
             launcher.stop_ranks(due)
 
     # -- the end -------------------------------------------------------------------------------------
-    def outcome(self, stderr_tail: Callable[[int], str], prep_tail: str = "") -> dict[str, Any]:
+    def outcome(self, stderr_tail: Callable[[int], str], prep_tail: str = "",
+                exception: Callable[[int], str | None] | None = None) -> dict[str, Any]:
         """The run object's final fields: status, exit_code / signal, error (with the failed process's
-        last lines of stderr: ``stderr_tail(index)``, or ``prep_tail`` when a host could not be prepared)."""
+        last lines of stderr: ``stderr_tail(index)``, or ``prep_tail`` when a host could not be prepared;
+        and the last exception line of its Python traceback: ``exception(index)``, when there is one)."""
         fields: dict[str, Any] = {"exit_code": None, "signal": None, "error": None}
         failure = self.failure
         if failure is not None:
@@ -273,7 +275,11 @@ class FailFast:
                 fields["exit_code"] = 0
                 return {"status": COMPLETED, **fields}
             fields["error"] = {"reason": "internal", "message": "the processes' exit statuses were not reported"}
-        tail_text = prep_tail or stderr_tail(failure["index"] if failure else 0)
+        index = failure["index"] if failure else 0
+        tail_text = prep_tail or stderr_tail(index)
         if tail_text:
             fields["error"]["stderr_tail"] = tail_text
+        line = exception(index) if exception is not None and not prep_tail else None
+        if line:
+            fields["error"]["exception"] = line
         return {"status": FAILED, **fields}

@@ -197,8 +197,9 @@ class Restarts(FailFast):
         self._record(self.session.attempt + 1, None, cause, delay)
         return delay
 
-    def outcome(self, stderr_tail: Callable[[int], str], prep_tail: str = "") -> dict[str, Any]:
-        fields = super().outcome(stderr_tail, prep_tail)
+    def outcome(self, stderr_tail: Callable[[int], str], prep_tail: str = "",
+                exception: Callable[[int], str | None] | None = None) -> dict[str, Any]:
+        fields = super().outcome(stderr_tail, prep_tail, exception)
         fields.update(self.status_fields())
         return fields
 

@@ -31,7 +31,7 @@ from ..schedule import scheduler_for
 from ..history.snapshot import MANIFEST, materialize
 from ..spec import JobSpec
 from ..history.store import LOG_DIR, RUNNING, TERMINAL, now_iso
-from .finalize import finalize, stderr_tail
+from .finalize import finalize, stderr_exception, stderr_tail
 from .signals import SignalHandling
 from .policy import FailFast
 from .requeue import REQUEUED, Requeues
@@ -132,7 +132,8 @@ class Supervisor(SignalHandling):
                 return self.record.read_status(check_lease=False) or {}
             if policy.stop_reason == REQUEUED and (queued := self.requeues.hand_over()) is not None:
                 return queued  # the run goes on in the job's next allocation
-            outcome = policy.outcome(lambda index: stderr_tail(session, self.launcher, index), self.prep_tail)
+            outcome = policy.outcome(lambda index: stderr_tail(session, self.launcher, index), self.prep_tail,
+                                     lambda index: stderr_exception(session, self.launcher, index))
             return finalize(session, outcome)
         finally:
             for conn in self._prestarted.values():  # never used: canceled before launch
