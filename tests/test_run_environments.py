@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,10 @@ def test_built_once_then_reused_and_recorded(src, wheelhouse, home, cli):
     first = show(cli, last_run(home))
     env = first["environment"]
     assert env["built"] is True and sorted(env["freeze"]) == ["tfl-alpha==1.0", "tfl-beta==2.0"]
+    stages = [line for line in result.stderr.splitlines() if line.startswith("tflaunch: environment: ")]
+    assert len(stages) == 2 and stages[0] == (f"tflaunch: environment: building or reusing {env['key'][:12]} on "
+                                             "host localhost (log: tflaunch_logs/environment.log)"), stages
+    assert re.fullmatch(rf"tflaunch: environment: {env['key'][:12]} built on 1 of 1 \(\d+\.\d s\)", stages[1]), stages
     used = json.loads((Path(first["run_dir"]) / "outputs" / "used-0.json").read_text())
     assert used["python"] == env["python"] and used["python"].startswith(str(home / "envs"))
     result, _ = run_cli(cli_env(home), "--source-dir", str(src), "--pip", "tfl-beta>=2", *_offline(wheelhouse),
@@ -57,6 +62,8 @@ def test_built_once_then_reused_and_recorded(src, wheelhouse, home, cli):
     assert result.returncode == 0, result.stderr
     second = show(cli, last_run(home))
     assert second["environment"]["built"] is False and second["environment"]["key"] == env["key"]
+    assert [line for line in result.stderr.splitlines()
+            if line.startswith(f"tflaunch: environment: {env['key'][:12]} reused")], result.stderr  # the progress line
     text = cli("runs", "show", second["id"], check=True).stdout
     assert f"environment: {env['key'][:20]} (reused" in text and "tfl-alpha==1.0, tfl-beta==2.0" in text
     # another package set: runs diff shows the environment's key and the packages that differ

@@ -24,6 +24,7 @@ _EXPORTS = {
     "Experiment": "api", "Run": "api", "Workspace": "api", "RunStatus": "api",
     "TflaunchError": "errors", "SpecError": "errors", "SnapshotError": "errors", "StoreError": "errors",
     "RunNotFoundError": "errors", "PathSafetyError": "errors", "RunFailedError": "errors",
+    "RunDeletedError": "errors", "RunActiveError": "errors",
     "Datastore": "data", "Dataset": "data", "DataReference": "data", "FileDataset": "data",
     "rank_info": "remote.rank", "ModelNotFoundError": "errors", "ExportError": "errors", "Model": "history.models",
     "OfflineRun": "tracking",

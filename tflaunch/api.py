@@ -246,6 +246,21 @@ class Run:
 
         cancel_run(self._record, "canceled from the Python API")
 
+    def delete(self, cancel: bool = False) -> list[str]:
+        """Move the run (a sweep: with its trials) to the home's trash; return the ids. RunActiveError if it
+        has not ended, unless ``cancel``; SpecError for a sweep's trial alone. :meth:`restore` undoes it."""
+        from .history import trash
+        from .submit import cancel_run
+
+        return trash.delete_one(self._record.store, self._record.id, reason="deleted from the Python API",
+                                cancel=cancel_run if cancel else None)
+
+    def restore(self) -> list[str]:
+        """Bring the deleted run (a sweep: with its trials) back from the trash; return the ids."""
+        from .history import trash
+
+        return trash.restore(self._record.store, self._record.id)
+
     def rerun(self, script_params: dict[str, Any] | None = None, *, experiment: Experiment | str | None = None,
               tags: dict[str, str] | None = None, compute_target: Any = None, grace: float | None = None,
               scratch: str | None = None, **settings: Any) -> "Run":
@@ -365,14 +380,11 @@ class Run:
         return out
 
     def get_portal_url(self) -> str:
-        """A URL to open the run in: its HTML report (``report.html`` in the record, rendered now), as a
-        ``file://`` URL (tflaunch has no server)."""
-        from urllib.parse import quote
+        """A URL to open the run in: its page in the live portal while ``tflaunch ui`` serves the home, else
+        its HTML report (``report.html`` in the record, rendered now) as a ``file://`` URL."""
+        from .portal.discover import portal_url
 
-        from .history.compare import write_report
-
-        path = write_report([self._record], self._record.path("report.html"), title=f"run {self.id}")
-        return "file://" + quote(path)
+        return portal_url(self._record)
 
     @property
     def input_datasets(self) -> dict[str, str]:

@@ -9,6 +9,9 @@ A configuration is a JSON object; every key is optional:
 ``index_url``          a package index (pip/uv ``--index-url``)
 ``no_index``           ``true``: never ask a package index, only the wheelhouses
 ``datastores``         more named datastores, ``{"name": "directory"}``
+``shared_group``       (the home's) ``true``: what tflaunch creates in the home is for its group too (0770 / 0660)
+``secret_env``         (the home's) names or patterns (``*``) of more variables whose values are never recorded
+``public_env``         (the home's) names or patterns of variables that look secret but are not
 
 The reference's own keys (``subscription_id``, ``resource_group``, ``workspace_name``) are accepted and
 ignored. ``find_config`` looks in the start directory and then its parents for ``.tflaunch/config.json``,
@@ -31,7 +34,8 @@ __all__ = ["CONFIG_NAMES", "KEYS", "find_config", "read_config", "home_config", 
            "index_defaults"]
 
 CONFIG_NAMES = (os.path.join(".tflaunch", "config.json"), "config.json", os.path.join(".azureml", "config.json"))
-KEYS = ("home", "default_datastore", "find_links", "index_url", "no_index", "datastores")
+KEYS = ("home", "default_datastore", "find_links", "index_url", "no_index", "datastores", "shared_group",
+        "secret_env", "public_env")
 REFERENCE_KEYS = ("subscription_id", "resource_group", "workspace_name")
 _PATH_KEYS = ("home", "default_datastore")
 
@@ -116,6 +120,16 @@ def read_config(path: str) -> dict[str, Any]:
                                                    for k, v in stores.items()):
             raise SpecError(f"config file {path}: datastores must map names to directories")
         out["datastores"] = {k: _expand(v, base) for k, v in stores.items()}
+    if data.get("shared_group") is not None:
+        if not isinstance(data["shared_group"], bool):
+            raise SpecError(f"config file {path}: shared_group must be true or false, got {data['shared_group']!r}")
+        out["shared_group"] = data["shared_group"]
+    for key in ("secret_env", "public_env"):  # variable names (patterns) for tflaunch.history.withheld
+        names = data.get(key)
+        if names is not None:
+            if not isinstance(names, list) or not all(isinstance(x, str) and x for x in names):
+                raise SpecError(f"config file {path}: {key} must be a list of variable names, got {names!r}")
+            out[key] = list(names)
     if data.get("workspace_name") is not None:
         out["workspace_name"] = str(data["workspace_name"])
     out["path"] = os.path.abspath(path)

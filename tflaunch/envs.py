@@ -328,8 +328,10 @@ def ensure_environment(request: EnvRequest, root: str, *, log: BinaryIO | None =
     root = os.path.abspath(root)
     key = request.key
     record = _ready_record(root, key)
+    used = os.path.join(root, key[:SHORT], ".last-used")  # its mtime: when a run last used it (`tflaunch gc`)
     if record is not None:
-        _envbuild.touch(os.path.join(root, key[:SHORT], ".last-used"))
+        _envbuild.touch(used)
+    if record is not None and os.path.exists(used):  # else removed meanwhile (`tflaunch gc`): built again below
         return EnvResult(key=key, path=record["path"], python=record["python"], built=False,
                          builder=record.get("builder"), seconds=round(time.monotonic() - start, 6),
                          freeze=list(record.get("freeze") or []), horovod=record.get("horovod"))

@@ -34,6 +34,16 @@ class RunNotFoundError(StoreError, LookupError):
     exit_code = 2
 
 
+class RunDeletedError(RunNotFoundError):
+    """The run was deleted: it is in the home's trash (``tflaunch runs restore`` brings it back)."""
+
+
+class RunActiveError(TflaunchError):
+    """The run has not ended, so it cannot be deleted (cancel it first, or delete with ``cancel=True``)."""
+
+    exit_code = 2
+
+
 class ModelNotFoundError(StoreError, LookupError):
     """No registered model has the given name (or version)."""
 

@@ -10,6 +10,10 @@ Rules that make the store correct on local disks and on NFS/Lustre without locks
 * events are appended with one ``write`` per line on an ``O_APPEND`` descriptor; readers skip a torn
   trailing line instead of failing.
 Temporary files are named ``.<name>.<pid>.<random>.tmp`` and never end in ``.json``.
+
+A file created here gets the read and write permissions of its directory, never more than 0664 and
+whatever the umask: 0600 in a home's owner-only (0700) directories, 0660 in a group-shared home's (0770),
+0644 in a 0755 directory (see :func:`file_mode`); an explicit ``mode`` is passed to ``open`` as it is.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ __all__ = [
     "iter_jsonl",
     "json_dumps",
     "is_disk_full",
+    "file_mode",
 ]
 
 
@@ -50,10 +55,22 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def _write_tmp(path: str, data: bytes, fsync: bool, mode: int) -> str:
-    tmp = _tmp_name(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+def file_mode(path: str) -> int:
+    """The mode a new file ``path`` gets: its directory's read/write bits (0700 -> 0600, 0770 -> 0660,
+    0755 -> 0644), never world-writable; 0600 when the directory cannot be examined."""
     try:
+        return os.stat(os.path.dirname(path) or ".").st_mode & 0o664
+    except OSError:
+        return 0o600
+
+
+def _write_tmp(path: str, data: bytes, fsync: bool, mode: int | None) -> str:
+    tmp = _tmp_name(path)
+    exact = file_mode(path) if mode is None else None
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode if exact is None else exact)
+    try:
+        if exact is not None:
+            os.fchmod(fd, exact)  # the umask does not decide
         _write_all(fd, data)
         if fsync:
             os.fsync(fd)
@@ -72,8 +89,9 @@ def _unlink_quietly(path: str) -> None:
         pass
 
 
-def atomic_write_bytes(path: str, data: bytes, *, fsync: bool = True, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data`` so that no reader ever sees a partial file."""
+def atomic_write_bytes(path: str, data: bytes, *, fsync: bool = True, mode: int | None = None) -> None:
+    """Replace ``path`` with ``data`` so that no reader ever sees a partial file (``mode``: default
+    :func:`file_mode`)."""
     tmp = _write_tmp(path, data, fsync, mode)
     try:
         os.replace(tmp, path)
@@ -93,7 +111,7 @@ def atomic_write_json(path: str, obj: Any, *, fsync: bool = True, compact: bool 
 
 def create_once_json(path: str, obj: Any) -> bool:
     """Create ``path`` holding ``obj`` unless it exists; return whether this call created it."""
-    tmp = _write_tmp(path, (json_dumps(obj, indent=1) + "\n").encode("ascii"), True, 0o644)
+    tmp = _write_tmp(path, (json_dumps(obj, indent=1) + "\n").encode("ascii"), True, None)
     try:
         os.link(tmp, path)
         return True
@@ -106,7 +124,15 @@ def create_once_json(path: str, obj: Any) -> bool:
 def append_jsonl(path: str, obj: Any, *, fsync: bool = False) -> None:
     """Append one JSON line with a single ``write`` (a kill can not leave half a line behind)."""
     line = (json_dumps(obj) + "\n").encode("ascii")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+    except FileNotFoundError:
+        mode = file_mode(path)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, mode)
+        try:
+            os.fchmod(fd, mode)
+        except OSError:
+            pass
     try:
         written = os.write(fd, line)
         if written != len(line):  # only on a full disk: never leave a torn line for others to append to

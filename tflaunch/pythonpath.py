@@ -45,8 +45,14 @@ def library_path(home: str) -> str | None:
             digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
         root = os.path.join(home, "lib")
         final = os.path.join(root, digest.hexdigest()[:16])
-        if os.path.isdir(final):
+        try:
+            os.utime(final)  # its mtime: when a run last used it (`tflaunch gc` removes copies unused for long)
             return final
+        except FileNotFoundError:
+            pass  # not made yet, or removed meanwhile: made (again) below
+        except OSError:
+            if os.path.isdir(final):  # another user's copy, in a group's home
+                return final
         staging = os.path.join(root, f".new-{os.urandom(4).hex()}")
         try:
             for rel in files:

@@ -382,6 +382,7 @@ def prepare_rerun(source: RunRecord, *, script_params: Mapping[str, Any] | None 
     recorded.environment_variables = {k: v for k, v in recorded.environment_variables.items()
                                       if not k.startswith(_RESERVED_ENV)}
     spec = apply_settings(recorded, settings, listing=listing, label=label)
+    _give_withheld(spec, definition, source.id)
     spec.arguments = apply_arguments(spec.arguments, script_params)
     spec.entry_script = spec.entry_script or manifest.get("entry_script") or ""
     try:
@@ -434,7 +435,7 @@ def prepare_rerun(source: RunRecord, *, script_params: Mapping[str, Any] | None 
         tree = os.path.join(store.home, "trees", manifest["tree"])  # the probe runs in the snapshot, as in prepare
         environment = None if _env_has_tensorflow(spec.environment) else check_framework(spec, tree)
     overrides = {"arguments": {_flag(k): v for k, v in (script_params or {}).items()},
-                 "settings": {k: v for k, v in (settings or {}).items()}}
+                 "settings": _masked_settings(settings or {}, source.store.home)}
     if compute_target is not None:
         overrides["compute_target"] = spec.compute_target.get("kind")
     scan = snapshot.Scan(root=str(manifest.get("source_directory") or spec.source_directory),
@@ -442,6 +443,33 @@ def prepare_rerun(source: RunRecord, *, script_params: Mapping[str, Any] | None 
     extra = {"rerun_of": source.id, "rerun_overrides": _jsonable(overrides)}
     return RerunPrepared(store, spec, scan, environment, options, gpus, definition_extra=extra, run_id=run_id,
                          processes=processes, source=source, manifest=manifest)
+
+
+def _give_withheld(spec: JobSpec, definition: dict[str, Any], run_id: str) -> None:
+    """The values of the secret variables the recorded run withheld from its record (never recorded):
+    from the overrides (``--env``), else this process's environment; SpecError naming those in neither."""
+    names = [n for n in definition.get("withheld_environment") or () if n not in spec.environment_variables]
+    missing = [n for n in names if n not in os.environ]
+    if missing:
+        raise SpecError(f"run {run_id} withheld the values of {', '.join(missing)} from its record: give them "
+                        f"again with --env NAME=VALUE (Run.rerun(environment_variables=...)) or in the environment")
+    spec.environment_variables.update({n: os.environ[n] for n in names})
+
+
+def _masked_settings(settings: Mapping[str, Any], home: str) -> dict[str, Any]:
+    """The overrides as ``rerun_overrides`` records them: a secret variable's value replaced by ``<withheld>``."""
+    from .history.withheld import PLACEHOLDER, SecretNames
+
+    names = SecretNames.for_home(home)
+    out: dict[str, Any] = {}
+    for key, value in settings.items():
+        if key.startswith("environment_variables.") and value is not None \
+                and names.is_secret(key[len("environment_variables."):]):
+            value = PLACEHOLDER
+        elif key == "environment_variables" and isinstance(value, Mapping):
+            value = {k: v if v is None else names.mask({k: v})[k] for k, v in value.items()}
+        out[key] = value
+    return out
 
 
 def _jsonable(value: Any) -> Any:

@@ -13,7 +13,7 @@ import socket
 import sys
 from dataclasses import dataclass, field, replace
 
-from . import __version__, fsio
+from . import __version__, fsio, progress
 from .history import gitinfo, snapshot
 from .errors import SnapshotError, SpecError
 from .plan.gpus import host_gpus
@@ -92,8 +92,10 @@ def prepare(estimator: Estimator, options: SubmitOptions) -> Prepared:
     store = Store(options.home)
     spec = estimator.job_spec()
     spec = replace(spec, python=resolve_python(spec.python))
+    progress.report("snapshot", f"snapshot: reading {os.path.abspath(spec.source_directory)}")
     scan = snapshot.scan(spec.source_directory, spec.entry_script, home=store.home,
                          limits=options.limits or snapshot.SnapshotLimits.from_env())
+    progress.report("snapshot", f"snapshot: {_files_text(len(scan.files), scan.total_bytes)} to store")
     spec = replace(spec, source_directory=scan.root, entry_script=scan.entry_script)
     if options.scratch is not None:
         options.scratch = os.path.abspath(options.scratch)
@@ -169,6 +171,13 @@ def check_inputs(spec: JobSpec, hosts: list[Host]) -> None:
                 raise SpecError(f"input {item['name']!r}: {path} does not exist")
 
 
+def _files_text(files: int, size: int) -> str:
+    """``1,234 files (56.0 MB)``."""
+    from .textfmt import size_text
+
+    return f"{files:,} file{'s' if files != 1 else ''} ({size_text(size)})"
+
+
 def create_run(prepared: Prepared) -> RunRecord:
     """Record the run (status Preparing) and store its snapshot."""
     options = prepared.options
@@ -194,6 +203,8 @@ def create_run(prepared: Prepared) -> RunRecord:
             log.warning("run %s: cannot store the uncommitted changes as %s: %s", record.id, gitinfo.PATCH_NAME, exc)
     try:
         snapshot.store(prepared.scan, prepared.store.home, record.dir)
+        scan = prepared.scan
+        progress.report("snapshot", f"snapshot: {_files_text(len(scan.files), scan.total_bytes)} stored", done=True)
     except KeyboardInterrupt:
         record.write_status(CANCELED, ended=now_iso(), cancel_reason="interrupted while taking the snapshot")
         raise
@@ -242,6 +253,7 @@ def sbatch_run(record: RunRecord, spec: JobSpec, experiment: str) -> RunRecord:
     may reach an index the nodes cannot)."""
     if spec.environment:
         build_environment_here(record, spec)
+    record.hand_over_withheld()  # the job's supervisor reads the secret variables' values from the record
     return submission(spec.compute_target).submit(record, spec, experiment)
 
 
@@ -253,6 +265,8 @@ def build_environment_here(record: RunRecord, spec: JobSpec) -> None:
     from .launch.hostprep import ENV_LOG
 
     record.event("environment_building", key=spec.environment.get("key"))
+    progress.report("environment", f"environment: building or reusing {str(spec.environment.get('key'))[:12]} (log: "
+                                   f"{record.path(ENV_LOG)})", slow=True)
     try:
         with open(record.path(ENV_LOG), "ab") as fh:
             result = envs.ensure_environment(envs.EnvRequest.from_dict(spec.environment),
@@ -264,6 +278,8 @@ def build_environment_here(record: RunRecord, spec: JobSpec) -> None:
         record.end_unstarted(FAILED, error={"reason": "environment", "message": str(exc)})
         raise
     record.event("environment", key=result.key, built=result.built, seconds=round(result.seconds, 3))
+    progress.report("environment", f"environment: {result.key[:12]} {'built' if result.built else 'reused'} "
+                                   f"({result.seconds:.1f} s)", done=True)
 
 
 def start(prepared: Prepared) -> RunRecord:
@@ -379,6 +395,11 @@ def dry_run(prepared: Prepared) -> dict[str, Any]:
         from .launch.mpi import launch_for
         launcher = launch_for(spec, processes, run_id, remote=bool(remote)).to_dict()
         launcher["mpi"] = spec.distributed["mpi"]
+    from .history.withheld import SecretNames
+    secret = SecretNames.for_home(store.home)  # a secret variable's value is never shown: NAME=<withheld>
+    shown = [p.to_dict() for p in processes]
+    for item in shown + ([launcher] if launcher else []):
+        item["env"] = secret.mask(item.get("env") or {})
     return {
         "dry_run": True,
         "run_id": run_id,
@@ -394,7 +415,7 @@ def dry_run(prepared: Prepared) -> dict[str, Any]:
         "hosts": [{"name": h.name, "slots": h.slots, "local": is_local(h.name)} for h in hosts],
         "ports": ports,
         "addresses": addresses,
-        "processes": [p.to_dict() for p in processes],
+        "processes": shown,
         "launcher": launcher,
         **scheduled,
         "environment": environment,

@@ -8,7 +8,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
     from typing import Any, Sequence
 
-__all__ = ["timestamp", "duration", "value", "table"]
+__all__ = ["timestamp", "duration", "value", "table", "size_text"]
 
 _NONFINITE = {"NaN": "nan", "Infinity": "inf", "-Infinity": "-inf"}  # as --json output writes them
 
@@ -47,3 +47,11 @@ def table(rows: Sequence[Sequence[str]]) -> str:
     """Left-aligned columns two spaces apart, one line per row (the first row is the header)."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() + "\n" for row in rows)
+
+
+def size_text(n: float) -> str:
+    """``512 bytes``, ``4.0 KB``, ``14.2 MB``, ``1.2 GB`` (powers of 1024, as the snapshot limits count)."""
+    for unit, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} byte{'s' if n != 1 else ''}"

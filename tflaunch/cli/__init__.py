@@ -1,5 +1,5 @@
 """Command line: ``python -m tflaunch run ...`` and
-``python -m tflaunch runs list|show|logs|files|download|cancel|rerun``.
+``python -m tflaunch runs list|show|logs|files|download|cancel|rerun|delete|restore|purge``.
 
 Exit status: 0 success; for ``run`` attached, the run's outcome (0 Completed, the script's exit code,
 128+N when killed by signal N, 124 timeout, 130 Canceled, 1 other failures); 2 bad input; 1 other
@@ -19,7 +19,8 @@ from .job import store_from_args as _store
 from .job import key_value as _key_value
 from .job import positive_float as _positive_float
 from ..errors import SpecError, TflaunchError
-from .console import follow_submitted, print_json, print_plan, report_end
+from .console import (ConsoleHandler, follow_submitted, placement_lines, plain_progress, print_json, print_plan,
+                      report_end)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
@@ -117,12 +118,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_rerun(sub, common, _key_value)  # runs rerun
     from .tracking import add_commands, add_runs_commands
     add_runs_commands(sub, common)
+    from .trash import add_runs_commands as add_trash_commands
+    add_trash_commands(sub, common)  # runs delete|restore|purge
+    from .archive import add_runs_commands as add_archive_commands
+    add_archive_commands(sub, common)  # runs export|import
     add_commands(commands, common, _key_value, _Parser)
     from . import doctor as cli_doctor, env as cli_env
     cli_env.add_commands(commands, common, _Parser)  # env list|show|build|rm
     cli_doctor.add_command(commands, common, _positive_float)  # doctor
     from . import sweep as cli_sweep
     cli_sweep.add_commands(commands, common, _Parser)  # sweep [start]|show|cancel|resume
+    from . import gc as cli_gc
+    cli_gc.add_command(commands, common)  # gc
+    from . import ui as cli_ui
+    cli_ui.add_command(commands, common)  # ui
     return parser
 
 
@@ -149,9 +158,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     agents = {}
     if not (args.dry_run or args.detach or args.slurm):  # their start-up (an ssh login) overlaps the snapshot
         agents = prestart_agents(estimator.resolved_target(), args.python or sys.executable)
+    if args.detach:
+        plain_progress()  # the run goes on elsewhere: plain lines (tflaunch.progress)
     try:
         prepared = prepare(estimator, options)
         if args.dry_run:
+            from ..progress import clear_line
+            clear_line()  # "snapshot: N files to store": a dry run stores nothing
             plan = dry_run(prepared)
             if args.json:
                 print_json(plan)
@@ -245,7 +258,12 @@ def _attempt_lines(run: dict[str, Any]) -> list[str]:
 def cmd_show(args: argparse.Namespace) -> int:
     import shlex
     from ..history.store import describe
-    run = describe(_store(args).run(args.run))
+    from .ui import portal_url
+    record = _store(args).run(args.run)
+    run = describe(record)
+    url = portal_url(record)  # the run's page while `tflaunch ui` serves the home
+    if url:
+        run["portal_url"] = url
     if args.json:
         print_json(run)
         return 0
@@ -262,7 +280,9 @@ def cmd_show(args: argparse.Namespace) -> int:
         f"command:     {shlex.join([run.get('entry_script') or '?', *run.get('arguments', [])])}",
         f"source:      {run.get('source_directory')}",
         f"record:      {run.get('run_dir')}",
+        *([f"portal:      {url}"] if url else []),
     ]
+    lines += placement_lines(run)
     if run.get("kind") == "sweep":
         summary = run.get("sweep") or {}
         best = summary.get("best") or {}
@@ -299,6 +319,9 @@ def cmd_show(args: argparse.Namespace) -> int:
             frozen = env["freeze"]
             lines.append("packages:    " + ", ".join(frozen[:12]) + (f" (+{len(frozen) - 12} more: `runs show "
                                                                       f"--json`)" if len(frozen) > 12 else ""))
+    if run.get("withheld_environment"):
+        lines.append("withheld:    " + ", ".join(run["withheld_environment"])
+                     + " (secret variables: the script got their values, the record keeps only their names)")
     for item in run.get("inputs") or ():
         counted = f", {item['files']} files, {item['bytes']} bytes" if item.get("files") is not None else ""
         lines.append(f"input:       {item['name']} = {item['path']} ({item['mode']}{counted})")
@@ -387,7 +410,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------------
 def _setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = ConsoleHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("tflaunch: %(message)s" if level != "debug"
                                            else "tflaunch: %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
@@ -407,13 +430,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .sweep import route
     args = parser.parse_args(rerun_route(route(sys.argv[1:] if argv is None else argv)))
     _setup_logging(getattr(args, "log_level", "info"))
+    from ..progress import end_line
+    try:
+        return _run_command(args)
+    finally:
+        end_line()  # a stage's status line left on the terminal
+
+
+def _error(text: str) -> None:
+    from ..progress import end_line
+    end_line()  # a stage's status line on the terminal keeps its line: the error goes below it
+    sys.stderr.write(text + "\n")
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    """``args.func(args)``, its errors as one line and an exit status."""
     try:
         return int(args.func(args) or 0)
     except TflaunchError as exc:
-        sys.stderr.write(f"tflaunch: error: {exc}\n")
+        _error(f"tflaunch: error: {exc}")
         return exc.exit_code
     except KeyboardInterrupt:
-        sys.stderr.write("tflaunch: interrupted\n")
+        _error("tflaunch: interrupted")
         return 130
     except BrokenPipeError:
         try:
@@ -422,10 +460,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             pass
         return 0
     except OSError as exc:
-        sys.stderr.write(f"tflaunch: error: {exc}\n")
+        _error(f"tflaunch: error: {exc}")
         return 1
     except Exception as exc:  # a bug: one line, the traceback on request
         if os.environ.get("TFLAUNCH_DEBUG"):
             raise
-        sys.stderr.write(f"tflaunch: internal error: {exc!r} (set TFLAUNCH_DEBUG=1 for the traceback)\n")
+        _error(f"tflaunch: internal error: {exc!r} (set TFLAUNCH_DEBUG=1 for the traceback)")
         return 70

@@ -7,7 +7,7 @@ import os
 import sys
 
 from .. import textfmt
-from ..history.compare import comparable, write_report
+from ..history.compare import comparable, diff, write_report
 from ..errors import SpecError
 
 TYPE_CHECKING = False
@@ -92,16 +92,8 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 def cmd_diff(args: argparse.Namespace) -> int:
     store = _store(args)
     a, b = store.run(args.run_a), store.run(args.run_b)
-    left, right = comparable(a), comparable(b)
-    differences, same = [], []
-    for section in left:
-        keys = list(dict.fromkeys([*left[section], *right[section]]))
-        if section in ("params", "metrics"):
-            keys.sort()
-        for key in keys:
-            va, vb = left[section].get(key), right[section].get(key)
-            row = {"section": section, "key": key, "a": va, "b": vb}
-            (same if va == vb or (section == "run" and key == "duration_seconds") else differences).append(row)
+    left = comparable(a)
+    differences, same = diff(left, comparable(b))
     if args.json:
         _dump({"a": a.id, "b": b.id, "differences": differences, "same": len(same)})
         return 0

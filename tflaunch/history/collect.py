@@ -10,14 +10,18 @@ from __future__ import annotations
 import os
 import shutil
 
+from ..textfmt import size_text
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
-    from typing import Sequence
+    from typing import Any, Container, Mapping, Sequence
 
-__all__ = ["merge_outputs", "COLLECTED", "ASIDE_DIR"]
+__all__ = ["merge_outputs", "discarded_files", "discarded_warning", "COLLECTED", "ASIDE_DIR"]
 
 COLLECTED = ("outputs", "logs")
 ASIDE_DIR = "hosts"
+NOT_COUNTED = ("__pycache__",)  # written by Python's imports, not by the script
+LARGEST_SHOWN = 3
 
 
 def _files(root: str) -> list[str]:
@@ -72,3 +76,52 @@ def merge_outputs(work_dir: str, work_rank: int, work_host: str, incoming: Seque
                 warnings.append(f"{name} was written on several hosts: kept the copy from {kept} (lowest rank); "
                                 f"the one from {aside} is in {ASIDE_DIR}/{aside}/{name}")
     return warnings
+
+
+def discarded_files(work_dir: str, snapshot: Mapping[str, int], skip: Container[str] = ()) -> dict[str, Any]:
+    """What the script left in ``work_dir`` outside ``./outputs`` and ``./logs``, which is discarded with
+    it: ``{"files", "bytes", "largest": [[path, size], ...]}`` (the :data:`LARGEST_SHOWN` biggest).
+
+    A file counts unless it is the snapshot's own (its path in ``snapshot``, path -> size, with that size:
+    a snapshot file rewritten to the same size is not seen) or lies in ``__pycache__``; the relative paths
+    in ``skip`` (a data input copied there) and ``outputs``, ``logs`` are not looked into. Symbolic links
+    are not followed.
+    """
+    count = total = 0
+    found: list[tuple[int, str]] = []
+    for dirpath, dirnames, filenames in os.walk(work_dir):
+        rel_dir = os.path.relpath(dirpath, work_dir)
+        top = rel_dir == "."
+
+        def rel(name: str) -> str:
+            return name if top else os.path.join(rel_dir, name)
+
+        dirnames[:] = [d for d in dirnames if d not in NOT_COUNTED and not (top and d in COLLECTED)
+                       and rel(d) not in skip and not os.path.islink(os.path.join(dirpath, d))]
+        for name in filenames:
+            if (top and name in COLLECTED) or rel(name) in skip:
+                continue
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            if snapshot.get(rel(name)) == st.st_size:
+                continue
+            count += 1
+            total += st.st_size
+            found.append((st.st_size, rel(name)))
+    found.sort(key=lambda item: (-item[0], item[1]))
+    return {"files": count, "bytes": total, "largest": [[path, size] for size, path in found[:LARGEST_SHOWN]]}
+
+
+
+
+def discarded_warning(found: Mapping[str, Any], where: str = "") -> str | None:
+    """The warning about ``found`` (:func:`discarded_files`; ``where``: `` on host node2``), None if nothing."""
+    if not found.get("files"):
+        return None
+    largest = ", ".join(f"{rel} ({size_text(size)})" for rel, size in found.get("largest") or ())
+    more = f", ... ({found['files'] - len(found.get('largest') or ())} more)" if found["files"] > LARGEST_SHOWN else ""
+    return (f"{found['files']} file{'s' if found['files'] != 1 else ''} ({size_text(found['bytes'])}) the script "
+            f"wrote outside ./outputs and ./logs{where} were discarded with the working directory: {largest}{more}; "
+            "write what should be kept under ./outputs")

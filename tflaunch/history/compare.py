@@ -12,7 +12,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
     from typing import Any
 
-__all__ = ["comparable", "write_report"]
+__all__ = ["comparable", "diff", "report_run", "write_report"]
 
 
 def _params(arguments: list[str]) -> dict[str, str]:
@@ -70,7 +70,9 @@ def comparable(record: Any, run: dict[str, Any] | None = None) -> dict[str, dict
             "backend": (spec.get("distributed") or {}).get("backend", "plain"), "use_gpu": spec.get("use_gpu"),
             "snapshot": _snapshot_id(record),
             **{f"framework.{k}": v for k, v in environment.items() if isinstance(v, (str, int, float, bool))},
-            **{f"env:{k}": v for k, v in sorted((spec.get("environment_variables") or {}).items())},
+            **{f"env:{k}": v for k, v in sorted({**(spec.get("environment_variables") or {}),
+                                                 **dict.fromkeys(definition.get("withheld_environment") or (),
+                                                                 "<withheld>")}.items())},
         },
         "packages": _frozen(record),
         "metrics": dict(run.get("metrics") or {}),
@@ -80,6 +82,22 @@ def comparable(record: Any, run: dict[str, Any] | None = None) -> dict[str, dict
     for item in run.get("inputs") or ():
         sections["params"][f"input:{item.get('name')}"] = item.get("sha256") or item.get("path")
     return sections
+
+
+def diff(left: dict[str, dict[str, Any]], right: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]],
+                                                                                  list[dict[str, Any]]]:
+    """``(differences, same)`` between two runs' :func:`comparable` sections: rows ``{section, key, a, b}``
+    in section order (params and metrics keys sorted); durations always count as the same."""
+    differences, same = [], []
+    for section in left:
+        keys = list(dict.fromkeys([*left[section], *right.get(section, {})]))
+        if section in ("params", "metrics"):
+            keys.sort()
+        for key in keys:
+            va, vb = left[section].get(key), right.get(section, {}).get(key)
+            row = {"section": section, "key": key, "a": va, "b": vb}
+            (same if va == vb or (section == "run" and key == "duration_seconds") else differences).append(row)
+    return differences, same
 
 
 def _frozen(record: Any) -> dict[str, Any]:
@@ -108,44 +126,48 @@ def _snapshot_id(record: Any) -> Any:
 def write_report(records: list[Any], output: str, *, title: str | None = None) -> str:
     """Render the HTML report of ``records`` (RunRecords) into ``output``; return its absolute path."""
     from .. import fsio
-    from . import metrics
     from .report import render
-    from .store import describe
 
-    runs = []
-    for record in records:
-        run = describe(record)
-        params = {f"{s}.{k}" if s != "params" else k: "" if v is None else str(v)
-                  for s, values in comparable(record, run).items() if s in ("params", "git")
-                  for k, v in values.items()}
-        params["command"] = " ".join([run.get("entry_script") or "?", *run.get("arguments", [])])
-        if run.get("parent"):  # a sweep's trial: its hyperparameters and the sweep's primary metric
-            params["sweep"] = f"{run['parent']} trial {run.get('trial')}"
-            for name, value in (run.get("hyperparameters") or {}).items():
-                params[f"hyperparameter {name}"] = str(value)
-            params.update(_primary(record, run["parent"]))
-        charts = {}
-        for name, series in metrics.load(record.dir).items():
-            if metrics.kind_of(series) != "scalar":
-                continue
-            ranks = [r for r in series.rank if r is not None]
-            first = min(ranks) if ranks else None
-            if len(set(ranks)) > 1:  # several ranks logged it: draw the lowest rank's curve
-                keep = [i for i, r in enumerate(series.rank) if r == first]
-                steps, values = [series.step[i] for i in keep], [series.value[i] for i in keep]
-            else:
-                steps, values = series.step, series.value
-            charts[name] = {"steps": steps, "values": values}
-        runs.append({"id": run["id"], "experiment": run.get("experiment"), "status": run.get("status"),
-                     "created": run.get("created"), "duration_seconds": run.get("duration_seconds"),
-                     "params": params, "metrics": charts})
-    html = render(runs, title=title)
+    html = render([report_run(record) for record in records], title=title)
     output = os.path.abspath(output)
     try:
         fsio.atomic_write_bytes(output, html.encode("utf-8"), fsync=False)
     except OSError as exc:
         raise TflaunchError(f"cannot write {output}: {exc.strerror or exc}") from None
     return output
+
+
+def report_run(record: Any) -> dict[str, Any]:
+    """What the report draws of a run (a RunRecord): id, experiment, status, created, duration, params
+    and its scalar metrics as ``{name: {"steps", "values"}}`` (the report's and the portal's charts)."""
+    from . import metrics
+    from .store import describe
+
+    run = describe(record)
+    params = {f"{s}.{k}" if s != "params" else k: "" if v is None else str(v)
+              for s, values in comparable(record, run).items() if s in ("params", "git")
+              for k, v in values.items()}
+    params["command"] = " ".join([run.get("entry_script") or "?", *run.get("arguments", [])])
+    if run.get("parent"):  # a sweep's trial: its hyperparameters and the sweep's primary metric
+        params["sweep"] = f"{run['parent']} trial {run.get('trial')}"
+        for name, value in (run.get("hyperparameters") or {}).items():
+            params[f"hyperparameter {name}"] = str(value)
+        params.update(_primary(record, run["parent"]))
+    charts = {}
+    for name, series in metrics.load(record.dir).items():
+        if metrics.kind_of(series) != "scalar":
+            continue
+        ranks = [r for r in series.rank if r is not None]
+        first = min(ranks) if ranks else None
+        if len(set(ranks)) > 1:  # several ranks logged it: draw the lowest rank's curve
+            keep = [i for i, r in enumerate(series.rank) if r == first]
+            steps, values = [series.step[i] for i in keep], [series.value[i] for i in keep]
+        else:
+            steps, values = series.step, series.value
+        charts[name] = {"steps": steps, "values": values}
+    return {"id": run["id"], "experiment": run.get("experiment"), "status": run.get("status"),
+            "created": run.get("created"), "duration_seconds": run.get("duration_seconds"),
+            "params": params, "metrics": charts}
 
 
 def _primary(record: Any, parent: str) -> dict[str, str]:

@@ -20,8 +20,8 @@ if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
 
 __all__ = [
     "PREPARING", "QUEUED", "RUNNING", "RECOVERING", "FINALIZING", "COMPLETED", "FAILED", "CANCELED", "TERMINAL",
-    "STORE_FORMAT", "RUN_ID_RE", "EXPERIMENT_RE", "LOG_DIR", "RANK_LOG_PREFIX", "RESERVE_BYTES",
-    "STATUS_FROM_DEFINITION", "USER_FILE_DIRS", "RERUNS_DIR",
+    "DAMAGED", "STORE_FORMAT", "RUN_ID_RE", "EXPERIMENT_RE", "LOG_DIR", "RANK_LOG_PREFIX", "RESERVE_BYTES",
+    "STATUS_FROM_DEFINITION", "USER_FILE_DIRS", "RERUNS_DIR", "TRASH_DIR",
     "rank_log", "resolve_home", "now_iso", "parse_iso", "exit_code_for", "validate_experiment_name",
 ]
 
@@ -29,6 +29,7 @@ PREPARING, QUEUED, RUNNING, FINALIZING = "Preparing", "Queued", "Running", "Fina
 RECOVERING = "Recovering"  # between two attempts of a run that restarts (tflaunch.supervise.restart)
 COMPLETED, FAILED, CANCELED = "Completed", "Failed", "Canceled"
 TERMINAL = frozenset({COMPLETED, FAILED, CANCELED})
+DAMAGED = "Damaged"  # listed for a run whose status.json does not read (damaged outside tflaunch); never recorded
 STORE_FORMAT = 1
 RUN_ID_RE = re.compile(r"^\d{8}-\d{6}-\d{3}-[0-9a-f]{8}$")
 EXPERIMENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$")
@@ -39,6 +40,7 @@ STATUS_FROM_DEFINITION = ("kind", "parent", "trial", "hyperparameters",  # sweep
                           "rerun_of")  # reruns (tflaunch.rerun)
 USER_FILE_DIRS = ("outputs", "logs", LOG_DIR, "hosts")  # hosts/: see tflaunch.history.collect
 RERUNS_DIR = "reruns"  # in a run's directory: <id>.json for each rerun made of it (tflaunch.rerun)
+TRASH_DIR = "trash"  # in the home: deleted runs, <id>/ and <id>.json (tflaunch.history.trash)
 
 
 def rank_log(rank: int, stream: str) -> str:

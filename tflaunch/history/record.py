@@ -4,6 +4,7 @@ The launcher writes it; anyone may read it. The lease and liveness checks: :mod:
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import signal
@@ -32,6 +33,8 @@ class RunRecord(LeaseMixin):
         self.dir = directory or os.path.join(store.runs_dir, run_id)
         self._status: dict[str, Any] | None = None
         self._slurm_cache: tuple[str, float, Any] | None = None  # (job id, when asked, scontrol's answer)
+        # values of the secret variables withheld from run.json, in memory (set by Store.create_run)
+        self.withheld: dict[str, str] | None = None
 
     def __repr__(self) -> str:
         return f"RunRecord({self.id!r})"
@@ -49,6 +52,26 @@ class RunRecord(LeaseMixin):
         except (OSError, ValueError) as exc:
             raise StoreError(f"run {self.id}: cannot read run.json: {exc}") from None
 
+    # -- withheld secrets (tflaunch.history.withheld) --------------------------------------------------
+    def hand_over_withheld(self) -> None:
+        """Before another process starts the run (``--detach``, a Slurm job): keep the withheld values in its
+        owner-only start file (nothing when there are none, or this object does not hold them)."""
+        if self.withheld:
+            from .withheld import write_start_file
+            write_start_file(self.dir, self.withheld)
+
+    def withheld_values(self) -> dict[str, str]:
+        """The withheld values: those in memory, else those of the start file."""
+        if self.withheld is None:
+            from .withheld import read_start_file
+            self.withheld = read_start_file(self.dir)
+        return dict(self.withheld)
+
+    def drop_withheld(self) -> None:
+        """Remove the start file (the processes have started, or the run has ended)."""
+        from .withheld import remove_start_file
+        remove_start_file(self.dir)
+
     # -- status --------------------------------------------------------------------------------------
     def _read_status_file(self) -> dict[str, Any] | None:
         try:
@@ -56,6 +79,24 @@ class RunRecord(LeaseMixin):
         except (OSError, ValueError):
             return None
         return data if isinstance(data, dict) else None
+
+    def status_damage(self) -> str | None:
+        """What is wrong with ``status.json`` when it does not read as a run object (None: nothing), for
+        a record damaged outside tflaunch (a truncated copy, a disk error)."""
+        try:
+            with open(self.path("status.json"), "rb") as fh:
+                data = fh.read()
+        except FileNotFoundError:
+            return "status.json is missing"
+        except OSError as exc:
+            return f"status.json cannot be read ({exc.strerror or exc})"
+        if not data.strip():
+            return "status.json is empty"
+        try:
+            obj = json.loads(data)
+        except ValueError as exc:
+            return f"status.json is not valid JSON (truncated or damaged: {exc}; {len(data)} bytes)"
+        return None if isinstance(obj, dict) else "status.json does not hold a JSON object"
 
     def read_status(self, *, check_lease: bool = True) -> dict[str, Any] | None:
         """The run object; an unfinished run whose launcher is gone is recorded Failed first (a run in
@@ -79,6 +120,8 @@ class RunRecord(LeaseMixin):
         current.update(fields)
         self._retry_when_full(fsio.atomic_write_json, self.path("status.json"), current)
         self._status = current
+        if status in TERMINAL:
+            self.drop_withheld()
         if status is not None and status != previous:
             self.event("status", status=status, **({"error": fields["error"]} if fields.get("error") else {}))
         return current

@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
 
     from .record import RunRecord
 
-__all__ = ["with_duration", "with_tracking", "describe", "download", "reruns_of"]
+__all__ = ["with_duration", "with_tracking", "describe", "placement", "download", "reruns_of"]
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +55,18 @@ def describe(record: RunRecord) -> dict[str, Any]:
     """Everything ``runs show --json`` prints: the run object plus what was run and where."""
     status = record.read_status()
     if status is None:
-        raise StoreError(f"run {record.id}: status.json is missing or unreadable")
+        problem = record.status_damage() or "status.json is missing or unreadable"
+        raise StoreError(f"run {record.id} is damaged: {problem} (changed outside tflaunch; its record: {record.dir})")
     definition = record.definition()
     spec = definition.get("spec", {})
+    withheld = list(definition.get("withheld_environment") or ())
     out = with_duration(with_tracking(record, status))
     out.update({
         "arguments": spec.get("arguments", []),
         "source_directory": spec.get("source_directory"),
         "python": spec.get("python"),
-        "environment_variables": sorted(spec.get("environment_variables", {})),
+        "environment_variables": sorted({*spec.get("environment_variables", {}), *withheld}),
+        "withheld_environment": withheld,  # secret variables: names only, their values are never recorded
         "use_gpu": spec.get("use_gpu"),
         "timeout": spec.get("max_run_duration_seconds"),
         "framework": definition.get("environment"),
@@ -72,6 +75,7 @@ def describe(record: RunRecord) -> dict[str, Any]:
         "rerun_of": definition.get("rerun_of"),
         "reruns": reruns_of(record),
     })
+    out.update(placement(record, spec))
     if definition.get("rerun_overrides"):
         out["rerun_overrides"] = definition["rerun_overrides"]
     if os.path.exists(record.path("early_termination.json")):  # a sweep's policy stopped this trial
@@ -88,6 +92,34 @@ def describe(record: RunRecord) -> dict[str, Any]:
         except (OSError, ValueError, AttributeError, StopIteration):
             pass
     return out
+
+
+_HOST_FIELDS = ("name", "hostname", "address", "local", "shared_filesystem", "ports", "gpus")
+_PROCESS_FIELDS = ("rank", "role", "index", "host", "local_rank", "port", "cuda_visible_devices")
+_NOT_HOSTS = ("(launcher)", "(this machine)")  # agents on the launcher's machine that only start mpirun, build
+
+
+def placement(record: RunRecord, spec: dict[str, Any]) -> dict[str, Any]:
+    """Where the run ran: ``backend`` (``plain``, ``ps``, ``multiworker``, ``mpi``), ``hosts`` (from
+    ``hosts.json``, each with the ``ranks`` it ran; an MPI job's mpirun agent on this machine is not a host)
+    and ``processes`` (from ``processes.json``: rank, role, index, host, local rank, port, GPUs). Hosts
+    and processes are empty lists before the processes were planned."""
+    def rows(name: str) -> list[dict[str, Any]]:
+        try:
+            found = fsio.read_json(record.path(name))
+        except (OSError, ValueError):
+            return []
+        return [row for row in found if isinstance(row, dict)] if isinstance(found, list) else []
+
+    processes = [{k: row.get(k) for k in _PROCESS_FIELDS} for row in rows("processes.json")]
+    hosts = [{k: row.get(k) for k in _HOST_FIELDS} for row in rows("hosts.json")
+             if row.get("name") not in _NOT_HOSTS]  # records written before hosts.json left them out
+    named = {h["name"] for h in hosts}
+    hosts += [{"name": name} for name in dict.fromkeys(p["host"] for p in processes) if name not in named]
+    for host in hosts:  # hosts.json may be missing (mpirun on this machine alone, an srun step's own)
+        host["ranks"] = [p["rank"] for p in processes if p["host"] == host["name"]]
+    return {"backend": (spec.get("distributed") or {}).get("backend") or "plain", "hosts": hosts,
+            "processes": processes}
 
 
 def reruns_of(record: RunRecord) -> list[str]:

@@ -10,6 +10,11 @@
   without reading a byte or creating a link per file.
 * :func:`materialize` builds a run's private, writable working copy from the stored objects.
 
+``tflaunch gc`` removes what no run references while other hosts create runs (the protocol:
+:mod:`tflaunch.history.gc`): a writer touches an object it finds stored already, and the tree's directory
+and listing before and after it writes the run's manifest (:func:`_hold`), making again what is gone;
+readers (:func:`materialize`, :func:`tree_listing`) wait briefly for a tree a gc is checking.
+
 Symbolic links are stored as links and never followed: a link pointing inside the tree keeps working
 in the snapshot (absolute ones are rewritten relative); a link pointing outside (``data ->
 /scratch/mnist``) is kept as it is but what it points to is not copied, so it resolves only where that
@@ -47,6 +52,8 @@ EXCLUDED_NAMES = frozenset({".git", "__pycache__", ".ipynb_checkpoints", ".mypy_
 EXCLUDED_AT_ROOT = frozenset({"outputs", "logs"})
 RACY_WINDOW_NS = 2_000_000_000  # files changed this recently are re-read next time (coarse mtimes)
 _CHUNK = 1 << 20
+_HOLD_TRIES = 10      # a tree taken by a gc while it is held is rebuilt; this many times at most
+_TREE_WAIT = 1.0      # seconds a reader waits for a missing tree (a gc's check puts it back at once)
 
 
 @dataclass(frozen=True)
@@ -335,7 +342,7 @@ class _ObjectWriter:
             try:
                 os.link(tmp, final)  # never replace: runs already link the existing object
             except FileExistsError:
-                pass
+                _touch(final)  # reused: fresh for `tflaunch gc` (see the module's notes)
             return hexdigest
         finally:
             os.close(src)
@@ -355,7 +362,19 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copymode(src, dst)
 
 
-def _link(job: tuple[str, str, _File]) -> tuple[str, str, _File] | None:
+def _touch(path: str) -> bool:
+    """Mark ``path`` as in use now (its mtime), for ``tflaunch gc``; False when it is not there. What this
+    user may not touch (another user's, in a group's home) counts as there when it is."""
+    try:
+        os.utime(path)
+        return True
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return os.path.lexists(path)
+
+
+def _link(job: tuple[str, str, Any]) -> tuple[str, str, Any] | None:
     """Link one (object, target); return the job if its object is missing (the store was cleaned)."""
     try:
         _link_or_copy(job[0], job[1])
@@ -368,26 +387,26 @@ def _tree_key(tree: dict[str, Any]) -> str:
     return hashlib.sha256(fsio.json_dumps([tree["dirs"], tree["files"], tree["symlinks"]]).encode()).hexdigest()
 
 
-def _build_tree(home: str, key: str, tree: dict[str, Any], result: Scan, threads: int) -> str:
-    """Create ``trees/<key>`` (hard links into objects/) unless it exists; return its path."""
+def _build_tree(home: str, key: str, tree: dict[str, Any], sources: dict[str, _File], threads: int) -> str:
+    """Create ``trees/<key>`` (hard links into objects/) and its listing unless they exist; return its path.
+    An object gone from the store is stored again from ``sources`` (rel -> the file scanned)."""
     trees = os.path.join(home, "trees")
     final = os.path.join(trees, key)
+    listing = final + ".json"
+    if not os.path.exists(listing):  # first: a tree whose listing went missing gets it back
+        os.makedirs(trees, exist_ok=True)
+        fsio.atomic_write_json(listing, tree, compact=True)
     if os.path.isdir(final):
         return final
-    os.makedirs(trees, exist_ok=True)
-    listing = os.path.join(trees, key + ".json")
-    if not os.path.exists(listing):
-        fsio.atomic_write_json(listing, tree, compact=True)
     staging = os.path.join(trees, f".new-{key}-{os.getpid()}-{time.monotonic_ns()}")
     try:
         os.mkdir(staging)
         for d in tree["dirs"]:
             os.mkdir(f"{staging}/{d}")
-        by_rel = {f.rel: f for f in result.files}
-        jobs = [(object_path(home, digest, executable), f"{staging}/{rel}", by_rel[rel])
+        jobs = [(object_path(home, digest, executable), f"{staging}/{rel}", (rel, digest, executable))
                 for rel, digest, _size, executable in tree["files"]]
-        for _, target, f in (j for j in _parallel(jobs, _link, threads) if j is not None):
-            _link_or_copy(object_path(home, _ObjectWriter(home).add(f), f.executable), target)  # object was gone
+        for _, target, (rel, digest, executable) in (j for j in _parallel(jobs, _link, threads) if j is not None):
+            _store_again(home, key, sources.get(rel), rel, digest, executable, target)
         for rel, link_target in tree["symlinks"]:
             os.symlink(link_target, f"{staging}/{rel}")
         try:
@@ -400,6 +419,35 @@ def _build_tree(home: str, key: str, tree: dict[str, Any], result: Scan, threads
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return final
+
+
+def _store_again(home: str, key: str, source: _File | None, rel: str, digest: str, executable: bool,
+                 target: str) -> None:
+    """Store an object that was gone (removed by ``tflaunch gc``) again from its source file and link it."""
+    for _ in range(_HOLD_TRIES):
+        if source is None:
+            raise SnapshotError(f"snapshot tree {key[:12]}: the stored copy of {rel} is gone from {home}/objects "
+                                "and there is no source file to store it from again")
+        if _ObjectWriter(home).add(source) != digest:
+            raise SnapshotError(f"{rel} changed while the snapshot was taken; run again")
+        if _link((object_path(home, digest, executable), target, None)) is None:
+            return
+    raise SnapshotError(f"the stored copy of {rel} keeps disappearing from {home}/objects; run again")
+
+
+def _hold(home: str, key: str, rebuild: Any) -> None:
+    """Touch the tree's directory and listing (in use now), rebuilding what is missing: before the run's
+    manifest is written (a gc looking later sees a fresh tree) and after (a gc that missed the manifest
+    either sees the touch and puts the tree back, or took it before, and it is built again here)."""
+    tree_dir = os.path.join(home, "trees", key)
+    for _ in range(_HOLD_TRIES):
+        held = _touch(tree_dir)
+        if _touch(tree_dir + ".json") and held:
+            return
+        log.debug("snapshot tree %s was gone (tflaunch gc?): building it again", key[:12])
+        rebuild()
+    raise SnapshotError(f"snapshot tree {key[:12]} keeps disappearing from {home}/trees (a `tflaunch gc --grace 0` "
+                        "running meanwhile?); run again")
 
 
 def store(result: Scan, home: str, run_dir: str, threads: int | None = None) -> dict[str, Any]:
@@ -431,15 +479,27 @@ def store(result: Scan, home: str, run_dir: str, threads: int | None = None) -> 
     unchanged = (not misses and len(entries) == len(result.files) and isinstance(last.get("key"), str)
                  and last.get("dirs") == result.dirs and last.get("symlinks") == symlinks
                  and os.path.isdir(os.path.join(home, "trees", last["key"])))
+
+    def listing() -> dict[str, Any]:
+        return {"dirs": result.dirs, "files": [[f.rel, d, f.size, f.executable] for f, d in zip(result.files, digests)],
+                "symlinks": symlinks}
+
     if unchanged:  # every file, directory and link as last time: the same tree, no listing to hash
         key = last["key"]
         tree_dir = os.path.join(home, "trees", key)
     else:
-        tree = {"dirs": result.dirs,
-                "files": [[f.rel, d, f.size, f.executable] for f, d in zip(result.files, digests)],
-                "symlinks": symlinks}
+        tree = listing()
         key = _tree_key(tree)
-        tree_dir = _build_tree(home, key, tree, result, threads)
+        tree_dir = _build_tree(home, key, tree, {f.rel: f for f in result.files}, threads)
+
+    def rebuild() -> None:  # the tree was removed meanwhile (tflaunch gc): the same one again
+        tree = listing()
+        if _tree_key(tree) != key:
+            raise SnapshotError(f"snapshot tree {key[:12]} was removed meanwhile and the stat cache does not "
+                                "describe it; run again")
+        _build_tree(home, key, tree, {f.rel: f for f in result.files}, threads)
+
+    _hold(home, key, rebuild)  # before the manifest: a gc looking from now on sees the tree fresh
     os.symlink(os.path.relpath(tree_dir, run_dir), os.path.join(run_dir, "snapshot"))
     manifest = {
         "format": 2,
@@ -451,6 +511,7 @@ def store(result: Scan, home: str, run_dir: str, threads: int | None = None) -> 
         "notes": result.notes,
     }
     fsio.atomic_write_json(os.path.join(run_dir, MANIFEST), manifest)
+    _hold(home, key, rebuild)  # after it: what a gc that missed the manifest took is made again
     if not unchanged:
         new_entries = {f.rel: [*f.key, d, f.executable] for f, d in zip(result.files, digests)
                        if f.key[1] < racy_after and f.key[2] < racy_after}
@@ -470,19 +531,55 @@ def link(home: str, from_run_dir: str, run_dir: str) -> dict[str, Any]:
     """Give ``run_dir`` the snapshot of the run in ``from_run_dir`` (a sweep's trials: the sweep's
     snapshot, without reading the source directory again); return the manifest."""
     manifest = fsio.read_json(os.path.join(from_run_dir, MANIFEST))
-    tree_dir = os.path.join(home, "trees", manifest["tree"])
+    key = manifest["tree"]
+    tree_dir = os.path.join(home, "trees", key)
+
+    def rebuild() -> None:  # from the listing and the objects (there is no source directory to read)
+        try:
+            tree = tree_listing(home, manifest)
+        except FileNotFoundError:
+            raise SnapshotError(f"snapshot tree {key[:12]} of {from_run_dir} is gone from {home}/trees") from None
+        _build_tree(home, key, tree, {}, 1)
+
+    _hold(home, key, rebuild)
     os.symlink(os.path.relpath(tree_dir, run_dir), os.path.join(run_dir, "snapshot"))
     fsio.atomic_write_json(os.path.join(run_dir, MANIFEST), manifest)
+    _hold(home, key, rebuild)
     return manifest
+
+
+def _await_tree(home: str, key: str) -> None:
+    """Wait a little for a tree that is missing: a gc checking it puts it back at once."""
+    tree_dir = os.path.join(home, "trees", key)
+    deadline = time.monotonic() + _TREE_WAIT
+    while not (os.path.isdir(tree_dir) and os.path.isfile(tree_dir + ".json")) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def tree_listing(home: str, manifest: dict[str, Any]) -> dict[str, Any]:
     """The full listing (dirs, files with digests, symlinks) of a run's snapshot."""
-    return fsio.read_json(os.path.join(home, "trees", manifest["tree"] + ".json"))
+    path = os.path.join(home, "trees", manifest["tree"] + ".json")
+    try:
+        return fsio.read_json(path)
+    except FileNotFoundError:
+        _await_tree(home, manifest["tree"])
+        return fsio.read_json(path)
 
 
 def materialize(manifest: dict[str, Any], home: str, dest: str) -> None:
     """Create a private, writable copy of the snapshot in ``dest`` (which must not exist)."""
+    for attempt in range(3):
+        try:
+            _copy_out(manifest, home, dest)
+            return
+        except FileNotFoundError:
+            if attempt == 2 or not os.path.isdir(dest):  # dest's parent is missing: not the tree
+                raise
+            shutil.rmtree(dest, ignore_errors=True)
+            _await_tree(home, manifest["tree"])
+
+
+def _copy_out(manifest: dict[str, Any], home: str, dest: str) -> None:
     tree = tree_listing(home, manifest)
     source = os.path.join(home, "trees", manifest["tree"])
     os.makedirs(dest)

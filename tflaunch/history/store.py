@@ -18,6 +18,7 @@ Layout (every path inside a record is relative, so a home can be rsynced and rea
     objects/ab/cdef...[.x]          snapshot file contents by SHA-256, read-only
     trees/<sha256>/, <sha256>.json  one snapshot tree (hard links into objects/) and its listing
     cache/                          rebuildable caches: runs-index.txt (finished runs), stat/
+    trash/<run-id>/, <run-id>.json  deleted runs (moved here by one rename) and when/why: tflaunch.history.trash
 
 Run ids (``20261123-101530-123-5f3a9c1e``) sort by creation time and carry 32 random bits, so
 concurrent submitters never need a global lock. A run whose launcher is gone (same machine: its pid
@@ -41,10 +42,10 @@ import shutil
 import time
 
 from .. import fsio
-from ..errors import RunNotFoundError, StoreError
-from .layout import (CANCELED, COMPLETED, EXPERIMENT_RE, FAILED, FINALIZING, LOG_DIR, PREPARING, QUEUED,
+from ..errors import RunDeletedError, RunNotFoundError, StoreError
+from .layout import (CANCELED, COMPLETED, DAMAGED, EXPERIMENT_RE, FAILED, FINALIZING, LOG_DIR, PREPARING, QUEUED,
                      RANK_LOG_PREFIX, RECOVERING, RESERVE_BYTES, RUN_ID_RE, RUNNING, STATUS_FROM_DEFINITION, STORE_FORMAT,
-                     TERMINAL, USER_FILE_DIRS, exit_code_for, now_iso, parse_iso, rank_log, resolve_home,
+                     TERMINAL, TRASH_DIR, USER_FILE_DIRS, exit_code_for, now_iso, parse_iso, rank_log, resolve_home,
                      validate_experiment_name)
 from .lease import hostname, local_identity, process_start_time, user_name
 from .record import RunRecord
@@ -75,6 +76,7 @@ class Store:
         self.home = resolve_home(home)
         self.runs_dir = os.path.join(self.home, "runs")
         self.index_path = os.path.join(self.home, "cache", "runs-index.txt")
+        self.trash_dir = os.path.join(self.home, TRASH_DIR)  # deleted runs: tflaunch.history.trash
 
     def __repr__(self) -> str:
         return f"Store({self.home!r})"
@@ -83,8 +85,9 @@ class Store:
     def ensure(self) -> None:
         """Create the home if needed; raise a clear :class:`StoreError` if it is not writable."""
         try:
+            dir_mode = self._make_home()
             for sub in ("runs", "experiments", "objects", "cache"):
-                os.makedirs(os.path.join(self.home, sub), exist_ok=True)
+                _mkdir(os.path.join(self.home, sub), dir_mode)
             marker = os.path.join(self.home, "store.json")
             if not os.path.exists(marker):
                 fsio.create_once_json(marker, {"format": STORE_FORMAT})
@@ -99,6 +102,33 @@ class Store:
             fmt = STORE_FORMAT
         if fmt != STORE_FORMAT:
             raise StoreError(f"{self.home} holds store format {fmt}; this tflaunch reads format {STORE_FORMAT}")
+
+    def _make_home(self) -> int:
+        """Create the home owner-only (0700) when it does not exist; return the mode of the directories
+        tflaunch creates in it (:func:`~tflaunch.history.withheld.home_modes`). An existing home keeps its
+        mode: one readable by others while not ``shared_group`` is warned about once."""
+        from .withheld import home_modes
+
+        if not os.path.isdir(self.home):
+            os.makedirs(os.path.dirname(self.home), exist_ok=True)
+            _mkdir(self.home, 0o700)
+            return 0o700
+        dir_mode = home_modes(self.home)[0]
+        try:
+            mode = os.stat(self.home).st_mode & 0o777
+        except OSError:
+            return dir_mode
+        warned = os.path.join(self.home, "cache", ".mode-warned")
+        if mode & ~dir_mode & 0o077 and not os.path.exists(warned) and os.access(self.home, os.W_OK):
+            log.warning("TFLAUNCH_HOME %s can be read by other users (mode %04o): new run records are owner-only, "
+                        "older ones are not; `chmod -R go-rwx %s`, or set \"shared_group\": true in its config.json "
+                        "for a group's home (said once)", self.home, mode, self.home)
+            try:
+                _mkdir(os.path.dirname(warned), dir_mode)
+                fsio.create_once_json(warned, {"mode": f"{mode:04o}", "time": now_iso()})
+            except OSError:
+                pass
+        return dir_mode
 
     def ensure_experiment(self, name: str) -> None:
         validate_experiment_name(name)
@@ -122,8 +152,11 @@ class Store:
     def create_run(self, experiment: str, definition: dict[str, Any], *, run_id: str | None = None,
                    tags: dict[str, str] | None = None) -> "RunRecord":
         """Create a run record in status Preparing, leased by the calling process."""
+        from .withheld import home_modes, split_definition
+
         self.ensure()
         self.ensure_experiment(experiment)
+        definition, withheld = split_definition(definition, self.home)  # secret values never reach the record
         run_id = run_id or self.new_run_id()
         created = now_iso()
         staging = os.path.join(self.runs_dir, f".new-{run_id}")
@@ -138,7 +171,7 @@ class Store:
             if key in definition:
                 status[key] = definition[key]
         try:
-            os.mkdir(staging)
+            _mkdir(staging, home_modes(self.home)[0])
             os.mkdir(os.path.join(staging, LOG_DIR))
             fsio.atomic_write_json(os.path.join(staging, "run.json"),
                                    {"id": run_id, "experiment": experiment, "created": created, **definition})
@@ -155,6 +188,7 @@ class Store:
             raise StoreError(f"cannot create a run in {self.home}: {exc.strerror or exc}") from None
         record = RunRecord(self, run_id, final)
         record._status = status
+        record.withheld = withheld
         return record
 
     # -- lookup --------------------------------------------------------------------------------------
@@ -174,11 +208,43 @@ class Store:
         ids = self.run_ids()
         matches = [i for i in ids if i.startswith(ref)] or [i for i in ids if i.endswith(ref)]
         if not matches:
+            deleted = self.deleted_run_id(ref)
+            if deleted:
+                raise RunDeletedError(f"run {deleted} was deleted (it is in the trash; `tflaunch runs restore "
+                                      f"{deleted}` brings it back)")
             raise RunNotFoundError(f"no run {ref!r} in {self.home} (see `tflaunch runs list`)")
         if len(matches) > 1:
             shown = ", ".join(sorted(matches)[:5])
             raise RunNotFoundError(f"run id {ref!r} is ambiguous: {len(matches)} runs match ({shown}...)")
         return RunRecord(self, matches[0])
+
+    def deleted_run_id(self, ref: str) -> str | None:
+        """The id of the only run in the trash whose id is, starts or ends with ``ref`` (else None)."""
+        try:
+            with os.scandir(self.trash_dir) as it:
+                ids = [e.name for e in it if RUN_ID_RE.match(e.name) and e.is_dir()]
+        except OSError:
+            return None
+        matches = [i for i in ids if i.startswith(ref)] or [i for i in ids if i.endswith(ref)]
+        return matches[0] if len(matches) == 1 else None
+
+    def _damaged(self, record: RunRecord) -> tuple[str, str, str] | None:
+        """The listing row of a run whose status.json does not read (None: it reads now, or the run is
+        gone): status ``Damaged``, ``damaged`` saying what is wrong, a warning logged. Never cached."""
+        problem = record.status_damage()
+        if problem is None or not os.path.isdir(record.dir):
+            return None
+        try:
+            definition = record.definition()
+        except StoreError:
+            definition = {}
+            problem += "; run.json does not read either"
+        log.warning("run %s: %s (damaged outside tflaunch; listed as %s, see `tflaunch runs show %s`)",
+                    record.id, problem, DAMAGED, record.id)
+        run = {"id": record.id, "experiment": definition.get("experiment"), "status": DAMAGED,
+               "created": definition.get("created"), "started": None, "ended": None, "exit_code": None,
+               "signal": None, "error": None, "damaged": problem, "duration_seconds": None}
+        return str(run["experiment"] or ""), DAMAGED, fsio.json_dumps(run)
 
     def _read_index(self) -> dict[str, tuple[str, str, str]]:
         try:
@@ -213,6 +279,9 @@ class Store:
                 record = RunRecord(self, run_id)
                 run = record.read_status()
                 if run is None:
+                    row = self._damaged(record)
+                    if row is not None:
+                        rows.append((run_id, row))
                     continue
                 row = (str(run.get("experiment", "")), str(run.get("status", "")),
                        fsio.json_dumps(with_duration(with_tracking(record, run))))
@@ -246,3 +315,18 @@ class Store:
                        limit: int | None = None) -> str:
         """The same as :meth:`list_runs`, as a JSON array (without parsing cached runs)."""
         return "[" + ", ".join(self._listing(experiment, statuses, limit)) + "]"
+
+
+def _mkdir(path: str, mode: int) -> None:
+    """Create directory ``path`` with exactly ``mode`` (whatever the umask; a set-group-id bit it inherits
+    from its parent is kept); nothing when it exists."""
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
+        return
+    try:
+        os.chmod(path, mode | (os.stat(path).st_mode & 0o2000))
+    except OSError as exc:
+        log.debug("cannot set the mode of %s: %s", path, exc)

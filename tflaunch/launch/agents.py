@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 
-from .. import fsio
+from .. import fsio, progress
 from ..plan.gpus import host_gpus
 from ..spec.hosts import is_local
 from ..plan.processes import machine_ids, plan, ports_needed
@@ -90,7 +90,7 @@ def setup_agents(session: Session, needed: dict[str, int], more: Callable[[HostR
         except OSError:
             pass  # the agent is gone; its end of file says why
     deadline = time.monotonic() + session.ssh.connect_timeout + HELLO_MARGIN
-    if not session.wait(lambda: all(run.hello for run in session.runs), deadline, "to answer"):
+    if not session.wait(_connected(session), deadline, "to answer"):
         return None
     if probe:
         os.unlink(probe["path"])
@@ -103,6 +103,21 @@ def setup_agents(session: Session, needed: dict[str, int], more: Callable[[HostR
         return None
     session.prep.record_environment()
     return remote
+
+
+def _connected(session: Session) -> Callable[[], bool]:
+    """Whether every agent has said hello (the hosts stage's progress: ``hosts: 3/8 connected``)."""
+    shown: list[Any] = [None]
+
+    def connected() -> bool:
+        hosts = [run for run in session.runs if not run.launcher_only]
+        count = sum(1 for run in hosts if run.hello)
+        everyone = all(run.hello for run in session.runs)
+        if (count, everyone) != shown[0] and not all(run.conn.local for run in hosts):  # ssh logins only
+            shown[0] = (count, everyone)
+            progress.report("hosts", f"hosts: {count}/{len(hosts)} connected", done=everyone)
+        return everyone
+    return connected
 
 
 def start_host(session: Session, run: HostRun, processes: list[ProcessPlan], setup: bool = False) -> None:

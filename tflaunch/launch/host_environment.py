@@ -17,6 +17,7 @@ import os
 import sys
 import time
 
+from .. import progress
 from .phase_exec import PrepFailure
 from ..history.store import LOG_DIR
 
@@ -74,6 +75,7 @@ class HostEnvironment:
             return None
         with open(self.session.record.path(ENV_LOG), "ab") as fh:
             self.home_result = envs.ensure_environment(self.request, root, log=fh)
+        progress.report("environment", f"environment: {self.request.key[:12]} reused", done=True)
         return self.home_result
 
     # -- what the agents are told at setup ------------------------------------------------------------
@@ -154,6 +156,11 @@ class HostEnvironment:
                                             uv=envs.find_uv() if run.conn.local else None)
                 commands[run.name] = {"id": "environment", "argv": argv, "cwd": "/"}
             agents = [run for run, _, _ in builders]
+            where = ", ".join("this machine" if run is here and run.launcher_only else f"host {run.name}"
+                              for run in agents)
+            if agents:
+                progress.report("environment", f"environment: building or reusing {request.key[:12]} on {where} (log: "
+                                               f"{ENV_LOG})", slow=True)
             if agents and not self.execs.run_all("environment", commands, agents, "to build the job's environment"):
                 return False
             for run in agents:
@@ -175,6 +182,9 @@ class HostEnvironment:
         for run in sharing:
             self.results[run.name] = self.home_result
         if builders:
+            built = sum(1 for r, _, _ in builders if (self.home_result if r is here else self.results[r.name]).built)
+            progress.report("environment", f"environment: {request.key[:12]} " + (f"built on {built} of {len(builders)}"
+                            if built else "reused") + f" ({time.monotonic() - started:.1f} s)", done=True)
             self.session.record.event("environment", seconds=round(time.monotonic() - started, 3),
                                       built={("(this machine)" if r is here and r.launcher_only else r.name):
                                              (self.home_result if r is here else self.results[r.name]).built

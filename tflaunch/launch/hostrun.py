@@ -32,6 +32,7 @@ class HostRun:
         self.work_dir = ""
         self.unpacked = False
         self.collected = False
+        self.discarded: dict[str, Any] | None = None  # what its copy held outside ./outputs, ./logs (collect)
         self.cleaned = False
         self.error: str | None = None
         self.processes: list[ProcessPlan] = []

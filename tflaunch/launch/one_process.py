@@ -15,6 +15,7 @@ from ..remote import rank
 from .demux import Demux
 from ..spec.hosts import is_local
 from ..history.store import LOG_DIR
+from ..history.withheld import mask_for_record
 from . import AgentConnection
 from .hostrun import LAUNCHER_INDEX, HostRun
 from .launcher import Launcher
@@ -115,7 +116,9 @@ class OneProcessLauncher(Launcher):
         session = self.session
         session.record_processes(processes)
         os.makedirs(session.record.path("mpi"), exist_ok=True)
-        fsio.atomic_write_json(session.record.path("mpi", "launch.json"), launch.to_dict(), fsync=False)
+        shown = launch.to_dict()
+        shown["env"] = mask_for_record(shown.get("env") or {}, session.record)  # never a secret's value
+        fsio.atomic_write_json(session.record.path("mpi", "launch.json"), shown, fsync=False)
         session.record.event(self.name, argv=launch.argv)
         log.debug("run %s: %s", session.record.id, " ".join(launch.argv))
         self._log = open(session.record.path(self.log_path), "ab", buffering=0)

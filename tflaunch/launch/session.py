@@ -160,6 +160,7 @@ class Session:
             run.collect_file.write(event["data"])
         elif kind == "collected":
             run.collected = True
+            run.discarded = event.get("discarded")
         elif kind == "cleaned":
             run.cleaned = True
         elif kind == "error":
@@ -216,11 +217,12 @@ class Session:
 
     # -- what the record keeps ------------------------------------------------------------------------
     def record_hosts(self, ports: dict[str, list[int]], addresses: dict[str, str]) -> None:
+        """``hosts.json``: the run's hosts (not the agent that only starts mpirun on this machine)."""
         hosts = [{"name": run.name, "node": run.node, "hostname": run.hello.get("hostname"),
                   "address": addresses.get(run.name, run.name), "agent_pid": run.hello.get("pid"),
                   "local": run.conn.local, "shared_filesystem": run.shared, "work_dir": run.work_dir or self.work_dir,
                   "ports": ports.get(run.name, []), "gpus": run.hello.get("gpus")}
-                 for run in self.runs]
+                 for run in self.runs if not run.launcher_only]  # MPI: mpirun's agent here is no host
         fsio.atomic_write_json(self.record.path("hosts.json"), hosts)
         self.record.event("hosts", hosts=hosts)
 

@@ -8,11 +8,15 @@ import logging
 import os
 import time
 
+from .. import progress
 from ..history.collect import COLLECTED
+from ..textfmt import size_text
 from .hostrun import LaunchFailure
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
+    from typing import Any
+
     from .hostrun import HostRun
     from .session import Session
 
@@ -86,8 +90,20 @@ def collect_remote(session: Session) -> None:
     for run in runs:
         run.collect_file = open(os.path.join(base, f"{run.node}.tar"), "wb")
         run.conn.send({"cmd": "collect", "dir": run.work_dir, "names": list(COLLECTED)})
+    shown: list[Any] = [None]
+
+    def collected() -> bool:
+        ended = sum(1 for run in runs if run.collected or run.conn.eof)
+        received = sum(run.collect_file.tell() for run in runs)
+        if (received, ended) != shown[0]:
+            shown[0] = (received, ended)
+            progress.report("outputs", f"outputs: {size_text(received)} from {ended}/{len(runs)} host"
+                                       f"{'s' if len(runs) != 1 else ''} without the shared filesystem",
+                            done=ended == len(runs))
+        return ended == len(runs)
+
     try:
-        session.wait(lambda: all(run.collected or run.conn.eof for run in runs), None, "to send outputs")
+        session.wait(collected, None, "to send outputs")
     except LaunchFailure as exc:
         session.warnings.append(f"collecting outputs: {exc}")
     for run in runs:

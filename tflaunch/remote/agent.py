@@ -53,7 +53,7 @@ object per line; a command with ``"n": N`` is followed by N raw bytes. stdout: e
 - events: ``hello {hostname, pid, shared, home_shared, scratch, ports, python, executable, paths, gpus: {visible,
   found, error}}``, ``exec_output {id, fd}`` + bytes, ``exec_done {id, returncode}``, ``started {index, pid}``,
   ``spawn_failed {index, error}``, ``output {index, fd}`` + bytes, ``exited {index, pid, returncode}``,
-  ``done``, ``unpacked``, ``data`` + bytes then ``collected {bytes}``, ``cleaned``, ``rank_ready {dir}``,
+  ``done``, ``unpacked``, ``data`` + bytes then ``collected {bytes, discarded}``, ``cleaned``, ``rank_ready {dir}``,
   ``swept {count}``, ``signalled {signal, ranks: {index: "sent" | "no handler" | "exited"}}``,
   ``error {cmd, error}``
 - setup ``report`` (optional; ``{python, packages, mpirun, gpus, home, scratch, timeout}``, see

@@ -345,6 +345,7 @@ class Files:
         self.upload = None  # open file receiving "data" frames
         self.rank_files = None  # the rank wrapper's directory, written for an MPI job
         self.owned = []  # paths made for the run here (downloaded data): removed at the end unless keep
+        self.unpacked = {}  # dest -> {path: size} of the files unpacked there (see discarded)
 
     def make_scratch(self):
         if not self.made_scratch:
@@ -378,6 +379,7 @@ class Files:
                 tar.extractall(dest, filter="data")
             else:
                 tar.extractall(dest)
+            self.unpacked.setdefault(dest, {}).update((m.name, m.size) for m in tar.getmembers() if m.isfile())
         os.unlink(path)
         self.send({"event": "unpacked", "dest": dest})
 
@@ -398,7 +400,35 @@ class Files:
                 total += len(chunk)
                 self.send({"event": "data"}, chunk)
         os.unlink(path)
-        self.send({"event": "collected", "bytes": total})
+        self.send({"event": "collected", "bytes": total, "discarded": self.discarded(directory, names)})
+
+    def discarded(self, directory, names, shown=3):
+        """What was written in ``directory`` outside ``names`` (not unpacked there with that size, not in
+        ``__pycache__``), which its removal discards: ``{"files", "bytes", "largest": [[path, size]]}``."""
+        known = self.unpacked.get(directory, {})
+        owned = set(self.owned)  # data inputs copied into it
+        count = total = 0
+        found = []
+        for dirpath, dirnames, filenames in os.walk(directory):
+            rel_dir = os.path.relpath(dirpath, directory)
+            top = rel_dir == "."
+            dirnames[:] = [d for d in dirnames if d != "__pycache__" and not (top and d in names)
+                           and os.path.join(dirpath, d) not in owned and not os.path.islink(os.path.join(dirpath, d))]
+            for name in filenames:
+                rel = name if top else os.path.join(rel_dir, name)
+                if os.path.join(dirpath, name) in owned:
+                    continue
+                try:
+                    size = os.lstat(os.path.join(dirpath, name)).st_size
+                except OSError:
+                    continue
+                if (top and name in names) or known.get(rel) == size:
+                    continue
+                count += 1
+                total += size
+                found.append((size, rel))
+        found.sort(key=lambda item: (-item[0], item[1]))
+        return {"files": count, "bytes": total, "largest": [[rel, size] for size, rel in found[:shown]]}
 
     def remove_owned(self):
         import shutil

@@ -50,6 +50,7 @@ class Detached:
         self.fd = -1
         self.proc: subprocess.Popen | None = None
         self.started = time.monotonic()
+        record.hand_over_withheld()  # the secret variables' values, in an owner-only file until the processes start
         ready_r, ready_w = os.pipe()
         try:
             with open(self.log_path, "ab") as log_file:
@@ -147,6 +148,9 @@ def detached_main(argv: list[str]) -> int:
     parser.add_argument("run_id")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s supervisor %(levelname)s %(message)s")
+    from ..progress import PlainStages
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(PlainStages())  # a stage's first and last lines (tflaunch.progress)
     try:
         record = Store(args.home).run(args.run_id)
     except TflaunchError as exc:

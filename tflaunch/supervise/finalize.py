@@ -19,7 +19,8 @@ if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
     from ..launch.launcher import Launcher
     from ..launch.session import Session
 
-__all__ = ["finalize", "stderr_tail", "stderr_exception", "exception_line", "merge_remote_outputs"]
+__all__ = ["finalize", "stderr_tail", "stderr_exception", "exception_line", "merge_remote_outputs",
+           "discarded_warnings"]
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,31 @@ def merge_remote_outputs(session: Session) -> None:
     shutil.rmtree(base, ignore_errors=True)
 
 
+def discarded_warnings(session: Session) -> None:
+    """Warn about what the script wrote outside ./outputs and ./logs before it is deleted: in the working
+    copy the launcher sees (this machine's, hosts sharing its filesystem) and, as the agents reported it
+    when sending their outputs, on hosts without the shared filesystem."""
+    from ..history.collect import discarded_files, discarded_warning
+    from ..history.snapshot import MANIFEST, tree_listing
+
+    found = []
+    if os.path.isdir(session.work_dir):
+        try:
+            listing = tree_listing(session.record.store.home, fsio.read_json(session.record.path(MANIFEST)))
+            snapshot = {rel: size for rel, _digest, size, _executable in listing["files"]}
+            inputs = {os.path.relpath(dest, session.work_dir) for paths in session.prep.data_paths.values()
+                      for dest in paths.values()}  # data inputs copied into the working directory
+            found.append((discarded_files(session.work_dir, snapshot, inputs), ""))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("run %s: cannot list what its working directory holds: %s", session.record.id, exc)
+    if not session.target.get("keep_remote"):  # --keep-remote: their copies stay
+        found += [(run.discarded, f" on host {run.name}") for run in session.runs if run.discarded]
+    for summary, where in found:
+        warning = discarded_warning(summary, where)
+        if warning:
+            session.warnings.append(warning)
+
+
 def finalize(session: Session, outcome: dict[str, Any]) -> dict[str, Any]:
     """Record Finalizing, bring the outputs in, then the final status with ``outcome`` (the policy's);
     return the final run object (another process's when it finalized the run first)."""
@@ -121,6 +147,7 @@ def finalize(session: Session, outcome: dict[str, Any]) -> dict[str, Any]:
             outcome.update(status=FAILED, error={"reason": reason, "message": note + message})
             outcome.pop("cancel_reason", None)
     else:
+        discarded_warnings(session)
         shutil.rmtree(work_dir, ignore_errors=True)
     for warning in session.warnings:
         log.warning("run %s: %s", record.id, warning)

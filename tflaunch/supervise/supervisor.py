@@ -18,10 +18,10 @@ import select
 import sys
 import time
 
-from .. import fsio
+from .. import fsio, progress
 from ..errors import SpecError
 from ..launch.hostprep import HostPrep, PrepFailure
-from ..launch.hostrun import LaunchFailure
+from ..launch.hostrun import LAUNCHER_INDEX, LaunchFailure
 from ..launch.launcher import launcher_for
 from ..launch.local import discard_agent
 from ..launch.session import Session
@@ -31,6 +31,7 @@ from ..schedule import scheduler_for
 from ..history.snapshot import MANIFEST, materialize
 from ..spec import JobSpec
 from ..history.store import LOG_DIR, RUNNING, TERMINAL, now_iso
+from ..history.withheld import DEFINITION_KEY as WITHHELD
 from .finalize import finalize, stderr_exception, stderr_tail
 from .signals import SignalHandling
 from .policy import FailFast
@@ -63,6 +64,30 @@ def hang_watchdog(session: Session) -> HangWatchdog | None:
     return HangWatchdog(session)
 
 
+class _RanksStarting:
+    """The ranks stage's progress in an attempt: ``ranks: 6/8 running`` until every one has started (one
+    process that starts them all, mpirun or an srun step: once it has started)."""
+
+    def __init__(self, session: Session, launcher: str) -> None:
+        self.session = session
+        self.launcher = launcher
+        self.seen: set[tuple[str, Any]] = set()
+        self.done = False
+
+    def started(self, host: str, index: Any) -> None:
+        if self.done:
+            return
+        total = len(self.session.processes)
+        if index == LAUNCHER_INDEX:
+            self.done = True
+            progress.report("ranks", f"ranks: {self.launcher} started, {total} rank{'s' if total != 1 else ''}",
+                            done=True)
+            return
+        self.seen.add((host, index))
+        self.done = len(self.seen) >= total
+        progress.report("ranks", f"ranks: {len(self.seen)}/{total} running", done=self.done)
+
+
 class Supervisor(SignalHandling):
     """Runs one prepared run record to completion in this process."""
 
@@ -72,6 +97,11 @@ class Supervisor(SignalHandling):
         self.record = record
         definition = record.definition()
         spec = JobSpec.from_dict(definition["spec"])
+        withheld = list(definition.get(WITHHELD) or ())  # secret variables: their values are not in run.json
+        values = record.withheld_values() if withheld else {}
+        spec.environment_variables.update({k: v for k, v in values.items() if k in withheld})
+        self.missing_withheld = [name for name in withheld if name not in values]
+        self.keep_withheld = bool((spec.recovery or {}).get("max_requeues"))  # the next allocation needs them
         self.scheduler = scheduler_for(record, spec.compute_target)
         spec.compute_target = self.scheduler.allocation(spec)
         scratch = definition.get("scratch")
@@ -95,6 +125,7 @@ class Supervisor(SignalHandling):
         session.serve = self._serve
         session.prep = self.prep = HostPrep(session)  # setup lines, the job's environment, preflight, data inputs
         self.launcher = self.policy.launcher = launcher_for(session)
+        self.starting = _RanksStarting(session, self.launcher.name)
         self.watchdog = hang_watchdog(session)  # None without a hang_timeout
         self.running = False  # a process has started (status Running)
         self._launched = False  # an attempt was launched in this process (its logs followed, its inputs recorded)
@@ -184,7 +215,12 @@ class Supervisor(SignalHandling):
         first, self._launched = not self._launched, True
         if self.scheduler.error:
             raise LaunchFailure(self.scheduler.error)
+        if self.missing_withheld:
+            raise LaunchFailure(f"the values of {', '.join(self.missing_withheld)} were withheld from the record and "
+                                "are gone (they are kept only until a run's processes start): rerun it with them in "
+                                "the environment or --env NAME=VALUE")
         self.launcher.begin()
+        self.starting = _RanksStarting(session, self.launcher.name)
         self._check_cancel()
         if self.requeues.needs_copy(session.work_dir, first):  # later attempts, requeued ones too, go on in it
             manifest = fsio.read_json(record.path(MANIFEST))
@@ -248,8 +284,11 @@ class Supervisor(SignalHandling):
             if run.conn.local:
                 self.session.pgids.add(int(event["pid"]))
             self.record.event("process_started", index=event.get("index"), pid=event.get("pid"), host=run.name)
+            self.starting.started(run.name, event.get("index"))
             if not self.running:
                 self.running = True
+                if not self.keep_withheld:
+                    self.record.drop_withheld()
                 started = {} if (self.record.read_status(check_lease=False) or {}).get("started") else \
                     {"started": now_iso()}
                 self.record.write_status(RUNNING, **started, **self.prep.status_fields, **policy.status_fields())

@@ -96,6 +96,8 @@ class SweepDriver(TrialStarting, TrialFollowing):
         self.store = record.store
         definition = record.definition()
         self.spec = JobSpec.from_dict(definition["spec"])
+        if definition.get("withheld_environment"):  # secret variables: the trials get them (the sweep keeps its
+            self.spec.environment_variables.update(record.withheld_values())  # start file until it ends)
         self.sweep = definition["sweep"]
         self.config = self.sweep["config"]
         self.sampling = sampling_from_dict(self.config["hyperparameter_sampling"])

@@ -77,15 +77,13 @@ class HyperDriveRun(Run):
         return rows[:top] if top else rows
 
     def get_portal_url(self) -> str:
-        """The sweep's HTML report (every trial's curves, hyperparameters and best value), rendered now
-        into ``report.html`` in its record, as a ``file://`` URL."""
-        from urllib.parse import quote
+        """The sweep's page in the live portal while ``tflaunch ui`` serves the home, else its HTML report
+        (every trial's curves, hyperparameters and best value), rendered now into ``report.html`` in its
+        record, as a ``file://`` URL."""
+        from ..portal.discover import portal_url
 
-        from ..history.compare import write_report
-
-        records = [child._record for child in self.get_children()]
-        path = write_report(records, self._record.path("report.html"), title=f"sweep {self.id}")
-        return "file://" + quote(path)
+        return portal_url(self._record, report_records=[child._record for child in self.get_children()],
+                          title=f"sweep {self.id}")
 
     def cancel(self) -> None:
         """Cancel the sweep: its running trials are canceled, then the sweep ends Canceled."""

@@ -143,6 +143,8 @@ class TrialStarting:
             return
         experiment = (self.record.read_status(check_lease=False) or {}).get("experiment") or "default"
         try:
+            for trial in created:  # each task's supervisor reads its trial's secret values from the record
+                self._child(trial).hand_over_withheld()
             job = submit_array(self.record, [self._child(t) for t in created], self.spec, experiment,
                                self.config.get("max_concurrent_runs"))
             self._say(f"{len(created)} trials submitted as Slurm job array {job}")
