@@ -317,3 +317,42 @@ def test_a_link_leading_out_of_a_run_is_left_out_with_a_warning(tmp_path):
     ok(tmp_path / "h2", "runs", "import", str(tmp_path / "r.tar"))
     names = {f["name"] for f in json.loads(ok(tmp_path / "h2", "runs", "files", run_id, "--json"))}
     assert "outputs/x" in names and "outputs/outside" not in names
+
+
+def test_a_gc_between_the_check_and_the_commit_takes_nothing_the_import_needs(source, tmp_path, monkeypatch):
+    """The home has the archive's snapshot objects, but only under a tree no run uses any more (a purged
+    run of the same files plus one): a gc while the import is being checked removes that tree, and would
+    remove the objects, which the import then links into its new tree. It holds them (hard links in its
+    staging directory) and its tree (touched, made again if taken), so the import completes intact."""
+    from tflaunch.history import archive_import, gc
+    from tflaunch.history.store import Store
+
+    one = tmp_path / "one.tar"
+    ok(source["home"], "runs", "export", source["ids"][0], "-o", str(one))
+    dst = tmp_path / "home"
+    proj = tmp_path / "proj"
+    src_snapshot = source["home"] / "runs" / source["ids"][0] / "snapshot"
+    subprocess.run(["cp", "-a", str(src_snapshot) + "/.", str(proj)], check=True)
+    (proj / "extra.txt").write_text("only in this tree\n")
+    ok(dst, "run", "--source-dir", str(proj), "train.py", "--", "--lr", "0.3")
+    other = json.loads(ok(dst, "runs", "list", "--json"))[0]["id"]
+    ok(dst, "runs", "delete", other)
+    ok(dst, "runs", "purge")
+    old = os.path.getmtime(dst / "runs") - 7200
+    for sub in ("objects", "trees"):
+        for dirpath, dirs, names in os.walk(dst / sub):
+            for name in names + dirs:
+                os.utime(Path(dirpath) / name, (old, old))
+    collected = {}
+    commit = archive_import._Importer.commit
+
+    def gc_first(self):
+        collected.update(gc.collect_garbage(str(dst), grace=0))
+        return commit(self)
+
+    monkeypatch.setattr(archive_import._Importer, "commit", gc_first)
+    result = archive_import.import_archive(Store(str(dst)), str(one))
+    assert result["imported"] == [source["ids"][0]]
+    assert collected["removed"]["trees"]["count"] == 1  # the purged run's tree went
+    assert tree_bytes(dst / "runs" / source["ids"][0] / "snapshot") == tree_bytes(src_snapshot)
+    assert not [p for p in dst.iterdir() if p.name.startswith(".import-")]

@@ -38,7 +38,7 @@ from .archive import MANIFEST_NAME, SKIPPED_TOP, TREE_RE, ArchiveError, included
 from .archive_check import (Refused, build_tree, check_manifest, check_model, check_run, check_tree, chunks, copy_plain,
                             parse_json, read_all, same_content, valid_name)
 from .layout import STORE_FORMAT
-from .snapshot import _link_or_copy, object_path
+from .snapshot import _hold, _link_or_copy, object_path
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
@@ -68,7 +68,7 @@ class _Importer:
         self.seen: dict[str, str] = {}          # member name -> kind
         self.run_json: dict[tuple[str, str], Any] = {}
         self.trees: dict[str, bytes] = {}       # tree id -> its listing as archived
-        self.objects: dict[str, str] = {}       # objects/<...> name -> staged path ("": the home has it)
+        self.objects: dict[str, str] = {}       # objects/<...> name -> staged path (a link to the home's own)
         self.models: dict[tuple[str, int], dict[str, Any]] = {}  # (name, version) -> model.json, hashes, links
         self.staged_links: list[tuple[str, str]] = []  # (staged link, the root it must stay in)
         self.count = self.bytes = 0
@@ -227,12 +227,11 @@ class _Importer:
     def _object(self, tar: tarfile.TarFile, info: tarfile.TarInfo, digest_hex: str) -> None:
         executable = info.name.endswith(".x")
         digest = hashlib.sha256()
-        if os.path.isfile(object_path(self.home, digest_hex, executable)):  # have it: check, keep nothing
-            staged = ""
+        staged = os.path.join(self.staging, *info.name.split("/"))
+        if _link_held(object_path(self.home, digest_hex, executable), staged):  # have it: checked, not written
             for chunk in chunks(tar, info):
                 digest.update(chunk)
         else:
-            staged = os.path.join(self.staging, *info.name.split("/"))
             self._write_file(tar, info, staged, digest)
             os.chmod(staged, 0o555 if executable else 0o444)
         if digest.hexdigest() != digest_hex:
@@ -308,8 +307,6 @@ class _Importer:
         self.store.ensure()
         new_objects = 0
         for name, staged in sorted(self.objects.items()):
-            if not staged:
-                continue
             final = os.path.join(self.home, *name.split("/"))
             os.makedirs(os.path.dirname(final), exist_ok=True)
             try:
@@ -328,7 +325,10 @@ class _Importer:
             snapshot = self.run_json.get((run_id, "snapshot.json"))
             if snapshot is not None:
                 os.symlink(os.path.join("..", "..", "trees", snapshot["tree"]), os.path.join(staged, "snapshot"))
+                hold_tree(self.home, snapshot["tree"], self.trees.get(snapshot["tree"]))
             self._rename(staged, os.path.join(self.store.runs_dir, run_id), f"run {run_id}")
+            if snapshot is not None:  # a gc that missed the run between .import-* and runs/ (snapshot._hold)
+                hold_tree(self.home, snapshot["tree"], self.trees.get(snapshot["tree"]))
             imported.append(run_id)
         models_new, models_present = [], []
         for name, version in sorted(self._declared_models()):
@@ -352,6 +352,30 @@ class _Importer:
                 raise ArchiveError(f"{what} appeared in {self.home} while it was imported (another import?); "
                                    "run the import again") from None
             raise
+
+
+def _link_held(have: str, staged: str) -> bool:
+    """Hard-link the home's object ``have`` at ``staged`` (True), so that it stays, whatever a ``tflaunch gc``
+    does meanwhile (it keeps what more than one name links), until the commit; False if the home lacks it."""
+    os.makedirs(os.path.dirname(staged), exist_ok=True)
+    try:
+        os.link(have, staged)
+        return True
+    except OSError:  # not there (or taken by a gc just now): the archive's copy is written instead
+        return False
+
+
+def hold_tree(home: str, key: str, listing: bytes | None) -> None:
+    """Touch the snapshot tree ``key`` (in use now) and build it again if a gc took it, from ``listing`` (the
+    archive's) or the home's own listing (the protocol of :func:`tflaunch.history.snapshot._hold`)."""
+    def rebuild() -> None:
+        data = listing
+        if data is None:
+            with open(os.path.join(home, "trees", key + ".json"), "rb") as fh:
+                data = fh.read()
+        build_tree(home, key, data)
+
+    _hold(home, key, rebuild)
 
 
 def _home_format(home: str) -> None:
