@@ -479,3 +479,50 @@ def test_a_live_run_in_headless_chromium(home, project, cli_popen, tmp_path):
     finally:
         logger.removeHandler(requests)
         logger.setLevel(old_level)
+
+
+def test_a_huge_log_is_served_in_bounded_pieces(tmp_path):
+    """A 24 MB log: the log API returns at most MAX_LOG_CHUNK per request whatever limit is asked, the run
+    page stays small, and a download streams the whole file without the server holding it in memory."""
+    import tracemalloc
+
+    from tflaunch.portal.data import MAX_LOG_CHUNK
+
+    home, src = tmp_path / "home", tmp_path / "proj"
+    src.mkdir()
+    (src / "train.py").write_text("print('start')\n")
+    assert tflaunch(home, "run", "--source-dir", str(src), "train.py").returncode == 0
+    run_id = Store(str(home)).list_runs()[0]["id"]
+    log = home / "runs" / run_id / "tflaunch_logs" / "rank-0.stdout"
+    line = b"x" * 99 + b"\n"
+    with open(log, "ab") as fh:
+        for _ in range(24):
+            fh.write(line * 10_000 + line * 485)  # ~1 MB a time
+    size = log.stat().st_size
+    assert size > 24_000_000
+    name = "tflaunch_logs/rank-0.stdout"
+    with serve(home) as portal:
+        chunk = get_json(portal, f"/api/runs/{run_id}/log?file={name}&offset=0&limit=1000000000")
+        assert chunk["size"] == size and 0 < len(chunk["text"]) <= MAX_LOG_CHUNK
+        assert chunk["next_offset"] == len(chunk["text"].encode())
+        tail = get_json(portal, f"/api/runs/{run_id}/log?file={name}&offset=-1000")  # the end, from a line start
+        assert tail["next_offset"] == size and tail["text"].endswith(line.decode()) and len(tail["text"]) <= 1000
+        status, _, page = get(portal, f"/runs/{run_id}")
+        assert status == 200 and len(page) < 2 * MAX_LOG_CHUNK + 200_000
+        tracemalloc.start()
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", portal.port, timeout=30)
+            conn.request("GET", f"/runs/{run_id}/files/{name}?download=1", headers={"Host": f"127.0.0.1:{portal.port}"})
+            response = conn.getresponse()
+            received = 0
+            while True:
+                piece = response.read(1 << 16)
+                if not piece:
+                    break
+                received += len(piece)
+            conn.close()
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert response.status == 200 and received == size
+    assert peak < 4 << 20, peak  # a 24 MB file through a few 64 KB buffers
