@@ -219,3 +219,26 @@ def test_not_a_terminal_ends_and_slow_beginnings_only():
     assert stream.getvalue().splitlines() == ["tflaunch: snapshot: 1 file (1 byte) stored",
                                               "tflaunch: environment: building or reusing k (log: x)",
                                               "tflaunch: environment: k built on 1 of 1 (3.0 s)"]
+
+
+def test_the_snapshot_says_how_far_it_got_while_storing(tmp_path, monkeypatch, caplog):
+    """snapshot.store calls back per file stored (from its threads); the stage's text counts files and bytes."""
+    from tflaunch import submit
+    from tflaunch.history import snapshot
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(300):
+        (src / f"f{i}.py").write_bytes(b"#" * 1000 + str(i).encode())
+    (src / "train.py").write_text("print(1)\n")
+    scan = snapshot.scan(str(src), "train.py", home=str(tmp_path / "home"))
+    run_dir = tmp_path / "home" / "runs" / "r"
+    run_dir.mkdir(parents=True)
+    ticks = iter(range(10 ** 6))
+    monkeypatch.setattr(time, "monotonic", lambda: float(next(ticks)))  # every call a second later: all reported
+    with caplog.at_level(logging.INFO, logger="tflaunch.progress"):
+        snapshot.store(scan, str(tmp_path / "home"), str(run_dir), threads=4, progress=submit._storing(scan))
+    texts = [r.getMessage() for r in caplog.records if progress.stage_of(r)[0] == "snapshot"]
+    assert len(texts) == 301
+    assert re.fullmatch(r"snapshot: storing, 1 file \(\d+ bytes\) read of 301 \(293\.7 KB\)", texts[0]), texts[0]
+    assert texts[-1] == "snapshot: storing, 301 files (293.7 KB) read of 301 (293.7 KB)"

@@ -178,6 +178,25 @@ def _files_text(files: int, size: int) -> str:
     return f"{files:,} file{'s' if files != 1 else ''} ({size_text(size)})"
 
 
+def _storing(scan: snapshot.Scan) -> Any:
+    """The snapshot stage's progress while files are read and stored (from the store's threads), at most
+    every 0.1 s: ``snapshot: storing, 3,400 files (340.0 MB) read of 10,000 (1.0 GB)``."""
+    import threading
+    import time
+
+    lock, done, shown = threading.Lock(), [0, 0], [time.monotonic()]
+    whole = _files_text(len(scan.files), scan.total_bytes).replace(" file ", " ").replace(" files ", " ")
+
+    def stored(f: Any) -> None:
+        with lock:
+            done[0] += 1
+            done[1] += f.size
+            if time.monotonic() - shown[0] >= 0.1:
+                shown[0] = time.monotonic()
+                progress.report("snapshot", f"snapshot: storing, {_files_text(done[0], done[1])} read of {whole}")
+    return stored
+
+
 def create_run(prepared: Prepared) -> RunRecord:
     """Record the run (status Preparing) and store its snapshot."""
     options = prepared.options
@@ -202,7 +221,7 @@ def create_run(prepared: Prepared) -> RunRecord:
         except OSError as exc:
             log.warning("run %s: cannot store the uncommitted changes as %s: %s", record.id, gitinfo.PATCH_NAME, exc)
     try:
-        snapshot.store(prepared.scan, prepared.store.home, record.dir)
+        snapshot.store(prepared.scan, prepared.store.home, record.dir, progress=_storing(prepared.scan))
         scan = prepared.scan
         progress.report("snapshot", f"snapshot: {_files_text(len(scan.files), scan.total_bytes)} stored", done=True)
     except KeyboardInterrupt:

@@ -450,8 +450,9 @@ def _hold(home: str, key: str, rebuild: Any) -> None:
                         "running meanwhile?); run again")
 
 
-def store(result: Scan, home: str, run_dir: str, threads: int | None = None) -> dict[str, Any]:
-    """Store the snapshot under ``home`` and make it the run's ``snapshot/``; return the run's manifest.
+def store(result: Scan, home: str, run_dir: str, threads: int | None = None, progress: Any = None) -> dict[str, Any]:
+    """Store the snapshot under ``home`` and make it the run's ``snapshot/``; return the run's manifest
+    (``progress(file)``: called, from any of the threads, for each file read and stored).
 
     File contents go to ``objects/`` once; a snapshot's tree (every directory, file and link) is
     built once as ``trees/<sha256 of its listing>/`` of hard links to the objects, and the run's
@@ -473,7 +474,8 @@ def store(result: Scan, home: str, run_dir: str, threads: int | None = None) -> 
             digests.append(None)
             misses.append(f)
     if misses:
-        stored = iter(_parallel(misses, _ObjectWriter(home).add, threads))
+        add = _ObjectWriter(home).add
+        stored = iter(_parallel(misses, add if progress is None else lambda f: (add(f), progress(f))[0], threads))
         digests = [d if d is not None else next(stored) for d in digests]
     symlinks = [list(s) for s in result.symlinks]
     unchanged = (not misses and len(entries) == len(result.files) and isinstance(last.get("key"), str)
