@@ -288,3 +288,35 @@ def test_a_real_keras_progress_bar_on_a_pipe(project, home):
     assert len(bars) == 2 and all(line.startswith("[rank 0] 64/64 ") and "loss:" in line for line in bars), lines
     raw = (home / "runs" / last_run(home) / "tflaunch_logs" / "rank-0.stdout").read_bytes()
     assert raw.count(b"\r") > 4  # the record keeps every update
+
+
+def test_on_a_terminal_a_line_written_in_pieces_is_not_cut_by_another_rank(tmp_path, monkeypatch):
+    """An unbuffered print() writes its pieces one by one; another rank's line coming in between must not
+    cut it on a terminal (the start of a new line without \\r is held up to PARTIAL_LINE_DELAY)."""
+    from tflaunch import tail
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()
+    logs = [tmp_path / "rank-0.stdout", tmp_path / "rank-1.stdout"]
+    followers = [tail.Follower(str(p), screen, prefix=f"[rank {i}] ") for i, p in enumerate(logs)]
+
+    def write(i: int, text: str) -> None:
+        with open(logs[i], "a") as fh:
+            fh.write(text)
+        followers[i].poll()
+
+    write(0, "line from rank")
+    write(1, "other rank's line\n")
+    write(0, " 0")
+    write(1, "\r 3/60 [==]")  # a bar: in place at once
+    write(0, "\n")
+    for f in followers:
+        f.poll(final=True)
+    assert screen.getvalue() == ("[rank 1] other rank's line\n[rank 1]  3/60 [==]\n"  # the bar's line ends
+                                 "[rank 0] line from rank 0\n")
+    monkeypatch.setattr(tail, "PARTIAL_LINE_DELAY", 0.0)  # a prompt without newline still shows, after the delay
+    write(0, "Password: ")
+    assert screen.getvalue().endswith("[rank 0] Password: ")

@@ -99,12 +99,16 @@ class Follower:
         if self._buffer is not None:
             self._buffer.flush()
 
+    def _end_others(self) -> None:
+        """Before this follower writes on the terminal: the lines others left unfinished there end."""
+        from .progress import end_line
+        end_line()  # a stage's status line (tflaunch.progress) keeps its line
+        if _open_line is not None and _open_line is not self:
+            end_open_line()
+
     def _write(self, data: str | bytes, final: bool = False) -> None:
-        if data and self._tty:
-            from .progress import end_line
-            end_line()  # a stage's status line (tflaunch.progress) keeps its line
-            if _open_line is not None and _open_line is not self:
-                end_open_line()
+        if data and self._tty and not self.prefix:
+            self._end_others()
         if not self.prefix:
             if data:
                 self._emit(data)
@@ -114,10 +118,23 @@ class Follower:
             self._write_lines(data, final)
 
     def _write_tty(self, data: str | bytes, final: bool) -> None:
-        """A terminal: everything at once, the prefix at each line's start and after each ``\r``."""
+        """A terminal: at once, the prefix at each line's start and after each ``\r``; a new line's start
+        without a ``\r`` is held for up to :data:`PARTIAL_LINE_DELAY` until its newline comes (whole lines
+        stay whole when several ranks write)."""
         global _open_line
         nl, cr, prefix = self._nl, self._cr, self.prefix
+        now = time.monotonic()
+        held_since = self._partial_since if self._partial else now
+        if self._partial:
+            data, self._partial = self._partial + data, nl[:0]  # type: ignore[operator]
+        cut = data.rfind(nl) + 1  # type: ignore[arg-type]
+        tail, tail_since = data[cut:], now if cut else held_since
+        if tail and not final and cr not in tail and not (self._open and not cut) \
+                and now - tail_since < PARTIAL_LINE_DELAY:  # type: ignore[operator]  # a new line's start
+            self._partial, self._partial_since = tail, tail_since
+            data = data[:cut]
         if data:
+            self._end_others()
             out = []
             pieces = data.split(nl)  # type: ignore[arg-type]
             for i, piece in enumerate(pieces):
