@@ -2,17 +2,15 @@
 listings, a run's records; reading a member's data as a stream; building an imported snapshot tree."""
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
-import shutil
 import stat
 import tarfile
 
 from .. import fsio
 from .archive import ARCHIVE_FORMAT, ARCHIVE_KIND, CHUNK, MANIFEST_NAME, TREE_RE, ArchiveError
 from .layout import EXPERIMENT_RE, RUN_ID_RE, TERMINAL
-from .snapshot import _link_or_copy, _tree_key, object_path
+from .snapshot import _build_tree, _tree_key
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
@@ -167,36 +165,11 @@ def check_tree(key: str, listing: Any) -> list[tuple[str, bool]]:
 
 
 def build_tree(home: str, key: str, data: bytes) -> int:
-    """Add ``trees/<key>.json`` and ``trees/<key>/`` (links to the objects) unless the home has them; 1 if built."""
-    trees = os.path.join(home, "trees")
-    final = os.path.join(trees, key)
-    os.makedirs(trees, exist_ok=True)
-    listing_path = final + ".json"
-    if not os.path.exists(listing_path):
-        fsio.atomic_write_bytes(listing_path, data)
-    if os.path.isdir(final):
-        return 0
-    listing = parse_json(data, key)
-    tmp = os.path.join(trees, f".new-{key}-{os.getpid()}-{os.urandom(4).hex()}")
-    try:
-        os.mkdir(tmp)
-        for d in listing["dirs"]:
-            os.mkdir(os.path.join(tmp, *d.split("/")))
-        for rel, digest, _size, executable in listing["files"]:
-            _link_or_copy(object_path(home, digest, executable), os.path.join(tmp, *rel.split("/")))
-        for rel, target in listing["symlinks"]:
-            os.symlink(target, os.path.join(tmp, *rel.split("/")))
-        try:
-            os.rename(tmp, final)
-        except OSError as exc:  # built meanwhile by another import or run
-            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-            return 0
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return 1
+    """Add ``trees/<key>.json`` and ``trees/<key>/`` (links to the objects) unless the home has them, as a
+    snapshot builds its tree (:func:`tflaunch.history.snapshot._build_tree`); 1 if built."""
+    existed = os.path.isdir(os.path.join(home, "trees", key))
+    _build_tree(home, key, parse_json(data, key), {}, 1)
+    return 0 if existed else 1
 
 
 def sha256_file(path: str) -> str:

@@ -72,15 +72,20 @@ def newest(path: str, renamed: bool = False) -> float:
     return latest
 
 
-def claim(path: str) -> str | None:
-    """Rename ``path`` to ``.gc-<name>-<pid>-<hex>`` beside it; None when it is gone."""
+def _rename_beside(path: str, prefix: str) -> str | None:
+    """Rename ``path`` to ``<prefix>-<name>-<pid>-<hex>`` beside it; the new path, None when it is gone."""
     head, name = os.path.split(path)
-    claimed = os.path.join(head, f".gc-{name}-{os.getpid()}-{os.urandom(4).hex()}")
+    renamed = os.path.join(head, f"{prefix}-{name}-{os.getpid()}-{os.urandom(4).hex()}")
     try:
-        os.rename(path, claimed)
+        os.rename(path, renamed)
     except FileNotFoundError:
         return None
-    return claimed
+    return renamed
+
+
+def claim(path: str) -> str | None:
+    """Rename ``path`` to ``.gc-<name>-<pid>-<hex>`` beside it; None when it is gone."""
+    return _rename_beside(path, ".gc")
 
 
 def changed(before: os.stat_result, path: str) -> bool:
@@ -143,11 +148,8 @@ def discard(path: str) -> bool:
             return True
         except FileNotFoundError:
             return False
-    head, name = os.path.split(path)
-    doomed = os.path.join(head, f".rm-{name}-{os.getpid()}-{os.urandom(4).hex()}")
-    try:
-        os.rename(path, doomed)
-    except FileNotFoundError:
+    doomed = _rename_beside(path, ".rm")
+    if doomed is None:
         return False
     remove_tree(doomed)
     return True

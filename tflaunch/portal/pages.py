@@ -7,12 +7,12 @@ inline, under a Content-Security-Policy that allows no other origin and only thi
 from __future__ import annotations
 
 import json
-from html import escape as _html_escape
 from urllib.parse import quote, urlencode
 
 from .. import textfmt
 from .._version import __version__
-from ..history.layout import CANCELED, COMPLETED, FAILED, PREPARING, QUEUED, RUNNING
+from ..history.layout import CANCELED, COMPLETED, FAILED, FINALIZING, PREPARING, QUEUED, RECOVERING, RUNNING
+from ..history.report import esc
 from .assets import CSS, RUN_SCRIPT
 
 TYPE_CHECKING = False
@@ -22,17 +22,7 @@ if TYPE_CHECKING:  # typing costs ~7 ms of start-up; annotations are strings
 __all__ = ["Links", "esc", "page", "runs_page", "run_page", "compare_page", "models_page", "error_page",
            "STATUSES"]
 
-STATUSES = (PREPARING, QUEUED, RUNNING, "Recovering", "Finalizing", COMPLETED, FAILED, CANCELED)
-
-
-def esc(value: Any) -> str:
-    """HTML-escape any value as text or attribute; lone surrogates (undecodable argv) become ``\\udcxx``."""
-    text = value if isinstance(value, str) else str(value)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return _html_escape(text, quote=True)
+STATUSES = (PREPARING, QUEUED, RUNNING, RECOVERING, FINALIZING, COMPLETED, FAILED, CANCELED)
 
 
 class Links:
