@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -82,14 +84,14 @@ def test_demux_keeps_mpiruns_own_lines_and_reports_events():
     assert events == [(1, "x", "3"), (0, "s", "123 node1")]
 
 
-def _wrapper(tmp_path, env, *argv):
+def _wrapper(tmp_path, env, *argv, preexec_fn=None):
     """Run rank.py as mpirun would, with the launcher's variables in ``env``."""
     host = os.uname().nodename
     (tmp_path / f"cwd.{host}").write_text(str(tmp_path))
     script = tmp_path / "rank.py"
     script.write_text(open(rank.__file__).read())
     return subprocess.run([sys.executable, "-I", "-S", str(script), *argv], capture_output=True,
-                          env={"PATH": os.environ["PATH"], **env}, cwd="/", timeout=30)
+                          env={"PATH": os.environ["PATH"], **env}, cwd="/", timeout=30, preexec_fn=preexec_fn)
 
 
 def test_wrapper_sets_variables_moves_to_cwd_and_passes_exit_code(tmp_path):
@@ -102,6 +104,21 @@ def test_wrapper_sets_variables_moves_to_cwd_and_passes_exit_code(tmp_path):
     assert result.stdout == b"\x1e3\x1fl3 1 1 4 " + str(tmp_path).encode() + b"\n"
     assert result.stderr.startswith(b"\x1e3\x1fs")
     assert result.stderr.endswith(b"\x1e3\x1fle\n\x1e3\x1fx4\n")
+
+
+def test_a_stop_that_comes_before_the_wrapper_forwards_is_forwarded_to_the_program(tmp_path):
+    """mpirun's SIGTERM can reach the wrapper before it has installed its forwarding (a rank stopped at
+    once because another failed): it must stop the program then, not kill the wrapper and orphan the
+    program, nor be lost. Here the wrapper starts with a SIGTERM already pending (blocked across exec)."""
+    def term_pending():
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    started = time.monotonic()
+    result = _wrapper(tmp_path, {"OMPI_COMM_WORLD_RANK": "0"}, sys.executable, "-c",
+                      "import time; print('up', flush=True); time.sleep(20)", preexec_fn=term_pending)
+    assert result.returncode == 128 + signal.SIGTERM and result.stderr.endswith(b"\x1e0\x1fx-15\n"), result
+    assert time.monotonic() - started < 20  # stopped, not run to its end
 
 
 def test_wrapper_outside_mpirun_is_a_clear_error(tmp_path):

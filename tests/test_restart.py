@@ -273,14 +273,22 @@ def test_api_recovery_arguments(checkpointed):
         Estimator(str(checkpointed), entry_script="train.py", max_restarts="3")
 
 
-def test_mpi_job_restarts_as_a_whole(project, home, cli):
+def test_mpi_job_restarts_as_a_whole(project, home, cli, tmp_path):
     if not Path("/usr/bin/mpirun").exists():
         pytest.skip("/usr/bin/mpirun missing (apt-get install openmpi-bin)")
-    src = project(**{"ranks.py": """
+    # rank 1 fails only once rank 0 has printed: on a busy machine rank 0's Python may not yet have reached its
+    # print when mpirun stops it for rank 1's exit (what was printed must be in the log; what was not, cannot)
+    printed = tmp_path / "rank-0-printed"
+    src = project(**{"ranks.py": f"""
         import os, sys, time
         rank, attempt = os.environ["TFLAUNCH_RANK"], os.environ["TFLAUNCH_ATTEMPT"]
-        print(f"rank {rank} attempt {attempt}", flush=True)
+        print(f"rank {{rank}} attempt {{attempt}}", flush=True)
+        if rank == "0" and attempt == "1":
+            open({str(printed)!r}, "w").close()
         if rank == "1" and attempt == "1":
+            deadline = time.monotonic() + 60
+            while not os.path.exists({str(printed)!r}) and time.monotonic() < deadline:
+                time.sleep(0.05)
             sys.exit(7)
         time.sleep(0.3 if attempt != "1" else 30)
     """})

@@ -348,12 +348,17 @@ def main(argv):
     add_pythonpath(env, cwd)
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
+    # a stop signal that comes before forward() is installed waits (blocked) instead of killing this wrapper
+    # and orphaning the program; the program unblocks it before exec (its dispositions are still the defaults)
+    signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
     try:
         pid = os.fork()
     except OSError as exc:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)
         return _fail("cannot start %s: %s" % (argv[0], exc))
     if pid == 0:
         try:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)
             null = os.open(os.devnull, os.O_RDONLY)
             os.dup2(null, 0)
             os.dup2(out_w, 1)
@@ -382,6 +387,7 @@ def main(argv):
 
     for sig in _FORWARDED:
         signal.signal(sig, forward)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)  # one that came meanwhile is forwarded now
     _write(2, control(rank, b"s", "%d %s" % (pid, host)))
     pipes = {out_r: 1, err_r: 2}
     kill_at = None
