@@ -6,7 +6,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -114,11 +113,10 @@ def test_a_stop_that_comes_before_the_wrapper_forwards_is_forwarded_to_the_progr
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         os.kill(os.getpid(), signal.SIGTERM)
 
-    started = time.monotonic()
     result = _wrapper(tmp_path, {"OMPI_COMM_WORLD_RANK": "0"}, sys.executable, "-c",
                       "import time; print('up', flush=True); time.sleep(20)", preexec_fn=term_pending)
+    # stopped by the forwarded SIGTERM (-15), not run to its end (0)
     assert result.returncode == 128 + signal.SIGTERM and result.stderr.endswith(b"\x1e0\x1fx-15\n"), result
-    assert time.monotonic() - started < 20  # stopped, not run to its end
 
 
 def test_wrapper_outside_mpirun_is_a_clear_error(tmp_path):
